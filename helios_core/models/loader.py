@@ -1,0 +1,100 @@
+"""Build a `Transformer` from a Hugging Face directory with only layers [0, K) in memory.
+
+Modules are created on the meta device (no memory) and then receive the checkpoint's tensors, so a
+partially loaded model never allocates or reads the layers it does not hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sources, read_params
+from .config import ModelConfig
+from .transformer import Block, Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path,
+    num_layers: int | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_len: int | None = None,
+) -> Transformer:
+    """Load embeddings, final norm, LM head and the first `num_layers` blocks (all when None).
+
+    `max_len` bounds the positions the model will see (RoPE tables are built for it).
+    """
+    config = ModelConfig.from_pretrained(path)
+    checkpoint = Checkpoint(path)
+    num_layers = config.num_layers if num_layers is None else num_layers
+    _check_depth(config, num_layers)
+    dtype, device = resolve_dtype(dtype), torch.device(device)
+    has_lm_head = checkpoint.resolve("lm_head.weight") is not None
+    if not has_lm_head and not config.tie_embeddings:
+        raise CheckpointError(f"{path}: untied model without lm_head.weight")
+
+    with torch.device("meta"):
+        model = Transformer(config, num_layers=0)
+    tie = config.tie_embeddings or not has_lm_head
+    params = read_params(checkpoint, global_sources(config, has_lm_head and not tie), "", dtype, device)
+    _assign(model, params, skip=("lm_head.weight",) if tie else ())
+    if tie:
+        model.lm_head.weight = model.embed.weight
+    model.checkpoint = checkpoint
+    model.setup_rope(max_len or min(config.max_position_embeddings, 4096))
+    load_layers(model, num_layers)
+    return model
+
+
+def load_layers(model: Transformer, num_layers: int) -> int:
+    """Grow the loaded prefix to `num_layers` blocks, reading only the new layers' tensors.
+
+    Returns the bytes read from disk for them.
+    """
+    _check_depth(model.config, num_layers)
+    checkpoint: Checkpoint = model.checkpoint
+    before = checkpoint.bytes_read
+    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    for i in range(model.num_loaded_layers, num_layers):
+        with torch.device("meta"):
+            block = Block(model.config, i)
+        params = read_params(checkpoint, layer_sources(model.config, i), "", dtype, device)
+        _assign(block, params)
+        model.layers.append(block)
+    return checkpoint.bytes_read - before
+
+
+def unload_layers(model: Transformer, num_layers: int) -> None:
+    """Keep only blocks [0, num_layers); the dropped blocks' memory is released."""
+    _check_depth(model.config, num_layers)
+    del model.layers[num_layers:]
+
+
+def _check_depth(config: ModelConfig, num_layers: int) -> None:
+    if not 1 <= num_layers <= config.num_layers:
+        raise ValueError(f"num_layers must be in [1, {config.num_layers}] for this model, got {num_layers}")
+
+
+def _assign(module: torch.nn.Module, params: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    expected = {name: p.shape for name, p in module.named_parameters() if name not in skip}
+    for name, shape in expected.items():
+        if name not in params:
+            raise CheckpointError(f"checkpoint has no tensor for parameter {name}")
+        if params[name].shape != shape:
+            raise CheckpointError(
+                f"tensor for {name} has shape {tuple(params[name].shape)}, the config implies {tuple(shape)}"
+            )
+    module.load_state_dict({k: v for k, v in params.items() if k in expected}, strict=False, assign=True)
