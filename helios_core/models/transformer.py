@@ -89,8 +89,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVAccess(Protocol):
     """Where one attention call writes its new K/V and what it attends to."""
 
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (N, T, KV, D)."""
+        ...
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store k, v (N, T, KV, D); return keys, values (N, KV, S, D) and an additive mask (N, 1, T, S)."""
+        """Store k, v; return keys, values (N, KV, S, D) and an additive mask (N, 1, T, S)."""
         ...
 
 
@@ -177,7 +181,7 @@ class Block(nn.Module):
     def fill_kv(self, h: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess) -> None:
         """Write this layer's K/V for hidden states that skip it (an exited token's frozen state)."""
         k, v = self.attn.project_kv(self.attn_norm(h), cos, sin)
-        kv.update(self.index, k, v)
+        kv.write(self.index, k, v)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -258,6 +262,9 @@ class NoCache:
 
     def __init__(self, mask: Tensor):
         self.mask = mask
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        pass  # nothing persists between calls
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return k.transpose(1, 2), v.transpose(1, 2), self.mask

@@ -1,0 +1,326 @@
+"""The early-exit engine: requests in, tokens and exit telemetry out.
+
+One step is schedule -> execute -> update:
+  schedule  the scheduler admits waiting requests into free KV slots and plans prefill chunks and
+            the decode batch;
+  execute   the runner fills the cache for the prefill chunks, then runs one early-exit decode step
+            over the batch, and the sampler picks each row's next token;
+  update    tokens, exit records and stop conditions are applied; finished requests free their slot.
+Loading or unloading layers happens between steps (`set_num_layers`) and re-sizes the KV pool so
+that weights + KV + workspace stay within `memory_budget`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .detokenizer import TextStream
+from .exits import ExitConfig, ExitHeads, load_exit_heads
+from .kv_cache import DecodeKV, KVCache, MemoryPlan, plan_memory
+from .models import ModelConfig, load_layers, load_model, unload_layers
+from .request import Completion, RequestOutput, RequestStatus, Sequence
+from .runner import ModelRunner
+from .sampling import Sampler, SamplingParams, make_generator
+from .scheduler import Scheduler
+from .telemetry import ExitStats, RequestSummary, TokenRecord
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # Hugging Face model directory (config.json + *.safetensors [+ tokenizer])
+    name: str | None = None  # served name; defaults to the directory name
+    num_layers: int | None = None  # loaded depth; None = every layer
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    memory_budget: int | None = None  # bytes for weights + KV + workspace; None = room for max_num_seqs at full depth
+    max_model_len: int = 512  # prompt + output tokens per sequence (one KV slot)
+    max_num_seqs: int = 64  # upper bound on batch capacity
+    max_prefill_tokens: int = 256  # prompt tokens prefilled per step (chunked prefill)
+    exit: ExitConfig = field(default_factory=ExitConfig)
+    early_exit: bool = True  # False: every request runs all loaded layers
+
+
+@dataclass(frozen=True)
+class LayerEvent:
+    """A change of loaded depth, for telemetry and the policy's history."""
+
+    time: float
+    from_layers: int
+    to_layers: int
+    bytes_read: int
+    seconds: float
+    capacity_before: int
+    capacity_after: int
+    preempted: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model_config = ModelConfig.from_pretrained(config.model)
+        if config.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {model_config.max_position_embeddings}"
+            )
+        self.max_model_len = config.max_model_len
+        self.name = config.name or Path(config.model).name
+        self.model = load_model(config.model, config.num_layers, config.dtype, device, max_len=self.max_model_len)
+        self.device = self.model.embed.weight.device
+        self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = set(model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        self.memory_budget = config.memory_budget or self._default_budget()
+        self.memory = self._plan(self.model.num_loaded_layers)
+        self.cache = KVCache(model_config, self.model.num_loaded_layers, self.memory.capacity, self.max_model_len,
+                             self.model.embed.weight.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache)
+        self.scheduler = Scheduler(self.memory.capacity, config.max_prefill_tokens)
+        self.sampler = Sampler()
+        self.stats = ExitStats(self.name, model_config.num_layers)
+        self.layer_events: list[LayerEvent] = []
+        self._requests: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._ids = itertools.count()
+
+    # --- memory ---------------------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_loaded_layers
+
+    @property
+    def capacity(self) -> int:
+        return self.memory.capacity
+
+    def _weight_bytes(self, num_layers: int) -> int:
+        """Weights held at a given depth (blocks are identical in size, so this is exact)."""
+        model = self.model
+        block = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+        return model.weight_bytes() - model.num_loaded_layers * block + num_layers * block + self.heads.weight_bytes()
+
+    def _plan(self, num_layers: int, budget: int | None = None) -> MemoryPlan:
+        return plan_memory(
+            self.model.config, num_layers, self._weight_bytes(num_layers), budget or self.memory_budget,
+            self.max_model_len, self.model.embed.weight.element_size(), self.config.max_num_seqs,
+            self.config.max_prefill_tokens,
+        )
+
+    def _default_budget(self) -> int:
+        """Enough for max_num_seqs sequences with every layer loaded."""
+        full = self.model.config.num_layers
+        probe = self._plan(full, budget=2**62)
+        return probe.weight_bytes + probe.workspace_fixed_bytes + self.config.max_num_seqs * (
+            probe.kv_bytes_per_seq + probe.workspace_per_seq_bytes)
+
+    def set_num_layers(self, num_layers: int) -> LayerEvent:
+        """Load or unload layers between steps; re-size the KV pool to the new depth.
+
+        Running sequences are kept. Growing the depth shrinks capacity: sequences beyond it are
+        preempted back to the queue (recomputed later, nothing is lost), and every running sequence
+        re-prefills so the new layers get K/V for its context. Shrinking frees weights and KV of the
+        dropped layers and raises capacity.
+        """
+        start, before = time.perf_counter(), self.num_layers
+        capacity_before = self.capacity
+        if num_layers == before:
+            return LayerEvent(time.time(), before, before, 0, 0.0, capacity_before, capacity_before, 0)
+        plan = self._plan(num_layers)  # raises MemoryBudgetError before anything changes
+        keep, preempted = self.scheduler.resize(plan.capacity)
+        bytes_read = 0
+        if num_layers > before:
+            # New layers have no K/V for existing context: recompute it (prefill again) for everyone.
+            for seq in self.scheduler.running:
+                seq.num_cached = 0
+            self.cache.resize(num_layers, plan.capacity, {})
+            bytes_read = load_layers(self.model, num_layers)
+        else:
+            unload_layers(self.model, num_layers)
+            self.cache.resize(num_layers, plan.capacity, keep)
+        self.memory = plan
+        event = LayerEvent(time.time(), before, num_layers, bytes_read, time.perf_counter() - start,
+                           capacity_before, plan.capacity, len(preempted))
+        self.layer_events.append(event)
+        return event
+
+    # --- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.name} has no tokenizer: pass token ids instead of text")
+            return list(self.tokenizer(prompt).input_ids)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
+                "it must leave room for at least one generated token"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        threshold = self.config.exit.threshold if params.threshold is None else params.threshold
+        text = None
+        if self.tokenizer is not None:
+            text = TextStream(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        seq = Sequence(request_id, list(ids), len(ids), params, threshold, time.perf_counter(),
+                       make_generator(params.seed, self.device), text)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self._requests.get(request_id)
+        if seq is not None and seq.status != RequestStatus.FINISHED:
+            self.scheduler.finish(seq)
+            seq.finish_reason = "abort"
+            self._aborted.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._finish(seq, "abort", [], "", []) for seq in self._aborted]
+        self._aborted = []
+        plan = self.scheduler.schedule()
+        for chunk in plan.prefills:
+            tokens = torch.tensor(chunk.seq.token_ids[chunk.start : chunk.end], device=self.device)
+            self.runner.prefill(chunk.seq.slot, tokens, chunk.start)
+            chunk.seq.num_cached = chunk.end
+        if not plan.decodes:
+            return outputs
+        for op, a, b, length in self.scheduler.arrange_decode_slots(plan.decodes):
+            (self.cache.swap_slots if op == "swap" else self.cache.copy_slot)(a, b, length)
+        seqs = plan.decodes  # row i is in slot i
+        positions = [len(s.token_ids) - 1 for s in seqs]
+        early = [self.config.early_exit and s.params.early_exit for s in seqs]
+        kv = DecodeKV.for_rows(
+            self.cache,
+            torch.arange(len(seqs), device=self.device),
+            torch.tensor(positions, device=self.device),
+            max(positions),
+            contiguous=True,
+        )
+        out = self.runner.decode(
+            torch.tensor([s.token_ids[-1] for s in seqs], device=self.device),
+            kv,
+            torch.tensor([s.threshold for s in seqs], device=self.device),
+            torch.tensor(early, device=self.device),
+            any_early_exit=any(early),
+        )
+        new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
+        rows = zip(seqs, new_tokens.tolist(), out.depth.tolist(), out.confidence.tolist(), out.forced.tolist())
+        now = time.perf_counter()
+        for seq, token, depth, conf, forced in rows:
+            record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold)
+            outputs.append(self._append(seq, token, record, now))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, record: TokenRecord, now: float) -> RequestOutput:
+        seq.num_cached = len(seq.token_ids)
+        seq.token_ids.append(token)
+        seq.records.append(record)
+        self.stats.add_token(record)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        stop_by_token = (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
+        delta, stop_by_text = "", False
+        if seq.text is not None and not stop_by_token:
+            delta, stop_by_text = seq.text.push(token)
+        if stop_by_token or stop_by_text:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        else:
+            return RequestOutput(seq.request_id, [token], delta, [record], finished=False)
+        if seq.text is not None and not stop_by_text:
+            delta += seq.text.finish()
+        return self._finish(seq, reason, [token], delta, [record])
+
+    def _finish(self, seq: Sequence, reason: str, tokens: list[int], delta: str, records: list[TokenRecord]) -> RequestOutput:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        self._requests.pop(seq.request_id, None)
+        self.stats.add_request()
+        summary = RequestSummary.from_records(
+            seq.request_id, self.name, seq.num_prompt_tokens, seq.records, reason,
+            seq.arrival_time, seq.first_token_time, time.perf_counter(),
+        )
+        return RequestOutput(seq.request_id, tokens, delta, records, True, reason, summary)
+
+    # --- conveniences over step() -----------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]] | str | list[int],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion with continuous batching; results in prompt order.
+
+        Needs an otherwise idle engine (step() is the interface for mixed callers).
+        """
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; use add_request()/step() alongside other requests")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        seqs = {rid: self._requests[rid] for rid in ids}
+        summaries: dict[str, RequestSummary] = {}
+        while len(summaries) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    summaries[out.request_id] = out.summary
+        return [self._completion(seqs[rid], summaries[rid]) for rid in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's deltas as they are produced (needs an otherwise idle engine)."""
+        if self.has_unfinished():
+            raise RuntimeError("stream() needs an idle engine; use add_request()/step() alongside other requests")
+        self.add_request(prompt, params)
+        while self.has_unfinished():
+            yield from self.step()
+
+    def _completion(self, seq: Sequence, summary: RequestSummary) -> Completion:
+        text = seq.text.text if seq.text is not None else ""
+        return Completion(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_ids, text,
+                          seq.records, summary.finish_reason, summary)
+
+
+def load_tokenizer(path: str | Path):
+    """The model directory's tokenizer, or None when it ships none. Never runs remote code."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+__all__ = ["EngineConfig", "LLMEngine", "LayerEvent", "load_tokenizer"]

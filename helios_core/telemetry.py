@@ -1,0 +1,119 @@
+"""Exit telemetry: per-token records, per-request summaries, and per-model aggregates.
+
+Data flow: the engine writes one `TokenRecord` per generated token into its request; when the
+request finishes it becomes a `RequestSummary`; `ExitStats` aggregates every token of a model
+(histogram by exit depth, forced exits, breaches). The policy and the router read `ExitStats`
+snapshots, in batches (`drain`), never per token.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    exit_layer: int  # 1-based depth the token left at
+    confidence: float  # confidence at that depth
+    forced: bool  # left at the last loaded layer of a partially loaded model
+    breach: bool  # forced with confidence below the request's threshold
+
+
+@dataclass
+class RequestSummary:
+    request_id: str
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    exit_histogram: dict[int, int]  # depth -> tokens
+    forced: int
+    breaches: int
+    mean_exit_layer: float
+    time_to_first_token_s: float | None
+    time_per_output_token_s: float | None  # mean over tokens after the first
+    latency_s: float
+
+    @staticmethod
+    def from_records(
+        request_id: str,
+        model: str,
+        prompt_tokens: int,
+        records: list[TokenRecord],
+        finish_reason: str,
+        arrival: float,
+        first_token: float | None,
+        finished: float,
+    ) -> "RequestSummary":
+        n = len(records)
+        return RequestSummary(
+            request_id=request_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            output_tokens=n,
+            finish_reason=finish_reason,
+            exit_histogram=dict(sorted(Counter(r.exit_layer for r in records).items())),
+            forced=sum(r.forced for r in records),
+            breaches=sum(r.breach for r in records),
+            mean_exit_layer=sum(r.exit_layer for r in records) / n if n else 0.0,
+            time_to_first_token_s=None if first_token is None else first_token - arrival,
+            time_per_output_token_s=(finished - first_token) / (n - 1) if first_token is not None and n > 1 else None,
+            latency_s=finished - arrival,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExitStats:
+    """Running totals for one model; `drain()` hands the increments since the last drain to a consumer."""
+
+    model: str
+    num_layers: int
+    histogram: Counter = field(default_factory=Counter)  # depth -> tokens
+    tokens: int = 0
+    forced: int = 0
+    breaches: int = 0
+    requests: int = 0
+
+    def add_token(self, record: TokenRecord) -> None:
+        self.histogram[record.exit_layer] += 1
+        self.tokens += 1
+        self.forced += record.forced
+        self.breaches += record.breach
+
+    def add_request(self) -> None:
+        self.requests += 1
+
+    def merge(self, other: "ExitStats") -> None:
+        self.histogram.update(other.histogram)
+        self.tokens += other.tokens
+        self.forced += other.forced
+        self.breaches += other.breaches
+        self.requests += other.requests
+
+    def drain(self) -> "ExitStats":
+        snapshot = ExitStats(self.model, self.num_layers, Counter(self.histogram), self.tokens, self.forced,
+                             self.breaches, self.requests)
+        self.histogram.clear()
+        self.tokens = self.forced = self.breaches = self.requests = 0
+        return snapshot
+
+    def exit_share_within(self, depth: int) -> float:
+        """Fraction of tokens that exited at or before `depth`."""
+        if not self.tokens:
+            return 0.0
+        return sum(n for d, n in self.histogram.items() if d <= depth) / self.tokens
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "histogram": {str(d): n for d, n in sorted(self.histogram.items())},
+            "tokens": self.tokens,
+            "forced": self.forced,
+            "breaches": self.breaches,
+            "requests": self.requests,
+        }
