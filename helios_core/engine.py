@@ -30,7 +30,7 @@ from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
 from .telemetry import ExitStats, RequestSummary, TokenRecord
 
-MiB = 2**20
+DEFAULT_BUDGET_SEQS = 32  # the default memory budget holds this many sequences with every layer loaded
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,9 @@ class EngineConfig:
     num_layers: int | None = None  # loaded depth; None = every layer
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    memory_budget: int | None = None  # bytes for weights + KV + workspace; None = room for max_num_seqs at full depth
-    max_model_len: int = 512  # prompt + output tokens per sequence (one KV slot)
-    max_num_seqs: int = 64  # upper bound on batch capacity
+    memory_budget: int | None = None  # bytes for weights + KV + workspace; None = DEFAULT_BUDGET_SEQS at full depth
+    max_model_len: int | None = None  # prompt + output tokens per sequence (one KV slot); None = min(model's, 2048)
+    max_num_seqs: int = 256  # upper bound on batch capacity
     max_prefill_tokens: int = 256  # prompt tokens prefilled per step (chunked prefill)
     exit: ExitConfig = field(default_factory=ExitConfig)
     early_exit: bool = True  # False: every request runs all loaded layers
@@ -69,12 +69,12 @@ class LLMEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model_config = ModelConfig.from_pretrained(config.model)
-        if config.max_model_len > model_config.max_position_embeddings:
+        self.max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 2048)
+        if not 2 <= self.max_model_len <= model_config.max_position_embeddings:
             raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the model's "
-                f"max_position_embeddings {model_config.max_position_embeddings}"
+                f"max_model_len must be in [2, {model_config.max_position_embeddings}] (the model's "
+                f"max_position_embeddings), got {self.max_model_len}"
             )
-        self.max_model_len = config.max_model_len
         self.name = config.name or Path(config.model).name
         self.model = load_model(config.model, config.num_layers, config.dtype, device, max_len=self.max_model_len)
         self.device = self.model.embed.weight.device
@@ -124,10 +124,11 @@ class LLMEngine:
         )
 
     def _default_budget(self) -> int:
-        """Enough for max_num_seqs sequences with every layer loaded."""
-        full = self.model.config.num_layers
-        probe = self._plan(full, budget=2**62)
-        return probe.weight_bytes + probe.workspace_fixed_bytes + self.config.max_num_seqs * (
+        """Room for DEFAULT_BUDGET_SEQS sequences with every layer loaded; partial loading turns the
+        unloaded layers' share into more sequences (up to max_num_seqs)."""
+        probe = self._plan(self.model.config.num_layers, budget=2**62)
+        seqs = min(DEFAULT_BUDGET_SEQS, self.config.max_num_seqs)
+        return probe.weight_bytes + probe.workspace_fixed_bytes + seqs * (
             probe.kv_bytes_per_seq + probe.workspace_per_seq_bytes)
 
     def set_num_layers(self, num_layers: int) -> LayerEvent:

@@ -1,0 +1,180 @@
+"""Engine behaviour: continuous batching, the KV budget and capacity, stops, streaming, aborts."""
+
+import pytest
+
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.exits import ExitConfig
+from helios_core.kv_cache import MemoryBudgetError
+from helios_core.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [100, 101, 102], [3] * 30]
+
+
+def make(path, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), **kw))
+
+
+def run_all(eng: LLMEngine) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def test_requests_join_and_leave_between_steps(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.5), max_prefill_tokens=4)
+    alone = {i: eng.generate([p], GREEDY)[0].token_ids for i, p in enumerate(PROMPTS)}
+    # Staggered arrivals with different lengths: some finish while others are still prefilling.
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
+    got: dict[str, list[int]] = {}
+    ids = {}
+    for i, prompt in enumerate(PROMPTS):
+        ids[eng.add_request(prompt, params[i])] = i
+        for _ in range(2):
+            for out in eng.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for rid, toks in run_all(eng).items():
+        got.setdefault(rid, []).extend(toks)
+    for rid, i in ids.items():
+        assert got[rid] == alone[i][: params[i].max_tokens]
+
+
+def test_more_requests_than_capacity_queue_and_complete(tiny_llama):
+    eng = make(tiny_llama, max_num_seqs=2, early_exit=False)
+    assert eng.capacity == 2
+    outs = eng.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == make(tiny_llama, early_exit=False).generate([prompt], GREEDY)[0].token_ids
+
+
+def test_memory_stays_within_budget_and_capacity_follows_depth(tiny_llama):
+    budget = 6 * 2**20
+    eng = make(tiny_llama, memory_budget=budget, max_model_len=128, max_num_seqs=10_000)
+    caps = {}
+    for layers in (6, 3, 1, 4, 6):
+        eng.set_num_layers(layers)
+        m = eng.memory
+        assert eng.num_layers == layers == eng.cache.num_layers
+        assert m.weight_bytes == eng.model.weight_bytes()
+        assert m.kv_bytes == eng.cache.nbytes
+        assert m.total_bytes <= budget
+        # Capacity is the largest batch the budget allows: one more sequence would not fit.
+        assert m.total_bytes + m.kv_bytes_per_seq + m.workspace_per_seq_bytes > budget
+        caps[layers] = eng.capacity
+    assert caps[1] > caps[3] > caps[6]
+    assert eng.layer_events[0].capacity_after == caps[3]
+
+
+def test_budget_too_small_is_a_clear_error(tiny_llama):
+    with pytest.raises(MemoryBudgetError, match="MiB"):
+        make(tiny_llama, memory_budget=2**20, max_model_len=256)
+
+
+def test_depth_changes_keep_running_sequences(tiny_llama):
+    full = make(tiny_llama, early_exit=False)
+    # A budget where growing back to full depth leaves room for fewer sequences than are running.
+    probe = make(tiny_llama, early_exit=False, max_model_len=64)
+    per_seq = probe.memory.kv_bytes_per_seq + probe.memory.workspace_per_seq_bytes
+    budget = probe.memory.weight_bytes + probe.memory.workspace_fixed_bytes + 3 * per_seq
+    eng = make(tiny_llama, early_exit=False, num_layers=2, memory_budget=budget, max_model_len=64)
+    assert eng.capacity > len(PROMPTS)
+    ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    got = {rid: [] for rid in ids}
+    for _ in range(3):
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+    event = eng.set_num_layers(6)  # back to full depth: capacity 3 < 5 running -> 2 preempted
+    assert event.capacity_after == 3 and event.preempted == 2
+    for _ in range(3):
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+    eng.set_num_layers(4)
+    eng.set_num_layers(6)
+    for rid, toks in run_all(eng).items():
+        got[rid] += toks
+    # 3 tokens from the 2-layer model, then full depth from a recomputed cache: exactly what the full
+    # model generates when given the prompt plus those 3 tokens.
+    two = [o.token_ids for o in make(tiny_llama, early_exit=False, num_layers=2).generate(PROMPTS, GREEDY)]
+    rest = SamplingParams(max_tokens=GREEDY.max_tokens - 3, temperature=0, ignore_eos=True)
+    for rid, prompt, head in zip(ids, PROMPTS, two):
+        assert got[rid][:3] == head[:3]
+        assert got[rid][3:] == full.generate([prompt + head[:3]], rest)[0].token_ids
+
+
+def test_stop_conditions(tiny_llama):
+    eng = make(tiny_llama, early_exit=False)
+    [free] = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    [by_id] = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_id]))
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: first + 1]
+
+    eng.eos_token_ids = {stop_id}
+    [by_eos] = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0))
+    assert by_eos.token_ids == free.token_ids[: first + 1] and by_eos.finish_reason == "stop"
+
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    [by_str] = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))
+    assert by_str.finish_reason == "stop"
+    assert by_str.text == text[: text.index(stop)]
+
+    short = make(tiny_llama, early_exit=False, max_model_len=16)
+    [capped] = short.generate([PROMPTS[1]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    assert capped.finish_reason == "length" and len(PROMPTS[1]) + len(capped.token_ids) == 16
+
+
+def test_streaming_deltas_add_up(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.5))
+    deltas = list(eng.stream("def main():", GREEDY))
+    [done] = eng.generate(["def main():"], GREEDY)
+    assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+    assert [t for d in deltas for t in d.new_token_ids] == done.token_ids
+    assert "".join(d.new_text for d in deltas) == done.text
+    assert [r.exit_layer for d in deltas for r in d.new_records] == done.exit_layers
+    assert deltas[-1].summary.output_tokens == GREEDY.max_tokens
+
+
+def test_abort_frees_the_slot_and_others_continue(tiny_llama):
+    eng = make(tiny_llama, early_exit=False, max_num_seqs=2)
+    keep = eng.add_request(PROMPTS[0], GREEDY)
+    drop = eng.add_request(PROMPTS[1], GREEDY)
+    eng.step()
+    eng.abort(drop)
+    outs = eng.step()
+    aborted = [o for o in outs if o.request_id == drop]
+    assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
+    later = eng.add_request(PROMPTS[2], GREEDY)
+    got = run_all(eng)
+    ref = make(tiny_llama, early_exit=False)
+    assert len(got[keep]) == GREEDY.max_tokens - 2  # two tokens came in the first two steps
+    assert got[later] == ref.generate([PROMPTS[2]], GREEDY)[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.5))
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    [alone] = eng.generate([PROMPTS[0]], seeded)
+    others = SamplingParams(max_tokens=16, temperature=0.8, ignore_eos=True)
+    mixed = eng.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, seeded, others])
+    assert mixed[1].token_ids == alone.token_ids
+    [other_seed] = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_telemetry_aggregates(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.5), num_layers=4)
+    outs = eng.generate(PROMPTS, GREEDY)
+    stats = eng.stats.drain()
+    assert stats.tokens == sum(len(o.token_ids) for o in outs) == sum(stats.histogram.values())
+    assert stats.requests == len(PROMPTS)
+    assert stats.forced == sum(sum(o.forced) for o in outs)
+    assert stats.exit_share_within(4) == 1.0
+    assert eng.stats.tokens == 0  # drained
+    s = outs[0].summary
+    assert s.output_tokens == 16 and sum(s.exit_histogram.values()) == 16
+    assert s.time_to_first_token_s is not None and s.latency_s >= s.time_to_first_token_s
