@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: tiny random Hugging Face checkpoints (see tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+_TESTS_DIR = pathlib.Path(__file__).resolve().parent
+if str(_TESTS_DIR) not in sys.path:  # so test modules can `import tiny_models`
+    sys.path.insert(0, str(_TESTS_DIR))
+
+import tiny_models  # noqa: E402
+
+# Two intra-op threads at most. On a machine with <= 2 cores, one: tiny matmuls gain nothing from
+# a second thread, and when another process holds a core, OpenMP spin-waiting made generate()
+# ~10x slower with 2 threads. HELIOS_TEST_THREADS overrides.
+_threads = int(os.environ.get("HELIOS_TEST_THREADS", "0")) or (2 if (os.cpu_count() or 1) > 2 else 1)
+torch.set_num_threads(_threads)
+
+# Keep test logs free of "Loading weights" / "Writing model shards" bars.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """family -> directory of a tiny checkpoint (4 layers, hidden 64, float32, seed 0)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {fam: tiny_models.make_tiny_checkpoint(fam, root / fam) for fam in tiny_models.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> pathlib.Path:
+    """Directory of a 6-layer "llama_gqa" checkpoint (GQA, untied embeddings)."""
+    root = tmp_path_factory.mktemp("tiny_llama")
+    return tiny_models.make_tiny_checkpoint("llama_gqa", root / "llama_gqa_6l", num_layers=6)
