@@ -47,6 +47,16 @@ class EngineConfig:
     exit: ExitConfig = field(default_factory=ExitConfig)
     early_exit: bool = True  # False: every request runs all loaded layers
 
+    def __post_init__(self):
+        # num_layers is checked against the model's depth when it loads.
+        positive = {"max_num_seqs": self.max_num_seqs, "max_prefill_tokens": self.max_prefill_tokens,
+                    "memory_budget": self.memory_budget}
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2, got {self.max_model_len!r}")
+
 
 @dataclass(frozen=True)
 class LayerEvent:
@@ -141,6 +151,8 @@ class LLMEngine:
         """
         start, before = time.perf_counter(), self.num_layers
         capacity_before = self.capacity
+        if not 1 <= num_layers <= self.model_config.num_layers:
+            raise ValueError(f"num_layers must be in [1, {self.model_config.num_layers}], got {num_layers}")
         if num_layers == before:
             return LayerEvent(time.time(), before, before, 0, 0.0, capacity_before, capacity_before, 0)
         plan = self._plan(num_layers)  # raises MemoryBudgetError before anything changes
@@ -148,10 +160,16 @@ class LLMEngine:
         bytes_read = 0
         if num_layers > before:
             # New layers have no K/V for existing context: recompute it (prefill again) for everyone.
+            # The pool shrinks before the weights grow, so the budget holds throughout.
             for seq in self.scheduler.running:
                 seq.num_cached = 0
             self.cache.resize(num_layers, plan.capacity, {})
-            bytes_read = load_layers(self.model, num_layers)
+            try:
+                bytes_read = load_layers(self.model, num_layers)
+            except Exception:
+                self.scheduler.resize(capacity_before)
+                self.cache.resize(before, capacity_before, {})
+                raise
         else:
             unload_layers(self.model, num_layers)
             self.cache.resize(num_layers, plan.capacity, keep)

@@ -68,12 +68,13 @@ def load_layers(model: Transformer, num_layers: int) -> int:
     checkpoint: Checkpoint = model.checkpoint
     before = checkpoint.bytes_read
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    blocks = []  # attached only once all are read, so a failed read leaves the model as it was
     for i in range(model.num_loaded_layers, num_layers):
         with torch.device("meta"):
             block = Block(model.config, i)
-        params = read_params(checkpoint, layer_sources(model.config, i), "", dtype, device)
-        _assign(block, params)
-        model.layers.append(block)
+        _assign(block, read_params(checkpoint, layer_sources(model.config, i), "", dtype, device))
+        blocks.append(block)
+    model.layers.extend(blocks)
     return checkpoint.bytes_read - before
 
 
