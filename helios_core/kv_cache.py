@@ -92,7 +92,7 @@ class KVCache:
         self.v = [self._new() for _ in range(num_layers)]
 
     def _new(self) -> Tensor:
-        # Zeros, not empty: masked positions still get multiplied by a zero probability.
+        # Zeros, not empty: stale NaNs in masked positions could leak through 0 * NaN.
         c = self.config
         return torch.zeros(self.capacity, c.num_kv_heads, self.max_len, c.head_dim, dtype=self.dtype, device=self.device)
 
@@ -149,8 +149,7 @@ class DecodeKV:
         window = cache.config.sliding_window
         if window is not None:
             allowed &= positions[:, None] - k_pos < window
-        mask = torch.zeros(allowed.shape, device=positions.device).masked_fill(~allowed, float("-inf"))
-        return DecodeKV(cache, slots, positions, mask[:, None, None, :], contiguous)  # (B, 1, 1, S)
+        return DecodeKV(cache, slots, positions, allowed[:, None, None, :], contiguous)  # (B, 1, 1, S)
 
     def select(self, rows: Tensor) -> "DecodeKV":
         return DecodeKV(self.cache, self.slots[rows], self.positions[rows], self.mask[rows], contiguous=False)

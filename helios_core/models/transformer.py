@@ -30,9 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 like the reference implementation, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -94,22 +92,18 @@ class KVAccess(Protocol):
         ...
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store k, v; return keys, values (N, KV, S, D) and an additive mask (N, 1, T, S)."""
+        """Store k, v; return keys, values (N, KV, S, D) and a bool mask (N, 1, T, S), True = attend."""
         ...
 
 
 def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """q: (N, T, H, D); keys/values: (N, KV, S, D); mask: additive (N, 1, T, S). Returns (N, T, H*D)."""
+    """q: (N, T, H, D); keys/values: (N, KV, S, D); mask: bool (N, 1, T, S), True = attend.
+
+    Returns (N, T, H*D). Grouped-query attention needs no repeated K/V (enable_gqa).
+    """
     n, t, h, d = q.shape
-    kv_heads = keys.shape[1]
-    if t == 1:
-        # Single-token decode: grouped matmuls beat the fused SDPA kernel on CPU for one query row.
-        qg = q.view(n, kv_heads, h // kv_heads, d)  # (N, KV, G, D)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (N, KV, G, S)
-        probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
-        return torch.matmul(probs, values).reshape(n, 1, h * d)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask.to(q.dtype), enable_gqa=kv_heads != h
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != h
     )  # (N, H, T, D)
     return out.transpose(1, 2).reshape(n, t, h * d)
 
@@ -136,12 +130,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess, layer: int) -> Tensor:
         c = self.config
         n, t, _ = x.shape
-        q, k, v = self.wqkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(n, t, c.num_heads, c.head_dim)
-        k = k.view(n, t, c.num_kv_heads, c.head_dim)
-        v = v.view(n, t, c.num_kv_heads, c.head_dim)
+        qk, v = self.wqkv(x).split([c.q_size + c.kv_size, c.kv_size], dim=-1)
+        qk = qk.reshape(n, t, c.num_heads + c.num_kv_heads, c.head_dim)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos, sin)  # Q and K heads rotated in one pass
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
+        v = v.view(n, t, c.num_kv_heads, c.head_dim)
         keys, values, mask = kv.update(layer, k, v)
         return self.wo(attend(q, keys, values, mask))
 
@@ -248,13 +242,13 @@ class Transformer(nn.Module):
 
 
 def causal_mask(t: int, s: int, start: int, window: int | None, device: torch.device) -> Tensor:
-    """Additive (1, 1, t, s) mask for queries at positions start..start+t over keys 0..s."""
+    """Bool (1, 1, t, s) mask for queries at positions start..start+t over keys 0..s."""
     q_pos = torch.arange(start, start + t, device=device)[:, None]
     k_pos = torch.arange(s, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= q_pos - k_pos < window
-    return torch.zeros(t, s, device=device).masked_fill(~allowed, float("-inf"))[None, None]
+    return allowed[None, None]
 
 
 class NoCache:
