@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    tr = sub.add_parser("train", help="train a small Llama early-exit model from scratch (LayerSkip recipe)")
+    tr.add_argument("--out", required=True, help="output directory (HF checkpoint + tokenizer); resumes if present")
+    tr.add_argument("--corpus", nargs="*", default=[], help="text files or directories (default: Python's stdlib)")
+    from .train import TrainConfig
+
+    for name, default in vars(TrainConfig(out="")).items():
+        if name not in ("out", "corpus"):
+            tr.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -101,12 +111,23 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train as run
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    result = run(TrainConfig(**fields), progress=not args.quiet)
+    print(json.dumps({k: result[k] for k in ("steps", "tokens_seen", "params")} | {"last": result["log"][-1]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "train":
+            return train(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.
         parser.exit(2, f"helios: error: {err}\n")
