@@ -16,7 +16,7 @@ from helios_core.kv_cache import MemoryBudgetError
 from helios_core.models import SUPPORTED_MODEL_TYPES, CheckpointError, UnsupportedModelError, load_model
 from helios_core.sampling import SamplingParams
 
-from tiny_models import make_pickle_checkpoint
+from tiny_models import make_pickle_checkpoint, run_to_completion
 
 
 MAX_MODEL_LEN = 64
@@ -134,14 +134,6 @@ def test_duplicate_request_id(idle):
         idle.step()
 
 
-def _run_to_completion(engine) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return tokens
-
-
 def test_bad_request_does_not_corrupt_engine(idle):
     """good, bad (each kind), good: the bad ones raise, the good ones finish exactly as when run alone."""
     vocab = idle.model_config.vocab_size
@@ -167,7 +159,7 @@ def test_bad_request_does_not_corrupt_engine(idle):
             bad()
     rb = idle.add_request(b, GREEDY, request_id="b")
     assert set(idle._requests) == {"a", "b"}
-    tokens = _run_to_completion(idle)
+    tokens = run_to_completion(idle)
     tokens[ra] = first[0].new_token_ids + tokens[ra]
     assert set(tokens) == {ra, rb}
     assert tokens[ra] == alone_a and tokens[rb] == alone_b

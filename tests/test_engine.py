@@ -6,6 +6,7 @@ from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig
 from helios_core.kv_cache import MemoryBudgetError
 from helios_core.sampling import SamplingParams
+from tiny_models import run_to_completion
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [100, 101, 102], [3] * 30]
@@ -13,14 +14,6 @@ PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [1
 
 def make(path, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(path), **kw))
-
-
-def run_all(eng: LLMEngine) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return tokens
 
 
 def test_requests_join_and_leave_between_steps(tiny_llama):
@@ -35,7 +28,7 @@ def test_requests_join_and_leave_between_steps(tiny_llama):
         for _ in range(2):
             for out in eng.step():
                 got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    for rid, toks in run_all(eng).items():
+    for rid, toks in run_to_completion(eng).items():
         got.setdefault(rid, []).extend(toks)
     for rid, i in ids.items():
         assert got[rid] == alone[i][: params[i].max_tokens]
@@ -92,7 +85,7 @@ def test_depth_changes_keep_running_sequences(tiny_llama):
             got[out.request_id] += out.new_token_ids
     eng.set_num_layers(4)
     eng.set_num_layers(6)
-    for rid, toks in run_all(eng).items():
+    for rid, toks in run_to_completion(eng).items():
         got[rid] += toks
     # 3 tokens from the 2-layer model, then full depth from a recomputed cache: exactly what the full
     # model generates when given the prompt plus those 3 tokens.
@@ -149,7 +142,7 @@ def test_abort_frees_the_slot_and_others_continue(tiny_llama):
     aborted = [o for o in outs if o.request_id == drop]
     assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
     later = eng.add_request(PROMPTS[2], GREEDY)
-    got = run_all(eng)
+    got = run_to_completion(eng)
     ref = make(tiny_llama, early_exit=False)
     assert len(got[keep]) == GREEDY.max_tokens - 2  # two tokens came in the first two steps
     assert got[later] == ref.generate([PROMPTS[2]], GREEDY)[0].token_ids

@@ -431,3 +431,12 @@ def hf_logits(path, input_ids) -> torch.Tensor:
         ids = ids.unsqueeze(0)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return out.logits.float()
+
+
+def run_to_completion(engine) -> dict[str, list[int]]:
+    """Step an engine until idle; request id -> generated token ids."""
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
