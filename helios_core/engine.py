@@ -13,6 +13,7 @@ that weights + KV + workspace stay within `memory_budget`.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
 from .telemetry import ExitStats, RequestSummary, TokenRecord
 
+logger = logging.getLogger("helios")
 DEFAULT_BUDGET_SEQS = 32  # the default memory budget holds this many sequences with every layer loaded
 
 
@@ -106,6 +108,13 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
+        m = self.memory
+        logger.info(
+            "%s: %d/%d layers on %s, weights %.1f MiB, KV pool %.1f MiB, batch capacity %d (budget %.1f MiB%s)",
+            self.name, self.num_layers, model_config.num_layers, self.device, m.weight_bytes / 2**20,
+            m.kv_bytes / 2**20, m.capacity, m.budget_bytes / 2**20,
+            ", capped by max_num_seqs" if m.capacity == config.max_num_seqs else "",
+        )
 
     # --- memory ---------------------------------------------------------------------------------
     @property

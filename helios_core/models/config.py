@@ -69,6 +69,8 @@ class ModelConfig:
 
     @staticmethod
     def from_pretrained(path: str | Path) -> "ModelConfig":
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
