@@ -29,7 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 like the reference implementation, then scale in the model dtype.
+        if x.dtype == torch.float32:  # one fused op on the hot fp32 path
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        # Half precision: normalise in fp32 like the reference implementation, scale in the model dtype.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
@@ -77,8 +79,7 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[Tensor, 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (N, T, heads, D); cos/sin: (N, T, D)
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    # x: (N, T, heads, D); cos/sin: (N, T, 1, D) in x's dtype (see Transformer.rope)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -197,11 +198,13 @@ class Transformer(nn.Module):
     def setup_rope(self, max_len: int) -> None:
         if self.config.positions == "rope":
             cos, sin = rope_tables(self.config.rope, self.config.head_dim, max_len)
-            device = self.embed.weight.device
-            self.register_buffer("rope_cos", cos.to(device), persistent=False)
-            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            # Tables in the model dtype with a head axis, so applying RoPE costs no casts or reshapes.
+            w = self.embed.weight
+            self.register_buffer("rope_cos", cos[:, None].to(w.device, w.dtype), persistent=False)
+            self.register_buffer("rope_sin", sin[:, None].to(w.device, w.dtype), persistent=False)
 
     def rope(self, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """cos/sin for positions (N, T), shaped (N, T, 1, D) to broadcast over heads."""
         if self.config.positions != "rope":
             return None, None
         return self.rope_cos[positions], self.rope_sin[positions]
