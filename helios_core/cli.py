@@ -23,7 +23,7 @@ def _exit_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--exit-layers takes comma-separated depths like 2,4,6, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--exit-layers takes comma-separated depths like 2,4,6, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
