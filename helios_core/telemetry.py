@@ -87,13 +87,6 @@ class ExitStats:
     def add_request(self) -> None:
         self.requests += 1
 
-    def merge(self, other: "ExitStats") -> None:
-        self.histogram.update(other.histogram)
-        self.tokens += other.tokens
-        self.forced += other.forced
-        self.breaches += other.breaches
-        self.requests += other.requests
-
     def drain(self) -> "ExitStats":
         snapshot = ExitStats(self.model, self.num_layers, Counter(self.histogram), self.tokens, self.forced,
                              self.breaches, self.requests)
@@ -106,14 +99,3 @@ class ExitStats:
         if not self.tokens:
             return 0.0
         return sum(n for d, n in self.histogram.items() if d <= depth) / self.tokens
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "num_layers": self.num_layers,
-            "histogram": {str(d): n for d, n in sorted(self.histogram.items())},
-            "tokens": self.tokens,
-            "forced": self.forced,
-            "breaches": self.breaches,
-            "requests": self.requests,
-        }

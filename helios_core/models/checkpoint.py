@@ -79,9 +79,6 @@ class Checkpoint:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def close(self) -> None:
-        self._handles.clear()
-
 
 # --- key tables: our parameter name -> (checkpoint names to concatenate, transpose?) -----------------
 Sources = tuple[tuple[str, ...], bool]
