@@ -52,13 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a small Llama early-exit model from scratch (LayerSkip recipe)")
     tr.add_argument("--out", required=True, help="output directory (HF checkpoint + tokenizer); resumes if present")
-    tr.add_argument("--corpus", nargs="*", default=[], help="text files or directories (default: Python's stdlib)")
+    tr.add_argument("--corpus", nargs="*", default=[],
+                    help="data sources [NAME=]PATH[:WEIGHT]; PATH is a file, a directory, or 'stdlib' / 'pydoc' "
+                         "(Python's source / the python3.11-doc text); default: code=stdlib")
     from .train import TrainConfig
 
     for name, default in vars(TrainConfig(out="")).items():
         if name not in ("out", "corpus"):
             tr.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
     return parser
 
 
@@ -115,8 +118,9 @@ def train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train as run
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    result = run(TrainConfig(**fields), progress=not args.quiet)
-    print(json.dumps({k: result[k] for k in ("steps", "tokens_seen", "params")} | {"last": result["log"][-1]}))
+    result = run(TrainConfig(**fields), progress=not args.quiet, time_limit=args.time_limit)
+    last = result["log"][-1] if result["log"] else None
+    print(json.dumps({k: result[k] for k in ("steps", "tokens_seen", "params")} | {"last": last}))
     return 0
 
 

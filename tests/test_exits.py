@@ -90,7 +90,7 @@ class ListKV:
         self.write(layer, k, v)
         keys = torch.cat(self.k[layer], dim=1).transpose(1, 2)
         values = torch.cat(self.v[layer], dim=1).transpose(1, 2)
-        return keys, values, torch.zeros(1, 1, 1, keys.shape[2])
+        return keys, values, torch.zeros(1, 1, 1, keys.shape[2], device=keys.device)
 
 
 def reference_decode(model, prompt, steps, threshold):
@@ -99,9 +99,10 @@ def reference_decode(model, prompt, steps, threshold):
     kv = ListKV(model.num_loaded_layers)
     last = model.num_loaded_layers
     tokens, depths = list(prompt), []
+    device = model.embed.weight.device  # the engine picks CUDA when there is one
     for pos in range(len(prompt) + steps - 1):
-        t = torch.tensor([[tokens[pos]]])
-        p = torch.tensor([[pos]])
+        t = torch.tensor([[tokens[pos]]], device=device)
+        p = torch.tensor([[pos]], device=device)
         x = model.embed_tokens(t, p)
         cos, sin = model.rope(p)
         generating = pos >= len(prompt) - 1
