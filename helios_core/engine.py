@@ -264,10 +264,12 @@ class LLMEngine:
             any_early_exit=any(early),
         )
         new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
-        rows = zip(seqs, new_tokens.tolist(), out.depth.tolist(), out.confidence.tolist(), out.forced.tolist())
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]
+        rows = zip(seqs, new_tokens.tolist(), out.depth.tolist(), out.confidence.tolist(), out.forced.tolist(),
+                   logprobs.tolist())
         now = time.perf_counter()
-        for seq, token, depth, conf, forced in rows:
-            record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold)
+        for seq, token, depth, conf, forced, logprob in rows:
+            record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold, logprob)
             outputs.append(self._append(seq, token, record, now))
         return outputs
 

@@ -8,6 +8,7 @@ snapshots, in batches (`drain`), never per token.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +19,7 @@ class TokenRecord:
     confidence: float  # confidence at that depth
     forced: bool  # left at the last loaded layer of a partially loaded model
     breach: bool  # forced with confidence below the request's threshold
+    logprob: float  # log-probability of the emitted token under the exit layer's distribution (temperature 1)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RequestSummary:
     forced: int
     breaches: int
     mean_exit_layer: float
+    perplexity: float | None  # of the output under the exits that produced it: exp(-mean logprob)
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None  # mean over tokens after the first
     latency_s: float
@@ -57,6 +60,7 @@ class RequestSummary:
             forced=sum(r.forced for r in records),
             breaches=sum(r.breach for r in records),
             mean_exit_layer=sum(r.exit_layer for r in records) / n if n else 0.0,
+            perplexity=math.exp(-sum(r.logprob for r in records) / n) if n else None,
             time_to_first_token_s=None if first_token is None else first_token - arrival,
             time_per_output_token_s=(finished - first_token) / (n - 1) if first_token is not None and n > 1 else None,
             latency_s=finished - arrival,

@@ -1,12 +1,13 @@
 """Engine behaviour: continuous batching, the KV budget and capacity, stops, streaming, aborts."""
 
 import pytest
+import torch
 
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig
 from helios_core.kv_cache import MemoryBudgetError
 from helios_core.sampling import SamplingParams
-from tiny_models import run_to_completion
+from tiny_models import hf_logits, run_to_completion
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [100, 101, 102], [3] * 30]
@@ -171,3 +172,14 @@ def test_telemetry_aggregates(tiny_llama):
     s = outs[0].summary
     assert s.output_tokens == 16 and sum(s.exit_histogram.values()) == 16
     assert s.time_to_first_token_s is not None and s.latency_s >= s.time_to_first_token_s
+
+
+def test_token_logprobs_match_transformers_and_give_the_output_perplexity(tiny_llama):
+    import math
+
+    eng = make(tiny_llama, early_exit=False)
+    [out] = eng.generate([PROMPTS[0]], GREEDY)
+    logits = hf_logits(tiny_llama, [PROMPTS[0] + out.token_ids[:-1]])[0, len(PROMPTS[0]) - 1 :]
+    expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert [r.logprob for r in out.records] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert out.summary.perplexity == pytest.approx(math.exp(-expected.mean().item()), rel=1e-4)
