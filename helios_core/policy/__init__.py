@@ -1,0 +1,12 @@
+"""The HELIOS policy: model registry, shortlist, live profiling, partial loading, breach monitor,
+adaptation and the memory -> batch rule, as plain code over telemetry (no Ray)."""
+
+from .controller import HeliosPolicy, PolicyEvent, Target
+from .monitor import BreachMonitor
+from .pht import PerformanceHistoryTable, ProfileRow
+from .planner import Limits, PolicyConfig, estimate, partial_depth, shortlist
+from .registry import ModelEntry, OfflineProfile, Registry, RegistryError
+
+__all__ = ["BreachMonitor", "HeliosPolicy", "Limits", "ModelEntry", "OfflineProfile", "PerformanceHistoryTable",
+           "PolicyConfig", "PolicyEvent", "ProfileRow", "Registry", "RegistryError", "Target", "estimate",
+           "partial_depth", "shortlist"]

@@ -1,0 +1,285 @@
+"""The HELIOS control loop as a deterministic state machine over telemetry.
+
+The policy never touches a model. The caller (the in-process `Orchestrator`, or the Ray router
+actor) feeds it telemetry in batches and applies the targets it sets:
+
+    observe_tokens(model, records)        token records of a step (exit depth, forced, breach)
+    observe_request(model, depth, summary) a finished request, with the depth it was served at
+    observe_load(running, waiting, context_tokens)   the queue, for demand and switch costs
+    observe_layer_event(event)            a measured load, for the load bandwidth
+    targets                               model -> (depth, profiling): what should be loaded
+    choose(task) / assigned(model, task)  which model serves the next request (None: hold it)
+
+Global mode (the paper): one target at a time.
+  PROFILING  each shortlisted candidate in turn is the target at full depth and serves the next N
+             live requests (their outputs go to the users); the PHT records them.
+  SERVING    the best candidate for the SLO, loaded to the partial depth of the loading rule.
+             More than B breaches in W tokens -> adapt: load more layers of the current model or
+             switch to another candidate, whichever the cost model says costs less.
+  Every R finished requests the candidates are profiled again.
+Per-request mode (beyond the paper): every shortlisted model is live with its share of the memory.
+Each is profiled at full depth on its first N requests, then partially loaded by the same rule.
+Each task tag (requests without one share the task "default") is tried on every model for N
+requests, then routed to the model whose record for that task scores best; a breach trigger loads
+more layers of the model it fired on (routing, not switching, moves work between models).
+
+Hysteresis: the monitor is reset and quiet for a window after every change; after a profiling round
+the current model is kept unless another scores better by `switch_margin`; a switch on a breach must
+beat loading more layers by the same margin.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from ..telemetry import RequestSummary, TokenRecord
+from .monitor import BreachMonitor
+from .pht import PerformanceHistoryTable, ProfileRow
+from .planner import (Adaptation, Estimate, Limits, PolicyConfig, estimate, partial_depth, shortlist,
+                      transition_seconds)
+from .registry import Registry
+
+DEFAULT_TASK = "default"
+
+
+@dataclass(frozen=True)
+class Target:
+    depth: int
+    profiling: bool  # serving profiling requests at full depth
+
+
+@dataclass(frozen=True)
+class PolicyEvent:
+    kind: str  # profile | serve | load | switch
+    model: str
+    depth: int
+    requests: int  # finished requests when it happened
+    tokens: int  # tokens observed when it happened
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HeliosPolicy:
+    def __init__(self, registry: Registry, limits: Limits, config: PolicyConfig | None = None):
+        self.registry, self.config = registry, config or PolicyConfig()
+        c = self.config
+        # In per-request mode the models share the memory: each plans with its share.
+        self.candidates = shortlist(list(registry), limits, c)
+        if not self.candidates:
+            raise ValueError("no registry model fits the memory budget at full depth")
+        share = len(self.candidates) if c.mode == "per-request" else 1
+        self.limits = Limits(limits.memory_budget // share, limits.max_model_len, limits.max_num_seqs,
+                             limits.max_prefill_tokens)
+        self.pht = PerformanceHistoryTable()
+        self.task_rows: dict[tuple[str, str], ProfileRow] = {}  # per-request mode: (model, task) -> profile
+        self.monitors = {m: BreachMonitor(c.window, c.breach_limit) for m in self.candidates}
+        self.events: list[PolicyEvent] = []
+        self.targets: dict[str, Target] = {}
+        self.requests = self.tokens = 0
+        self.bandwidth = c.load_bandwidth
+        self._demand: deque[int] = deque([1], maxlen=64)
+        self._context_tokens = 0
+        self._last_profile_at = 0
+        self._to_profile: list[str] = []
+        self._serving_before: str | None = None  # global mode: the model served before a profiling round
+        self._assigned: Counter = Counter()  # (model, task or "*" for a global profiling round) -> requests
+        self._begin_profiling("start")
+
+    # --- telemetry in ---------------------------------------------------------------------------
+    def observe_tokens(self, model: str, records: Iterable[TokenRecord]) -> None:
+        records = list(records)
+        self.tokens += len(records)
+        target = self.targets.get(model)
+        if target is None or target.profiling:
+            return
+        if self.monitors[model].add(r.breach for r in records):
+            self._adapt(model)
+
+    def observe_request(self, model: str, depth: int, summary: RequestSummary, task: str | None = None) -> None:
+        """A finished request of `model`, served with `depth` layers loaded."""
+        c = self.config
+        self.requests += 1
+        if c.mode == "per-request":
+            row = self.task_rows.setdefault((model, task or DEFAULT_TASK), ProfileRow(model, depth))
+            row.num_layers = depth
+            row.add(summary, depth)
+        target = self.targets.get(model)
+        if target is not None and target.profiling and depth == self.registry[model].num_layers:
+            row = self.pht.get(model)
+            row.add(summary, depth)
+            if row.requests >= c.profile_requests:
+                if c.mode == "per-request":
+                    self._set(model, Target(self._estimate_at_rule(model).depth, False), "serve", "profiled")
+                elif self._to_profile:
+                    self._profile_next("next candidate")
+                else:
+                    self._choose()
+        elif not self._profiling and self.requests - self._last_profile_at >= c.reprofile_every:
+            self._begin_profiling(f"{c.reprofile_every} requests since the last profile")
+
+    def observe_load(self, running: int, waiting: int, context_tokens: int) -> None:
+        self._demand.append(running + waiting)
+        self._context_tokens = context_tokens
+
+    def observe_layer_event(self, bytes_read: int, seconds: float) -> None:
+        if bytes_read > 0 and seconds > 0:
+            self.bandwidth = bytes_read / seconds
+
+    @property
+    def demand(self) -> int:
+        """Sequences wanting service recently (running + waiting, the max over the last 64 steps)."""
+        return max(max(self._demand), 1)
+
+    # --- decisions out --------------------------------------------------------------------------
+    def choose(self, task: str | None = None) -> str | None:
+        """The model for the next request, or None to hold it (a profiling candidate already has its N).
+        The caller reports the request with `assigned` once it is really handed to that model."""
+        c = self.config
+        task = task or DEFAULT_TASK
+        if c.mode == "global":
+            [(model, target)] = self.targets.items()
+            if target.profiling and self._assigned[(model, "*")] >= c.profile_requests:
+                return None
+            return model
+        finished = {m: self.task_rows[(m, task)].requests if (m, task) in self.task_rows else 0
+                    for m in self.candidates}
+        unprofiled = [m for m in self.candidates if finished[m] < c.profile_requests]
+        if unprofiled:  # try this task on every model first (the outputs still go to the user)
+            # N assignments each; while their results are pending, keep spreading over the unprofiled
+            untried = [m for m in self.candidates if self._assigned[(m, task)] < c.profile_requests] or unprofiled
+            return min(untried, key=lambda m: (self._assigned[(m, task)], self.candidates.index(m)))
+        scores = {m: self._task_estimate(m, task).objective(c.slo, self.demand, c.power_watts)
+                  for m in self.candidates}
+        return min(self.candidates, key=lambda m: (scores[m], self.candidates.index(m)))
+
+    def assigned(self, model: str, task: str | None = None) -> None:
+        key = "*" if self.config.mode == "global" else task or DEFAULT_TASK
+        self._assigned[(model, key)] += 1
+
+    def snapshot(self) -> dict:
+        """JSON-ready state for stats endpoints and the dashboard."""
+        return {
+            "mode": self.config.mode, "slo": self.config.slo, "candidates": self.candidates,
+            "targets": {m: asdict(t) for m, t in self.targets.items()},
+            "requests": self.requests, "tokens": self.tokens, "demand": self.demand,
+            "breaches_in_window": {m: mon.breaches for m, mon in self.monitors.items()},
+            "pht": self.pht.to_dict(), "events": [e.to_dict() for e in self.events],
+        }
+
+    # --- global mode ----------------------------------------------------------------------------
+    @property
+    def _profiling(self) -> bool:
+        return any(t.profiling for t in self.targets.values())
+
+    def _begin_profiling(self, reason: str) -> None:
+        self._last_profile_at = self.requests
+        if self.config.mode == "per-request":
+            self.task_rows.clear()
+            self._assigned.clear()
+            for model in self.candidates:
+                self.pht.start(model, self.registry[model].num_layers, self.requests)
+                self._set(model, Target(self.registry[model].num_layers, True), "profile", reason)
+            return
+        self._to_profile = list(self.candidates)
+        self._serving_before = next(iter(self.targets), None)
+        self._profile_next(reason)
+
+    def _profile_next(self, reason: str) -> None:
+        model = self._to_profile.pop(0)
+        self._assigned[(model, "*")] = 0
+        entry = self.registry[model]
+        self.pht.start(model, entry.num_layers, self.requests)
+        self._replace(model, Target(entry.num_layers, True), "profile", reason)
+
+    def _choose(self) -> None:
+        """After a profiling round: the best candidate at its partial depth (the current one unless
+        another is better by the margin)."""
+        c = self.config
+        options = {m: self._estimate_at_rule(m) for m in self.candidates}
+        score = {m: e.objective(c.slo, self.demand, c.power_watts) for m, e in options.items()}
+        best = min(self.candidates, key=lambda m: (score[m], self.candidates.index(m)))
+        reason = f"best {c.slo} after profiling"
+        previous = self._serving_before
+        if previous in score and previous != best and not _beats(score[best], score[previous], c.switch_margin):
+            best, reason = previous, f"kept: {c.slo} of {best} within {c.switch_margin:.0%}"
+        self._replace(best, Target(options[best].depth, False), "serve", reason)
+
+    def _estimate_at_rule(self, model: str, shift: float = 1.0, minimum: int = 1) -> Estimate:
+        entry, row = self.registry[model], self.pht.get(model)
+        depth = partial_depth(entry, row, self.limits, self.config.coverage, shift, minimum)
+        return estimate(entry, row, depth, self.limits, shift)
+
+    def _adapt(self, model: str) -> None:
+        """More than B breaches in W tokens: load more layers or switch, whichever costs less."""
+        c, target = self.config, self.targets[model]
+        entry = self.registry[model]
+        if target.depth >= entry.num_layers:
+            return  # nothing is forced at full depth
+        live = (c.breach_limit + 1) / c.window
+        predicted = estimate(entry, self.pht.get(model), target.depth, self.limits).breach_rate
+        shift = live / max(predicted, 1 / c.window)  # how much harder the workload got since profiling
+        deeper = self._estimate_at_rule(model, shift, minimum=target.depth + 1)
+        options = [self._costed("load", entry.name, target.depth, deeper)]
+        if c.mode == "global":
+            options += [self._costed("switch", other, 0, self._estimate_at_rule(other, shift))
+                        for other in self.candidates if other != model and self.pht.get(other) is not None]
+        feasible = [o for o in options if o.estimate.breach_rate <= 1 - c.coverage + 1e-12] or options
+        load = options[0]
+        best = min(feasible, key=lambda o: o.cost_s)
+        if best.kind == "switch" and load in feasible and not _beats(best.cost_s, load.cost_s, c.switch_margin):
+            best = load
+        reason = (f"> {c.breach_limit} breaches in {c.window} tokens; {best.kind} cost {best.cost_s:.3g} "
+                  f"(" + ", ".join(f"{o.kind} {o.model}@{o.depth}: {o.cost_s:.3g}" for o in options) + ")")
+        if c.mode == "global":
+            self._replace(best.model, Target(best.depth, False), best.kind, reason)
+        else:
+            self._set(best.model, Target(best.depth, False), best.kind, reason)
+
+    def _costed(self, kind: str, model: str, from_depth: int, est: Estimate) -> Adaptation:
+        """Transition (load bytes, K/V refill or drain) + serving the rest of this profiling period."""
+        c = self.config
+        objective = est.objective(c.slo, self.demand, c.power_watts)
+        if c.slo in ("batch", "energy") or not est.measured:
+            return Adaptation(kind, model, est.depth, objective, 0.0, est)
+        row = self.pht.get(model)
+        tokens_per_request = row.tokens / row.requests if row and row.requests else 64
+        per_layer = est.tpot_s / max(est.layers, 1e-9)
+        if kind == "load":  # the running sequences' context needs K/V in the new layers
+            transition = transition_seconds(self.registry[model], from_depth, est.depth, self._context_tokens,
+                                            per_layer, self.bandwidth)
+        else:  # a switch loads the other model and lets in-flight requests finish first (~one request)
+            transition = (transition_seconds(self.registry[model], 0, est.depth, 0, per_layer, self.bandwidth)
+                          + est.tpot_s * tokens_per_request)
+        remaining = max(1, c.reprofile_every - (self.requests - self._last_profile_at))
+        return Adaptation(kind, model, est.depth, transition + remaining * tokens_per_request * objective,
+                          transition, est)
+
+    # --- per-request mode -----------------------------------------------------------------------
+    def _task_estimate(self, model: str, task: str) -> Estimate:
+        entry, row = self.registry[model], self.task_rows[(model, task)]
+        return estimate(entry, row, min(row.num_layers, self.targets[model].depth), self.limits)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def _replace(self, model: str, target: Target, kind: str, reason: str) -> None:
+        """Global mode: `model` becomes the only target."""
+        self.targets = {}
+        for monitor in self.monitors.values():
+            monitor.reset()
+        self._set(model, target, kind, reason)
+
+    def _set(self, model: str, target: Target, kind: str, reason: str) -> None:
+        self.targets[model] = target
+        self.monitors[model].reset()
+        self.events.append(PolicyEvent(kind, model, target.depth, self.requests, self.tokens, reason))
+
+
+def _beats(new: float, old: float, margin: float) -> bool:
+    """new is better (lower) than old by more than `margin` of |old|."""
+    return new < old - margin * abs(old)
+
+
+__all__ = ["DEFAULT_TASK", "HeliosPolicy", "PolicyEvent", "Target"]

@@ -1,0 +1,199 @@
+"""The policy's arithmetic: SLO scores, the shortlist, the partial-loading rule and the cost model.
+
+Everything here is a pure function of the registry, the PHT and a few live counters, so it is
+deterministic and unit-testable on synthetic traces.
+
+Estimates for a model m loaded to depth d (L = m's layers), from its full-depth profile:
+  breach(d)   = share of profiled tokens that had not exited by d = 1 - CDF(d)  (forced there; we count
+                all of them as breaches, which is exact for max-prob confidence: not exiting by d means
+                confidence < threshold at every exit point up to d, the last one included)
+  layers(d)   = E[min(exit depth, d)]                 (mean layers a token runs)
+  tpot(d)     = TPOT measured at full depth * layers(d) / layers(L)   (decode time scales with layers run)
+  capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per sequence(d)
+Without a live profile, the registry's offline profile stands in; without either, tpot is a FLOPs
+proxy (2 x parameters run per token) and breach(d) is assumed to be 1 - d/L.
+
+SLO objectives (lower is better):
+  throughput  seconds per token with `demand` sequences in flight: tpot(d) / min(capacity(d), demand)
+  latency     tpot(d)
+  batch       -capacity(d)
+  energy      joules per token = power x the throughput objective, when the device power is known;
+              otherwise FLOPs per token (a proxy, stated in the results)
+The partial-loading rule: the smallest exit point d whose predicted breach rate is at most
+1 - coverage (default coverage 0.6, i.e. at most 40% of tokens forced, safely under the monitor's
+trigger of 50 breaches in 100 tokens), among depths whose weights and one sequence fit the budget.
+A profile is only N = 5 requests (~100-600 tokens), so the rule uses the upper end of a 90% one-sided
+Wilson interval on the breach rate rather than the point estimate: a lucky profile does not load too
+few layers and trip the monitor straight away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..kv_cache import MemoryBudgetError
+from .pht import ProfileRow
+from .registry import ModelEntry
+
+SLOS = ("throughput", "latency", "batch", "energy")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    slo: str = "throughput"
+    mode: str = "global"  # "global": one active model (the paper); "per-request": all shortlisted models live
+    top_k: int = 3  # candidates shortlisted for the SLO
+    profile_requests: int = 5  # N: live requests each candidate serves at full depth when profiled
+    window: int = 100  # W: breach-monitor window, tokens
+    breach_limit: int = 50  # B: more breaches than this in the window trigger adaptation
+    reprofile_every: int = 150  # R: requests between profiling rounds
+    coverage: float = 0.6  # partial depth covers this share of profiled exits
+    switch_margin: float = 0.1  # a switch must beat loading more layers (or staying) by this fraction
+    power_watts: float | None = None  # device power for the energy SLO; None: FLOPs proxy
+    load_bandwidth: float = 1e9  # bytes/s for loading layers, until a real load has been measured
+
+    def __post_init__(self):
+        if self.slo not in SLOS:
+            raise ValueError(f"slo must be one of {SLOS}, got {self.slo!r}")
+        if self.mode not in ("global", "per-request"):
+            raise ValueError(f"mode must be 'global' or 'per-request', got {self.mode!r}")
+        if not 0 < self.coverage <= 1:
+            raise ValueError(f"coverage must be in (0, 1], got {self.coverage}")
+        for name in ("top_k", "profile_requests", "window", "reprofile_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.breach_limit < self.window:
+            raise ValueError(f"breach_limit must be in [0, window), got {self.breach_limit}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The serving memory settings the capacity arithmetic needs (one model's share in per-request mode)."""
+
+    memory_budget: int
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_prefill_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    depth: int
+    breach_rate: float
+    layers: float  # mean layers run per token
+    tpot_s: float  # decode seconds per token per sequence (FLOPs when nothing was measured)
+    capacity: int
+    flops_per_token: float
+    measured: bool  # tpot from a measurement (live or offline profile), not the FLOPs proxy
+
+    def objective(self, slo: str, demand: int, power_watts: float | None) -> float:
+        per_token = self.tpot_s / max(1, min(self.capacity, demand))
+        if slo == "throughput":
+            return per_token
+        if slo == "latency":
+            return self.tpot_s
+        if slo == "batch":
+            return -float(self.capacity)
+        return power_watts * per_token if power_watts and self.measured else self.flops_per_token
+
+
+def exit_points(entry: ModelEntry) -> tuple[int, ...]:
+    return entry.exit_config().exit_points(entry.num_layers)
+
+
+def flops_per_token(entry: ModelEntry, layers: float) -> float:
+    """2 x parameters run: the blocks passed, plus one LM-head product per exit point checked."""
+    block = entry.layer_weight_bytes / entry.element_size
+    head = entry.config.vocab_size * entry.config.hidden_size
+    checks = sum(1 for p in exit_points(entry) if p <= layers) or 1
+    return 2.0 * (layers * block + checks * head)
+
+
+def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limits, shift: float = 1.0) -> Estimate:
+    """Predicted behaviour of `entry` at `depth`; `shift` scales the predicted breach rate by what the
+    live window showed against the profile (a workload that moved since profiling)."""
+    L = entry.num_layers
+    try:
+        capacity = entry.plan(depth, limits.memory_budget, limits.max_model_len, limits.max_num_seqs,
+                              limits.max_prefill_tokens).capacity
+    except MemoryBudgetError:
+        capacity = 0
+    if row is not None and row.tokens:
+        not_exited = 1.0 - row.share_within(depth)
+        layers, layers_full, tpot_full = row.mean_layers(depth), row.mean_layers(L), row.time_per_token_s
+    elif entry.profile is not None:
+        shares = entry.profile.exit_shares
+        not_exited = 1.0 - sum(s for d, s in shares.items() if d <= depth)
+        layers = sum(min(d, depth) * s for d, s in shares.items())
+        layers_full = sum(d * s for d, s in shares.items())
+        tpot_full = entry.profile.time_per_output_token_s
+    else:  # no measurement: a prior of exits spread evenly over the L layers
+        not_exited = 1.0 - depth / L
+        layers = sum(range(1, depth + 1)) / L + depth * not_exited
+        layers_full = tpot_full = None
+    breach = 0.0 if depth == L else min(1.0, max(0.0, not_exited) * shift)
+    flops = flops_per_token(entry, layers)
+    measured = bool(tpot_full) and bool(layers_full)
+    tpot = tpot_full * layers / layers_full if measured else flops
+    return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured)
+
+
+def partial_depth(entry: ModelEntry, row: ProfileRow | None, limits: Limits, coverage: float,
+                  shift: float = 1.0, minimum: int = 1) -> int:
+    """The smallest exit point >= minimum with predicted breach <= 1 - coverage that fits the budget."""
+    samples = row.tokens if row is not None and row.tokens else entry.profile.tokens if entry.profile else 0
+    for depth in exit_points(entry) + (entry.num_layers,):
+        if depth < minimum:
+            continue
+        e = estimate(entry, row, depth, limits, shift)
+        if e.capacity >= 1 and wilson_upper(e.breach_rate, samples) <= 1.0 - coverage + 1e-12:
+            return depth
+    return entry.num_layers
+
+
+def wilson_upper(rate: float, n: int, z: float = 1.2816) -> float:
+    """Upper end of the one-sided Wilson score interval (z = 1.28: 90%) for a rate seen over n tokens;
+    the rate itself when there are no samples (a prior, not a measurement)."""
+    if n <= 0 or rate >= 1.0:
+        return rate
+    centre = rate + z * z / (2 * n)
+    spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def shortlist(entries: list[ModelEntry], limits: Limits, config: PolicyConfig, demand: int = 1) -> list[str]:
+    """Top-K models for the SLO among those that fit the memory at full depth (profiling runs there),
+    ranked by their offline profile at the depth the loading rule would pick."""
+    scored = []
+    for e in entries:
+        if estimate(e, None, e.num_layers, limits).capacity < 1:
+            continue
+        d = partial_depth(e, None, limits, config.coverage)
+        scored.append((estimate(e, None, d, limits).objective(config.slo, demand, config.power_watts), e.name))
+    scored.sort()
+    return [name for _, name in scored[: config.top_k]]
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    kind: str  # "load" (more layers of the current model) | "switch"
+    model: str
+    depth: int
+    cost_s: float  # transition + serving the horizon, in the objective's units (seconds for time SLOs)
+    transition_s: float
+    estimate: Estimate
+
+
+def transition_seconds(entry: ModelEntry, from_depth: int, to_depth: int, context_tokens: int,
+                       tpot_per_layer_s: float, bandwidth: float) -> float:
+    """Bytes of the layers to read / load bandwidth, plus K/V for the context in flight through the
+    new layers (costed at decode speed per token-layer: an upper bound, prefill is batched)."""
+    added = max(0, to_depth - from_depth)
+    load = (entry.weight_bytes(to_depth) - (entry.weight_bytes(from_depth) if from_depth else 0)) / bandwidth
+    return max(0.0, load) + context_tokens * added * tpot_per_layer_s
+
+
+__all__ = ["Adaptation", "Estimate", "Limits", "PolicyConfig", "SLOS", "estimate", "exit_points",
+           "flops_per_token", "partial_depth", "shortlist", "transition_seconds"]

@@ -1,0 +1,230 @@
+"""The model repository: which early-exit models Helios may serve, and what each costs.
+
+A registry is a YAML file (`models/registry.yaml` for the demo family):
+
+    models:
+      - name: helios-demo-code-6l          # served name; requests may only name registry models
+        path: helios-demo-code-6l          # model directory, relative to the registry file
+        threshold: 0.8                     # exit confidence threshold (default 0.8)
+        exit_layers: null                  # exit depths, null = every layer
+        exit_heads: null                   # trained exit-head adapter (.safetensors), optional
+        profile: {...}                     # offline telemetry, written by `helios profile`
+
+The sizes the policy reasons with (layers, weight bytes of the fixed part and of one layer, KV bytes
+per token per layer) are derived from the checkpoint itself when the registry loads; `helios profile`
+writes them into the file too, and a file whose recorded sizes disagree with its checkpoint is stale
+and refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from ..exits import ExitConfig
+from ..kv_cache import MemoryPlan, plan_memory
+from ..models.checkpoint import Checkpoint
+from ..models.config import ModelConfig
+from ..models.loader import resolve_dtype
+from ..models.transformer import Transformer
+
+
+class RegistryError(ValueError):
+    """A registry file or one of its entries is invalid (the message names the file and entry)."""
+
+
+@dataclass(frozen=True)
+class OfflineProfile:
+    """What `helios profile` measured for one model, at full depth, on a prompt set."""
+
+    prompts: str  # the prompt set it was measured on
+    device: str
+    tokens_per_s: float  # output tokens/s with every prompt of the set in one batch
+    time_per_output_token_s: float  # mean TPOT of those requests
+    perplexity: float  # of the greedy outputs under the model itself (full depth)
+    exit_shares: dict[int, float]  # depth -> share of tokens that exited there at the threshold
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    config: ModelConfig
+    threshold: float = 0.8
+    exit_layers: tuple[int, ...] | None = None
+    exit_heads: Path | None = None
+    dtype: str = "float32"
+    fixed_weight_bytes: int = 0  # embeddings, final norm, LM head (and exit heads)
+    layer_weight_bytes: int = 0  # one transformer block
+    profile: OfflineProfile | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def element_size(self) -> int:
+        return resolve_dtype(self.dtype).itemsize
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        return self.config.kv_bytes_per_token_per_layer(self.element_size)
+
+    def weight_bytes(self, depth: int) -> int:
+        return self.fixed_weight_bytes + depth * self.layer_weight_bytes
+
+    def exit_config(self) -> ExitConfig:
+        return ExitConfig(threshold=self.threshold, exit_layers=self.exit_layers,
+                          heads_path=str(self.exit_heads) if self.exit_heads else None)
+
+    def plan(self, depth: int, budget_bytes: int, max_model_len: int, max_num_seqs: int = 256,
+             max_prefill_tokens: int = 256) -> MemoryPlan:
+        """The engine's memory plan at this depth, without loading anything (same arithmetic, exact)."""
+        return plan_memory(self.config, depth, self.weight_bytes(depth), budget_bytes, max_model_len,
+                           self.element_size, max_num_seqs, max_prefill_tokens)
+
+
+def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Path | None) -> tuple[int, int]:
+    """(fixed bytes, bytes per block) at `dtype`, from the architecture built on the meta device."""
+    size = resolve_dtype(dtype).itemsize
+    with torch.device("meta"):
+        model = Transformer(config, num_layers=1)
+    tied = config.tie_embeddings or Checkpoint(path).resolve("lm_head.weight") is None
+    fixed = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
+    if tied:
+        fixed -= model.lm_head.weight.numel()
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    heads = 0
+    if exit_heads is not None:
+        with safe_open(str(exit_heads), "pt") as f:
+            heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return (fixed + heads) * size, block * size
+
+
+class Registry:
+    def __init__(self, entries: list[ModelEntry], path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, ModelEntry] = {}
+        for e in entries:
+            if e.name in self.entries:
+                raise RegistryError(f"registry {path}: model name {e.name!r} appears twice")
+            self.entries[e.name] = e
+
+    def __getitem__(self, name: str) -> ModelEntry:
+        if name not in self.entries:
+            raise KeyError(f"unknown model {name!r}; the registry has: {', '.join(self.entries)}")
+        return self.entries[name]
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def with_profile(self, name: str, profile: OfflineProfile) -> None:
+        self.entries[name] = replace(self[name], profile=profile)
+
+    @staticmethod
+    def load(path: str | Path, dtype: str = "float32") -> "Registry":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"registry file {path} does not exist")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RegistryError(f"registry {path} is not valid YAML: {err}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
+            raise RegistryError(f"registry {path} must have a non-empty list under 'models'")
+        return Registry([_entry(path, i, raw, dtype) for i, raw in enumerate(doc["models"])], path)
+
+    def save(self, path: str | Path | None = None) -> None:
+        path = Path(path or self.path)
+        models = []
+        for e in self:
+            item = {
+                "name": e.name,
+                "path": _relative(e.path, path.parent),
+                "threshold": e.threshold,
+                "exit_layers": list(e.exit_layers) if e.exit_layers else None,
+                "exit_heads": _relative(e.exit_heads, path.parent) if e.exit_heads else None,
+                "layers": e.num_layers,
+                "weight_bytes_fixed": e.fixed_weight_bytes,
+                "weight_bytes_per_layer": e.layer_weight_bytes,
+                "kv_bytes_per_token_per_layer": e.kv_bytes_per_token_per_layer,
+                "dtype": e.dtype,
+            }
+            if e.profile is not None:
+                item["profile"] = asdict(e.profile)
+            models.append(item)
+        path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+
+
+def _relative(p: Path, base: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p)
+
+
+KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "profile", "layers", "weight_bytes_fixed",
+              "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
+
+
+def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
+    where = f"registry {file}, model #{index + 1}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("path"), str):
+        raise RegistryError(f"{where}: each model needs a string 'name' and 'path'")
+    where = f"registry {file}, model {raw['name']!r}"
+    unknown = set(raw) - KNOWN_KEYS
+    if unknown:
+        raise RegistryError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(KNOWN_KEYS)})")
+    path = (file.parent / raw["path"]).resolve()
+    try:
+        config = ModelConfig.from_pretrained(path)
+        Checkpoint(path)  # safetensors present, no pickles
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{where}: cannot load {path}: {err}") from None
+    heads = (file.parent / raw["exit_heads"]).resolve() if raw.get("exit_heads") else None
+    if heads is not None and not heads.is_file():
+        raise RegistryError(f"{where}: exit_heads file {heads} does not exist")
+    dtype = raw.get("dtype", dtype)
+    try:
+        exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), exit_layers=tuple(raw["exit_layers"])
+                              if raw.get("exit_layers") else None)
+        if exit_cfg.exit_layers and max(exit_cfg.exit_layers) > config.num_layers:
+            raise ValueError(f"exit_layers {list(exit_cfg.exit_layers)} go deeper than the model's "
+                             f"{config.num_layers} layers")
+        fixed, block = measure_weights(path, config, dtype, heads)
+    except (TypeError, ValueError) as err:
+        raise RegistryError(f"{where}: {err}") from None
+    entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
+                       _profile(where, raw.get("profile")))
+    recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
+                "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
+    stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
+    if stale:
+        raise RegistryError(f"{where}: recorded sizes disagree with the checkpoint (recorded, actual): {stale}; "
+                            "run `helios profile` again")
+    return entry
+
+
+def _profile(where: str, raw) -> OfflineProfile | None:
+    if raw is None:
+        return None
+    try:
+        shares = {int(k): float(v) for k, v in raw.pop("exit_shares").items()}
+        return OfflineProfile(exit_shares=shares, **raw)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise RegistryError(f"{where}: invalid profile: {err}") from None
+
+
+__all__ = ["ModelEntry", "OfflineProfile", "Registry", "RegistryError", "measure_weights"]

@@ -1,0 +1,295 @@
+"""The HELIOS policy on synthetic telemetry: monitor, PHT, loading rule, capacity, shortlist, control loop."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.policy import (BreachMonitor, HeliosPolicy, Limits, PolicyConfig, ProfileRow, Registry,
+                                RegistryError, Target, estimate, partial_depth, shortlist)
+from helios_core.policy.planner import wilson_upper
+from helios_core.telemetry import RequestSummary, TokenRecord
+from tiny_models import make_pickle_checkpoint, make_tiny_checkpoint
+
+MAX_LEN = 128
+BUDGET = 8 << 20
+LIMITS = Limits(BUDGET, MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Three tiny llamas of 4, 6 and 8 layers sharing one tokenizer, and their registry file."""
+    root = tmp_path_factory.mktemp("family")
+    for layers in (4, 6, 8):
+        make_tiny_checkpoint("llama_gqa", root / f"tiny-{layers}l", num_layers=layers, seed=layers)
+    registry = root / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": [{"name": f"tiny-{n}l", "path": f"tiny-{n}l"} for n in (4, 6, 8)]}))
+    return registry
+
+
+def summary(model: str, depths: list[int], breaches: int = 0, tpot: float = 0.01) -> RequestSummary:
+    records = [TokenRecord(d, 0.9, False, False, -0.1) for d in depths]
+    s = RequestSummary.from_records("r", model, 4, records, "length", 0.0, 0.0, tpot * (len(depths) - 1))
+    s.breaches = s.forced = breaches
+    return s
+
+
+def tokens(n: int, breach_every: int = 0) -> list[TokenRecord]:
+    return [TokenRecord(1, 0.1, True, bool(breach_every) and i % breach_every == 0, -1.0) for i in range(n)]
+
+
+# --- breach monitor -------------------------------------------------------------------------------
+def test_monitor_fires_above_the_limit_not_at_it():
+    m = BreachMonitor(window=100, limit=50, cooldown=0)
+    assert not m.add([False] * 50 + [True] * 50)
+    assert m.breaches == 50 and m.breach_rate == 0.5
+    assert m.add([True])  # the oldest (clean) token slides out: 51 breaches in the window
+    assert m.breaches == 0  # reset after firing
+
+
+def test_monitor_counts_only_the_last_window():
+    m = BreachMonitor(window=10, limit=5, cooldown=0)
+    assert not m.add([True] * 5 + [False] * 10)  # the breaches slide out
+    assert m.breaches == 0
+    assert not m.add([True] * 5)
+    assert m.add([True])  # 6 > 5 within the window
+
+
+def test_monitor_is_quiet_for_the_cooldown_after_firing():
+    m = BreachMonitor(window=10, limit=5, cooldown=10)
+    assert m.add([True] * 6)
+    assert not m.add([True] * 10)  # cooldown: the window refills but cannot fire yet
+    assert m.add([True])
+
+
+@pytest.mark.parametrize("window,limit", [(0, 0), (10, 10), (10, -1)])
+def test_monitor_rejects_bad_settings(window, limit):
+    with pytest.raises(ValueError, match="window"):
+        BreachMonitor(window, limit)
+
+
+# --- PHT rows -------------------------------------------------------------------------------------
+def test_profile_row_predicts_breaches_and_layers_from_the_histogram():
+    row = ProfileRow("m", 4)
+    row.add(summary("m", [1] * 3 + [2] * 3 + [4] * 4, tpot=0.02), depth=4)
+    assert row.share_within(1) == pytest.approx(0.3)
+    assert row.share_within(2) == pytest.approx(0.6)
+    assert row.mean_layers(2) == pytest.approx((3 * 1 + 7 * 2) / 10)
+    assert row.mean_layers(4) == pytest.approx((3 + 6 + 16) / 10)
+    assert row.time_per_token_s == pytest.approx(0.02)
+    assert row.perplexity == pytest.approx(2.718281828 ** 0.1)
+
+
+def test_breaches_at_a_partial_depth_are_censored():
+    row = ProfileRow("m", 2)
+    row.add(summary("m", [1] * 4 + [2] * 6, breaches=5), depth=2)  # 5 of the 6 at depth 2 were forced low
+    assert row.censored == 5
+    assert row.share_within(2) == pytest.approx(0.5)  # only the confident ones count as exited
+    assert row.mean_layers(2) == pytest.approx((4 + 2 + 10) / 10)
+
+
+# --- registry -------------------------------------------------------------------------------------
+def test_registry_sizes_match_the_engine_exactly(family):
+    registry = Registry.load(family)
+    assert registry.names() == ["tiny-4l", "tiny-6l", "tiny-8l"]
+    entry = registry["tiny-8l"]
+    for depth in (2, 5, 8):
+        engine = LLMEngine(EngineConfig(model=str(entry.path), num_layers=depth, memory_budget=BUDGET,
+                                        max_model_len=MAX_LEN))
+        plan = entry.plan(depth, BUDGET, MAX_LEN)
+        assert plan == engine.memory
+        assert entry.weight_bytes(depth) == engine.memory.weight_bytes == engine.model.weight_bytes()
+    # Partial loading turns weights and KV of the dropped layers into batch: capacity by the formula.
+    full, half = entry.plan(8, BUDGET, MAX_LEN), entry.plan(4, BUDGET, MAX_LEN)
+    free = BUDGET - entry.weight_bytes(4) - half.workspace_fixed_bytes
+    assert half.capacity == free // (half.kv_bytes_per_seq + half.workspace_per_seq_bytes) > full.capacity
+    assert half.kv_bytes_per_seq * 2 == full.kv_bytes_per_seq
+
+
+def test_registry_save_load_roundtrip_and_stale_sizes(family, tmp_path):
+    registry = Registry.load(family)
+    out = family.parent / "saved.yaml"
+    registry.save(out)
+    again = Registry.load(out)
+    assert [e.layer_weight_bytes for e in again] == [e.layer_weight_bytes for e in registry]
+    doc = yaml.safe_load(out.read_text())
+    doc["models"][0]["weight_bytes_per_layer"] += 1
+    out.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RegistryError, match="disagree with the checkpoint"):
+        Registry.load(out)
+
+
+@pytest.mark.parametrize("models,message", [
+    ([], "non-empty list"),
+    ([{"name": "a"}], "string 'name' and 'path'"),
+    ([{"name": "a", "path": "nowhere"}], "cannot load"),
+    ([{"name": "a", "path": "tiny-4l", "colour": 1}], "unknown keys"),
+    ([{"name": "a", "path": "tiny-4l"}, {"name": "a", "path": "tiny-6l"}], "appears twice"),
+    ([{"name": "a", "path": "tiny-4l", "threshold": -1}], "threshold"),
+    ([{"name": "a", "path": "tiny-4l", "exit_layers": [9]}], "exit"),
+])
+def test_registry_errors_name_the_problem(family, models, message):
+    path = family.parent / "bad.yaml"
+    path.write_text(yaml.safe_dump({"models": models}))
+    with pytest.raises(RegistryError, match=message):
+        Registry.load(path)
+
+
+def test_registry_refuses_pickle_checkpoints_and_unknown_names(family, tmp_path):
+    make_pickle_checkpoint(tmp_path / "pickled")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "p", "path": "pickled"}]}))
+    with pytest.raises(RegistryError, match="cannot load"):
+        Registry.load(path)
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        Registry.load(family)["nope"]
+
+
+# --- loading rule, estimates, shortlist -----------------------------------------------------------
+def test_partial_depth_covers_the_configured_share(family):
+    entry = Registry.load(family)["tiny-4l"]
+    row = ProfileRow("tiny-4l", 4)
+    for _ in range(30):  # 3000 tokens: the sampling margin is small
+        row.add(summary("tiny-4l", [1] * 30 + [2] * 35 + [4] * 35), depth=4)
+    assert partial_depth(entry, row, LIMITS, coverage=0.6) == 2
+    assert partial_depth(entry, row, LIMITS, coverage=0.25) == 1
+    assert partial_depth(entry, row, LIMITS, coverage=0.7) == 4
+    assert partial_depth(entry, row, LIMITS, coverage=0.6, minimum=3) == 3  # 60% have exited by 3 as well
+    # A workload twice as hard as profiled: 35% not exited by depth 2 becomes 70%.
+    assert estimate(entry, row, 2, LIMITS, shift=2.0).breach_rate == pytest.approx(0.7)
+    assert estimate(entry, row, 4, LIMITS, shift=2.0).breach_rate == 0.0  # nothing is forced at full depth
+    # The same shares seen on only 100 tokens could be luck: the rule loads deeper.
+    small = ProfileRow("tiny-4l", 4)
+    small.add(summary("tiny-4l", [1] * 30 + [2] * 35 + [4] * 35), depth=4)
+    assert partial_depth(entry, small, LIMITS, coverage=0.6) == 4
+    assert wilson_upper(0.35, 100) > 0.4 > wilson_upper(0.35, 3000) > 0.35
+
+
+def test_shortlist_keeps_models_that_fit_and_ranks_by_slo(family):
+    entries = list(Registry.load(family))
+    by_batch = shortlist(entries, LIMITS, PolicyConfig(slo="batch", top_k=3))
+    assert by_batch[0] == "tiny-4l"  # the smallest model leaves the most memory for KV
+    assert shortlist(entries, LIMITS, PolicyConfig(slo="energy", top_k=2)) == ["tiny-4l", "tiny-6l"]
+    p = entries[1].plan(6, 2**40, MAX_LEN)  # tiny-6l at full depth with exactly one sequence
+    tight = Limits(p.weight_bytes + p.workspace_fixed_bytes + p.kv_bytes_per_seq + p.workspace_per_seq_bytes, MAX_LEN)
+    fits = shortlist(entries, tight, PolicyConfig(slo="batch"))
+    assert fits == ["tiny-4l", "tiny-6l"]
+
+
+def test_policy_config_validation():
+    for bad in ({"slo": "speed"}, {"mode": "both"}, {"coverage": 0}, {"window": 0}, {"breach_limit": 100}):
+        with pytest.raises(ValueError):
+            PolicyConfig(**bad)
+
+
+# --- the control loop, global mode ----------------------------------------------------------------
+PROFILES = {  # model -> (exit depths of 10 tokens at full depth, TPOT)
+    "tiny-4l": ([1, 1, 2, 2, 2, 2, 4, 4, 4, 4], 0.010),
+    "tiny-6l": ([1, 1, 1, 1, 1, 1, 1, 6, 6, 6], 0.012),
+    "tiny-8l": ([8] * 10, 0.030),
+}
+
+
+def serve_profiles(policy: HeliosPolicy, profiles=PROFILES) -> None:
+    """Drive one profiling round: each candidate gets exactly N requests, then the policy holds."""
+    for _ in policy.candidates:
+        [(model, target)] = policy.targets.items()
+        assert target.profiling and target.depth == policy.registry[model].num_layers
+        for _ in range(policy.config.profile_requests):
+            assert policy.choose() == model
+            policy.assigned(model)
+        assert policy.choose() is None  # this candidate has its N requests
+        depths, tpot = profiles[model]
+        for _ in range(policy.config.profile_requests):
+            policy.observe_request(model, target.depth, summary(model, depths, tpot=tpot))
+
+
+def test_profiling_round_then_serving_the_best_at_partial_depth(family):
+    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="latency"))
+    assert policy.candidates == ["tiny-4l", "tiny-6l", "tiny-8l"]
+    serve_profiles(policy)
+    # latency: tpot(d) = TPOT x layers(d) / layers(L). tiny-4l at depth 2 (60% by 2): 0.010 x 1.8/2.8;
+    # tiny-6l at depth 1 (70% by 1): 0.012 x 1/2.5.  tiny-6l wins.
+    assert policy.targets == {"tiny-6l": policy.targets["tiny-6l"]}
+    assert policy.targets["tiny-6l"].depth == 1 and not policy.targets["tiny-6l"].profiling
+    assert [e.kind for e in policy.events] == ["profile", "profile", "profile", "serve"]
+
+
+def test_stable_workload_never_adapts_and_reprofiles_every_r_requests(family):
+    config = PolicyConfig(slo="latency", reprofile_every=40)
+    policy = HeliosPolicy(Registry.load(family), LIMITS, config)
+    serve_profiles(policy)
+    served = len(policy.events)
+    for _ in range(24):  # 24 requests x 10 tokens, 30% breaches (the profile predicted 30% at depth 1)
+        policy.observe_tokens("tiny-6l", tokens(10, breach_every=3))
+        policy.observe_request("tiny-6l", 1, summary("tiny-6l", [1] * 10, breaches=3))
+    assert len(policy.events) == served  # no load, no switch
+    for _ in range(40 - 24 - 15):
+        policy.observe_request("tiny-6l", 1, summary("tiny-6l", [1] * 10, breaches=3))
+    assert policy.events[-1].kind == "profile" and policy.events[-1].reason.startswith("40 requests")
+    serve_profiles(policy)
+    assert policy.events[-1].kind == "serve" and policy.events[-1].model == "tiny-6l"  # same choice: no flap
+
+
+def test_breaches_trigger_within_cooldown_plus_a_window_and_load_layers(family):
+    config = PolicyConfig(slo="latency")
+    policy = HeliosPolicy(Registry.load(family), LIMITS, config)
+    serve_profiles(policy)
+    events = len(policy.events)
+    seen = 0
+    while len(policy.events) == events:
+        policy.observe_tokens("tiny-6l", tokens(10, breach_every=1))  # every token breaches
+        seen += 10
+        assert seen <= config.window + config.window  # cooldown (W) + the window (B+1 breaches)
+    event = policy.events[-1]
+    assert event.kind in ("load", "switch")
+    assert seen == config.window + 10  # quiet for the cooldown, then the full window of breaches fires
+
+
+def test_cost_model_switches_only_when_clearly_cheaper(family):
+    # tiny-4l's profile: most tokens exit at 1, and it is fast; tiny-6l exits are spread out.
+    profiles = {"tiny-4l": ([1] * 9 + [4], 0.004), "tiny-6l": ([1] * 7 + [6] * 3, 0.012), "tiny-8l": ([8] * 10, 0.03)}
+    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="latency", switch_margin=0.1))
+    serve_profiles(policy, profiles)
+    assert "tiny-4l" in policy.targets  # the fastest at its depth
+    policy.observe_tokens("tiny-4l", tokens(100))  # cooldown
+    policy.observe_tokens("tiny-4l", tokens(60, breach_every=1))
+    event = policy.events[-1]
+    assert event.kind == "load" and event.model == "tiny-4l" and event.depth > 1  # more layers beat a switch
+    assert "switch tiny-6l" in event.reason  # the alternatives were costed
+
+
+def test_switch_when_the_current_model_is_slow_to_deepen(family):
+    profiles = {"tiny-4l": ([1] * 9 + [4], 0.004), "tiny-6l": ([1] * 7 + [6] * 3, 0.012), "tiny-8l": ([8] * 10, 0.3)}
+    registry = Registry.load(family)
+    policy = HeliosPolicy(registry, LIMITS, PolicyConfig(slo="latency", top_k=3))
+    serve_profiles(policy, profiles)
+    # Force serving the slow deep model at a shallow depth, as after an earlier round, then breach.
+    policy._replace("tiny-8l", Target(1, False), "serve", "test")
+    policy.observe_tokens("tiny-8l", tokens(100))
+    policy.observe_tokens("tiny-8l", tokens(60, breach_every=1))
+    assert policy.events[-1].kind == "switch" and policy.events[-1].model != "tiny-8l"
+
+
+# --- per-request mode -----------------------------------------------------------------------------
+def test_per_request_mode_profiles_each_task_on_each_model_then_routes(family):
+    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(mode="per-request", slo="latency",
+                                                                      profile_requests=2))
+    assert set(policy.targets) == set(policy.candidates) and all(t.profiling for t in policy.targets.values())
+    assert policy.limits.memory_budget == BUDGET // 3  # each live model plans with its share
+    fast_for = {"code": "tiny-6l", "prose": "tiny-8l"}
+    order = []
+    for task in ("code", "prose"):
+        for _ in range(6):
+            model = policy.choose(task)
+            policy.assigned(model, task)
+            order.append(model)
+            depth = policy.targets[model].depth
+            good = model == fast_for[task]
+            policy.observe_request(model, depth, summary(model, [1] * 10 if good else [depth] * 10,
+                                                         tpot=0.001 if good else 0.05), task)
+    assert sorted(order[:6]) == sorted(policy.candidates * 2)  # every model tried twice on code
+    assert policy.choose("code") == "tiny-6l"
+    assert policy.choose("prose") == "tiny-8l"
+    assert all(not t.profiling for t in policy.targets.values())
