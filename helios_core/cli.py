@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import sys
@@ -62,6 +63,39 @@ def build_parser() -> argparse.ArgumentParser:
             tr.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
+
+    ev = sub.add_parser("eval", help="early-exit quality: generation vs full depth (--prompts) or teacher-forced (--text)")
+    ev.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompts", help=".jsonl with a \"prompt\" per line (optional \"max_tokens\", \"task\") or "
+                                        "a text file with one prompt per line")
+    what.add_argument("--text", help="file, directory, or 'stdlib' / 'pydoc' (their held-out files only)")
+    ev.add_argument("--threshold", type=float, default=0.8)
+    ev.add_argument("--measure", choices=("max_prob", "margin", "cosine"), default="max_prob")
+    ev.add_argument("--exit-layers", type=_exit_layers, default=None, help="exit depths, e.g. 2,4,6 (default: all)")
+    ev.add_argument("--exit-heads", default=None, help="trained exit heads (.safetensors adapter)")
+    ev.add_argument("--layers", type=int, default=None, help="only the first K layers loaded (forced exit at K)")
+    ev.add_argument("--max-tokens", type=int, default=64, help="tokens per prompt unless the prompt file says")
+    ev.add_argument("--limit", type=int, default=None, help="at most N prompts (--prompts) or N tokens (--text)")
+    ev.add_argument("--chunk-len", type=int, default=256, help="--text: tokens per teacher-forced chunk")
+    ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    te = sub.add_parser("train-exits", help="train exit heads for a vanilla model (a helios-exit-heads adapter)")
+    te.add_argument("--model", required=True, help="Hugging Face model directory (safetensors); never modified")
+    te.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    te.add_argument("--corpus", nargs="*", default=[], help="data sources as for `helios train`; default: code=stdlib")
+    te.add_argument("--exit-layers", type=_exit_layers, default=None, help="depths, e.g. 2,4 (default: all but last)")
+    from .train_exits import train_exit_heads
+
+    defaults = {name: p.default for name, p in inspect.signature(train_exit_heads).parameters.items()}
+    for name in ("steps", "batch_size", "seq_len", "lr", "ce_weight", "eval_tokens", "seed", "device"):
+        te.add_argument(f"--{name.replace('_', '-')}", type=type(defaults[name]), default=defaults[name],
+                        help=f"default {defaults[name]}")
+    te.add_argument("--proj", action="store_true", help="also train a residual adapter h + proj(h) per head")
+    te.add_argument("--lm-head", action="store_true", help="train an own LM head per depth (default: shared)")
+    te.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -124,6 +158,41 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from .exits import ExitConfig
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    exit_config = ExitConfig(threshold=args.threshold, measure=args.measure, exit_layers=args.exit_layers,
+                             heads_path=args.exit_heads)
+    if args.text is not None:
+        from .quality import evaluate_text
+
+        report = evaluate_text(args.model, args.text, exit_config, args.layers, args.limit, args.chunk_len,
+                               args.device, args.dtype)
+        out = {"mode": "text"} | report.to_dict()
+    else:
+        from .evaluate import evaluate as run, load_prompts
+
+        prompts = load_prompts(args.prompts)[: args.limit]
+        report = run(args.model, prompts, args.threshold, args.layers, args.max_tokens, args.measure,
+                     args.exit_layers, args.exit_heads, args.device, args.dtype)
+        out = {"mode": "prompts", "prompts_file": args.prompts} | report.to_dict()
+    print(json.dumps(out) if args.json else report.format())
+    return 0
+
+
+def train_exits(args: argparse.Namespace) -> int:
+    from .train_exits import format_report, train_exit_heads
+
+    knobs = ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "lr", "proj", "lm_head", "ce_weight",
+             "eval_tokens", "seed", "device")
+    result = train_exit_heads(args.model, args.out, **{k: getattr(args, k) for k in knobs}, progress=not args.quiet)
+    print(format_report(result), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "train":
             return train(args)
+        if args.command == "eval":
+            return evaluate(args)
+        if args.command == "train-exits":
+            return train_exits(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.
         parser.exit(2, f"helios: error: {err}\n")

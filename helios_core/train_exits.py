@@ -1,0 +1,269 @@
+"""Train exit heads for a frozen model: turn a vanilla checkpoint into an early-exit model.
+
+`helios train-exits` writes an adapter in the `helios-exit-heads` format (see `exits.py`) that the
+engine loads with `ExitConfig(heads_path=...)`. The base model is never modified.
+
+Recipe (EE-LLM style heads, trained by self-distillation):
+- one head per exit depth: its own norm, initialised from the model's final norm, and optionally a
+  residual projection (h + proj(h), zero-initialised) and an own LM head (a copy of the model's);
+  at step 0 every head therefore computes exactly the shared head, so training can only start from
+  what LayerSkip-style exits already give;
+- the loss of a head is KL(final layer || head) on every position: the engine uses a head to emit
+  the token the full model would have emitted, and its max-probability as the confidence that it
+  would, so the final layer's distribution is the target. `ce_weight` mixes in cross-entropy to the
+  text (default 0: the text's next token is a noisier signal for "what the full model says");
+- hidden states come from the frozen model under no_grad, one forward per batch for all heads.
+
+Evaluation, before and after training, on held-out text (files where `train.is_held_out` is true; for
+corpora without such a file, the last tokens of the corpus, which training then never sees): per exit
+depth, top-1 agreement with the final layer and the head's perplexity on the text, and the share of
+tokens that would leave at that depth with max-probability threshold 0.8. Hidden states there come
+from a full-depth forward, so the exit shares ignore the engine's K/V propagation for earlier exited
+tokens: an estimate of the engine's exits, exact for the first generated token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .exits import ExitHead, ExitHeads, save_exit_heads
+from .models import Transformer, load_model
+from .train import is_held_out, parse_sources, resolve_device
+
+EVAL_THRESHOLD = 0.8  # the engine's default exit threshold
+
+
+def train_exit_heads(
+    model_dir: str | Path,
+    out_path: str | Path,
+    corpus: list[str] | None = None,
+    exit_layers: tuple[int, ...] | list[int] | None = None,
+    steps: int = 300,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+    proj: bool = False,
+    lm_head: bool = False,
+    ce_weight: float = 0.0,
+    eval_tokens: int = 16384,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train exit heads at `exit_layers` (default: every layer but the last) and write them to `out_path`.
+
+    corpus: data sources "[NAME=]PATH[:WEIGHT]" as for `helios train` (default: code=stdlib).
+    Returns the run's figures, with the held-out "before" and "after" tables (see `evaluate`).
+    Deterministic for a seed on CPU (for a given thread count).
+    """
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"exit heads are written as a .safetensors file, got {out_path.name!r}")
+    if steps < 0 or batch_size < 1 or seq_len < 2 or eval_tokens < seq_len:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, seq_len >= 2 and eval_tokens >= seq_len; got "
+                         f"steps={steps} batch_size={batch_size} seq_len={seq_len} eval_tokens={eval_tokens}")
+    dev = resolve_device(device)
+    model = load_model(model_dir, dtype="float32", device=dev, max_len=seq_len)
+    model.requires_grad_(False)
+    num_layers = model.config.num_layers
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    depths = tuple(range(1, num_layers)) if exit_layers is None else tuple(sorted(set(exit_layers)))
+    bad = [d for d in depths if not 1 <= d < num_layers]
+    if not depths or bad:
+        raise ValueError(f"exit layer(s) {bad or 'none'} out of range: this {num_layers}-layer model takes "
+                         f"exit heads at depths 1..{num_layers - 1} (the last layer uses the model's own head)")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    train_data, eval_data = load_corpus(corpus, tokenizer, steps * batch_size * (seq_len + 1), eval_tokens,
+                                        seq_len, seed)
+
+    trained = {d: make_head(model, proj, lm_head).to(dev) for d in depths}
+    heads = ExitHeads(model, trained)
+    before = evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
+
+    optimizer = torch.optim.Adam(heads.trained.parameters(), lr=lr)  # no weight decay: it pulls norm gains to 0
+    rng = random.Random(seed)
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    loss_value = float("nan")
+    for step in tqdm(range(steps), disable=not progress, desc="train-exits", unit="step"):
+        for group in optimizer.param_groups:  # cosine decay to 10%: heads start at a good point, no warmup
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        batch = sample_batch(train_data, batch_size, seq_len, rng).to(dev)
+        loss = distillation_loss(model, heads, depths, batch, ce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+    seconds = time.perf_counter() - started
+
+    after = evaluate(model, heads, depths, eval_data, batch_size)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_exit_heads(out_path, heads)
+    return {
+        "out": str(out_path),
+        "model": str(model_dir),
+        "exit_layers": list(depths),
+        "num_layers": num_layers,
+        "steps": steps,
+        "tokens_seen": steps * batch_size * seq_len,
+        "train_tokens": len(train_data),
+        "eval_tokens": int(eval_data.numel() - eval_data.shape[0]),  # predicted positions
+        "final_loss": loss_value,
+        "seconds": round(seconds, 2),
+        "adapter_bytes": out_path.stat().st_size,
+        "before": before,
+        "after": after,
+    }
+
+
+def make_head(model: Transformer, proj: bool, lm_head: bool) -> ExitHead:
+    """A head that starts out computing exactly the shared head (final norm + LM head)."""
+    head = ExitHead(model, proj=proj, lm_head=lm_head).to(model.embed.weight.dtype)
+    head.norm.load_state_dict(model.norm.state_dict())
+    if head.proj is not None:
+        torch.nn.init.zeros_(head.proj.weight)
+    if head.lm_head is not None:
+        head.lm_head.weight.data.copy_(model.lm_head.weight)
+    return head
+
+
+@torch.no_grad()
+def frozen_forward(model: Transformer, tokens: Tensor, depths: tuple[int, ...]) -> tuple[dict[int, Tensor], Tensor]:
+    """Hidden states at `depths` (as ordinary tensors, usable as training inputs) and final log-probs."""
+    logits, hidden = model(tokens, output_hidden_states=True)  # inference tensors: clone before autograd
+    return {d: hidden[d - 1].clone() for d in depths}, F.log_softmax(logits.float(), dim=-1)
+
+
+def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], batch: Tensor,
+                      ce_weight: float) -> Tensor:
+    """Sum over heads of KL(final || head), plus ce_weight x cross-entropy to the next token.
+
+    Summed, not averaged: every head has its own parameters, so each gets the gradient of its own loss.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+    hidden, teacher = frozen_forward(model, inputs, depths)
+    teacher = teacher.flatten(0, 1)
+    loss = torch.zeros((), device=batch.device)
+    for d in depths:
+        student = F.log_softmax(heads.logits(d, hidden[d]).float().flatten(0, 1), dim=-1)
+        loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        if ce_weight:
+            loss = loss + ce_weight * F.nll_loss(student, targets)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], windows: Tensor,
+             batch_size: int, threshold: float = EVAL_THRESHOLD) -> dict:
+    """Held-out figures of `heads` at `depths` (and the final layer) on token windows (W, T+1).
+
+    rows: per depth, `agreement` (top-1 equal to the final layer's), `perplexity` (on the text) and
+    `exit_share` (share of tokens whose first exit point with max-probability >= threshold is this
+    depth; the final row takes the rest). `exit_agreement` is the share of tokens whose exit token
+    equals the final layer's; `mean_exit_depth` the average depth they leave at.
+    """
+    num_layers = model.config.num_layers
+    all_depths = (*depths, num_layers)
+    agree = {d: 0 for d in all_depths}
+    nll = {d: 0.0 for d in all_depths}
+    exits = {d: 0 for d in all_depths}
+    exit_agree, n = 0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(model.embed.weight.device)
+        hidden, final = frozen_forward(model, batch[:, :-1], depths)
+        final, targets = final.flatten(0, 1), batch[:, 1:].flatten()
+        final_top = final.argmax(-1)
+        running = torch.ones_like(targets, dtype=torch.bool)
+        for d in all_depths:
+            logp = final if d == num_layers else F.log_softmax(heads.logits(d, hidden[d]).float(), -1).flatten(0, 1)
+            top = logp.argmax(-1)
+            agree[d] += int((top == final_top).sum())
+            nll[d] += float(F.nll_loss(logp, targets, reduction="sum"))
+            leave = running & ((logp.max(-1).values.exp() >= threshold) | (d == num_layers))
+            exits[d] += int(leave.sum())
+            exit_agree += int((leave & (top == final_top)).sum())
+            running &= ~leave
+        n += targets.numel()
+    rows = [{"depth": d, "agreement": agree[d] / n, "perplexity": math.exp(nll[d] / n), "exit_share": exits[d] / n}
+            for d in all_depths]
+    return {"rows": rows, "threshold": threshold, "exit_agreement": exit_agree / n,
+            "mean_exit_depth": sum(d * exits[d] for d in all_depths) / n}
+
+
+# --- data ------------------------------------------------------------------------------------------
+def load_corpus(specs: list[str] | None, tokenizer, train_tokens: int, eval_tokens: int, seq_len: int,
+                seed: int) -> tuple[np.ndarray, Tensor]:
+    """Training tokens (one array) and held-out windows (W, seq_len + 1), split by source weight.
+
+    Reads only as much text as the run needs: training files in a seeded random order until the
+    source's share of `train_tokens` is read; held-out files in order until its share of `eval_tokens`.
+    """
+    eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
+
+    def tokens(files: list[Path], budget: int) -> list[int]:
+        ids: list[int] = []
+        for f in files:
+            if len(ids) >= budget:
+                break
+            ids += tokenizer(f.read_text(encoding="utf-8", errors="replace"), verbose=False).input_ids + [eos]
+        return ids
+
+    train, windows = [], []
+    for s in parse_sources(specs or []):
+        held = [f for f in s.files if is_held_out(f)]
+        files = [f for f in s.files if not is_held_out(f)]
+        rng.shuffle(files)
+        want_eval = max(int(s.weight * eval_tokens), seq_len + 1)
+        want_train = max(int(s.weight * train_tokens), 2 * (seq_len + 1))
+        if held:
+            ids, val = tokens(files, want_train), tokens(held, want_eval)
+        else:  # a tiny corpus: hold out its last tokens (at most a fifth of them)
+            ids = tokens(files, want_train + want_eval)
+            cut = len(ids) - min(want_eval, len(ids) // 5)
+            ids, val = ids[:cut], ids[cut:]
+        if len(ids) <= seq_len + 1 or len(val) < seq_len + 1:
+            raise ValueError(f"data source {s.name!r} is too small: {len(ids)} training and {len(val)} held-out "
+                             f"tokens for seq_len {seq_len}")
+        train.extend(ids)
+        n = min(len(val), want_eval) // (seq_len + 1)
+        windows.append(torch.tensor(val[: n * (seq_len + 1)]).view(n, seq_len + 1))
+    return np.asarray(train, dtype=np.int64), torch.cat(windows)
+
+
+def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: random.Random) -> Tensor:
+    starts = [rng.randrange(len(data) - seq_len - 1) for _ in range(batch_size)]
+    return torch.from_numpy(np.stack([data[s : s + seq_len + 1] for s in starts]))
+
+
+def format_report(result: dict) -> str:
+    """The before/after table `helios train-exits` prints."""
+    b, a = result["before"], result["after"]
+    lines = [
+        (f"exit heads at depths {result['exit_layers']} of {result['num_layers']} layers, {result['steps']} steps, "
+         f"{result['seconds']:.0f} s -> {result['out']}"),
+        f"held-out: {result['eval_tokens']} tokens; exits at max-probability >= {a['threshold']}",
+        f"{'depth':>7}  {'agreement w/ final':>20}  {'perplexity':>17}  {'exit share':>15}",
+    ]
+    for rb, ra in zip(b["rows"], a["rows"]):
+        depth = f"{ra['depth']}" + (" (out)" if ra["depth"] == result["num_layers"] else "")
+        lines.append(f"{depth:>7}  {rb['agreement']:>9.1%} -> {ra['agreement']:<7.1%}  "
+                     f"{rb['perplexity']:>7.4g} -> {ra['perplexity']:<7.4g}  "
+                     f"{rb['exit_share']:>6.1%} -> {ra['exit_share']:<6.1%}")
+    lines.append(f"at the threshold: mean exit depth {b['mean_exit_depth']:.2f} -> {a['mean_exit_depth']:.2f}, "
+                 f"tokens equal to the final layer's {b['exit_agreement']:.1%} -> {a['exit_agreement']:.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""helios train-exits: heads trained by distillation agree more with the final layer; the engine uses them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helios_core.cli import main
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.exits import ExitConfig, confidence_from_logits, load_exit_heads
+from helios_core.sampling import SamplingParams
+from helios_core.train_exits import train_exit_heads
+from tiny_models import _CORPUS, hf_greedy, make_pickle_checkpoint
+
+DEPTHS = (1, 2, 3)
+FAST = dict(exit_layers=DEPTHS, steps=60, batch_size=8, seq_len=64, lr=1e-2, proj=True, eval_tokens=1024,
+            progress=False)
+PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12], [40], [100, 101, 102], [3, 250, 7], [60, 61]]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exit_corpus") / "text.txt"
+    path.write_text("\n\n".join(_CORPUS) * 6)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "heads.safetensors"
+    weights = load_file(str(tiny_llama / "model.safetensors"))
+    result = train_exit_heads(tiny_llama, out, [corpus], **FAST)
+    return out, result, weights
+
+
+def test_training_raises_agreement_with_the_final_layer(trained):
+    _, result, _ = trained
+    before, after = result["before"]["rows"], result["after"]["rows"]
+    assert [r["depth"] for r in after] == [*DEPTHS, 6]
+    for b, a in zip(before[:-1], after[:-1]):  # the random model's shallow shared head is poor: < 20% agreement
+        assert a["agreement"] > b["agreement"] and a["perplexity"] < b["perplexity"]
+    assert before[0]["agreement"] < 0.2
+    assert after[-1] == before[-1] | {"exit_share": after[-1]["exit_share"]}  # the final layer is untouched
+    # Overconfident shared heads exit wrongly; trained ones exit less, and right more often.
+    assert result["after"]["exit_agreement"] > result["before"]["exit_agreement"]
+
+
+def test_base_model_is_unchanged_and_same_seed_gives_the_same_adapter(tiny_llama, corpus, trained, tmp_path):
+    path, _, weights_before = trained
+    after = load_file(str(tiny_llama / "model.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items())
+    again = tmp_path / "again.safetensors"
+    train_exit_heads(tiny_llama, again, [corpus], **FAST)
+    a, b = load_file(str(path)), load_file(str(again))
+    assert sorted(a) == sorted(f"exit.{d}.{n}" for d in DEPTHS for n in ("norm.weight", "proj.weight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
+    path, _, _ = trained
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    probe = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(heads_path=str(path))))
+    heads = load_exit_heads(path, probe.model)
+    with torch.inference_mode():  # by hand: the first generated token sees the full prompt at every depth
+        hidden = [probe.model(torch.tensor([p]), output_hidden_states=True)[1] for p in PROMPTS]
+        conf = torch.stack([confidence_from_logits(heads.logits(2, h[1][:, -1]), "max_prob")[0] for h in hidden])
+        tokens = [int(heads.logits(2, h[1][:, -1]).argmax()) for h in hidden]
+        full = [int(probe.model(torch.tensor([p]))[0, -1].argmax()) for p in PROMPTS]
+    low, high = conf.sort().values[len(PROMPTS) // 2 - 1 : len(PROMPTS) // 2 + 1].tolist()
+    threshold = (low + high) / 2  # half the prompts exit at depth 2, the others run to the end
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama),
+                                 exit=ExitConfig(threshold=threshold, exit_layers=(2,), heads_path=str(path))))
+    outs = eng.generate(PROMPTS, one)
+    assert [o.exit_layers[0] for o in outs] == [2 if c >= threshold else 6 for c in conf.tolist()]
+    assert [o.token_ids[0] for o in outs] == [t if c >= threshold else f for t, c, f in zip(tokens, conf, full)]
+    assert {o.exit_layers[0] for o in outs} == {2, 6}
+
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    shared = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5))).generate(PROMPTS, greedy)
+    own = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5, heads_path=str(path))))
+    assert [o.exit_layers for o in own.generate(PROMPTS, greedy)] != [o.exit_layers for o in shared]
+    never = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=1.5, heads_path=str(path))))
+    [out] = never.generate([PROMPTS[0]], greedy)
+    assert out.token_ids == hf_greedy(tiny_llama, PROMPTS[0], 16)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "heads.safetensors"
+    with pytest.raises(ValueError, match=r"exit layer\(s\) \[6\] out of range.*depths 1..5"):
+        train_exit_heads(tiny_llama, out, [corpus], exit_layers=(2, 6), progress=False)
+    with pytest.raises(ValueError, match=r"\.safetensors file"):
+        train_exit_heads(tiny_llama, tmp_path / "heads.pt", [corpus], progress=False)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        train_exit_heads(tmp_path / "nope", out, [corpus], progress=False)
+    with pytest.raises(ValueError, match="only pickled weights"):
+        train_exit_heads(make_pickle_checkpoint(tmp_path / "pickled"), out, [corpus], progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_exit_heads(tiny_llama, out, [str(tmp_path / "missing.txt")], progress=False)
+    assert not out.exists()
+
+
+def helios(*args: str) -> subprocess.CompletedProcess:
+    # One thread: with two, OpenMP spin-waiting next to another busy process is many times slower.
+    return subprocess.run([sys.executable, "-m", "helios_core.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_cli_round_trip(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    run = helios("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus,
+                 "--exit-layers", "2,4", "--steps", "5", "--seq-len", "32", "--eval-tokens", "256", "--quiet")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["exit_layers"] == [2, 4] and result["steps"] == 5 and out.is_file()
+    assert "agreement" in run.stderr and "->" in run.stderr and "train-exits:" not in run.stderr  # no bar
+    assert sorted(load_file(str(out))) == ["exit.2.norm.weight", "exit.4.norm.weight"]
+
+
+def test_cli_errors_are_one_clear_line(tiny_llama, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train-exits", "--model", str(tiny_llama), "--out", str(tmp_path / "h.safetensors"),
+              "--exit-layers", "0"])
+    assert exited.value.code == 2 and "helios: error: exit layer(s) [0] out of range" in capsys.readouterr().err
