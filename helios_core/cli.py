@@ -1,4 +1,4 @@
-"""`helios` command line: `helios generate` runs the early-exit engine in-process."""
+"""`helios` command line: generate, train, train-exits, eval and profile, all in process."""
 
 from __future__ import annotations
 
@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--proj", action="store_true", help="also train a residual adapter h + proj(h) per head")
     te.add_argument("--lm-head", action="store_true", help="train an own LM head per depth (default: shared)")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pr = sub.add_parser("profile", help="measure every registry model offline and record it in the registry")
+    pr.add_argument("--registry", required=True, help="registry YAML (e.g. models/registry.yaml); updated in place")
+    pr.add_argument("--prompts", required=True, help="prompt file (.jsonl with \"prompt\", or one per line)")
+    pr.add_argument("--limit", type=int, default=32, help="prompts used (default 32)")
+    pr.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt without its own max_tokens")
+    pr.add_argument("--max-model-len", type=int, default=None, help="default: the model's, at most 2048")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--out", default=None, help="write the profiled registry here instead of in place")
     return parser
 
 
@@ -193,6 +202,26 @@ def train_exits(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    from .evaluate import load_prompts
+    from .policy import Registry
+    from .policy.offline import profile_model
+
+    if args.limit < 1 or args.max_tokens < 1:
+        raise ValueError("--limit and --max-tokens must be positive")
+    registry = Registry.load(args.registry)
+    prompts = load_prompts(args.prompts)[: args.limit]
+    for entry in registry:
+        p = profile_model(entry, prompts, str(args.prompts), args.max_tokens, args.max_model_len, args.device)
+        registry.with_profile(entry.name, p)
+        shares = ", ".join(f"{d}:{s:.2f}" for d, s in p.exit_shares.items())
+        print(f"{entry.name}: {p.tokens_per_s:.1f} tok/s, TPOT {p.time_per_output_token_s * 1e3:.1f} ms, "
+              f"perplexity {p.perplexity:.2f}, exits {{{shares}}} on {p.device}", file=sys.stderr)
+    registry.save(args.out or args.registry)
+    print(f"wrote {args.out or args.registry}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "train-exits":
             return train_exits(args)
+        if args.command == "profile":
+            return profile(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.
         parser.exit(2, f"helios: error: {err}\n")

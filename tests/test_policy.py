@@ -293,3 +293,44 @@ def test_per_request_mode_profiles_each_task_on_each_model_then_routes(family):
     assert policy.choose("code") == "tiny-6l"
     assert policy.choose("prose") == "tiny-8l"
     assert all(not t.profiling for t in policy.targets.values())
+
+
+def test_quality_guard_goes_deeper_when_output_perplexity_rises(family):
+    for tolerance, expect_event in ((None, False), (0.2, True)):
+        policy = HeliosPolicy(Registry.load(family), LIMITS,
+                              PolicyConfig(slo="latency", quality_tolerance=tolerance, quality_window=4))
+        serve_profiles(policy)  # profiled perplexity e^0.1 (logprob -0.1 per token)
+        [(model, target)] = policy.targets.items()
+        events = len(policy.events)
+        worse = [TokenRecord(1, 0.9, False, False, -0.5) for _ in range(10)]  # perplexity e^0.5
+        for _ in range(4):
+            s = RequestSummary.from_records("r", model, 4, worse, "length", 0.0, 0.0, 0.1)
+            policy.observe_request(model, target.depth, s)
+        fired = policy.events[events:]
+        assert bool(fired) == expect_event
+        if fired:
+            assert fired[0].reason.startswith("quality guard") and fired[0].kind in ("load", "switch")
+
+
+def test_helios_profile_fills_the_registry_and_the_shortlist_uses_it(family, tmp_path):
+    from helios_core.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\nServing many requests at once\n\nthe cat sat\n")
+    out = tmp_path / "profiled.yaml"
+    assert main(["profile", "--registry", str(family), "--prompts", str(prompts), "--max-tokens", "6",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert [m["layers"] for m in doc["models"]] == [4, 6, 8]
+    registry = Registry.load(out)
+    for entry in registry:
+        p = entry.profile
+        assert p.tokens == 3 * 6 and p.tokens_per_s > 0 and p.perplexity >= 1
+        assert sum(p.exit_shares.values()) == pytest.approx(1.0)
+        assert max(p.exit_shares) <= entry.num_layers
+    # The offline profile drives the estimate before any live traffic.
+    entry = registry["tiny-8l"]
+    e = estimate(entry, None, entry.num_layers, LIMITS)
+    assert e.measured and e.tpot_s == pytest.approx(entry.profile.time_per_output_token_s)
+    with pytest.raises(SystemExit):
+        main(["profile", "--registry", str(family), "--prompts", str(tmp_path / "missing.txt")])

@@ -30,6 +30,7 @@ beat loading more layers by the same margin.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -86,6 +87,7 @@ class HeliosPolicy:
         self._last_profile_at = 0
         self._to_profile: list[str] = []
         self._serving_before: str | None = None  # global mode: the model served before a profiling round
+        self._quality = {m: deque(maxlen=c.quality_window) for m in self.candidates}  # (nll sum, tokens)
         self._assigned: Counter = Counter()  # (model, task or "*" for a global profiling round) -> requests
         self._begin_profiling("start")
 
@@ -97,7 +99,8 @@ class HeliosPolicy:
         if target is None or target.profiling:
             return
         if self.monitors[model].add(r.breach for r in records):
-            self._adapt(model)
+            self._adapt(model, f"> {self.config.breach_limit} breaches in {self.config.window} tokens",
+                        (self.config.breach_limit + 1) / self.config.window)
 
     def observe_request(self, model: str, depth: int, summary: RequestSummary, task: str | None = None) -> None:
         """A finished request of `model`, served with `depth` layers loaded."""
@@ -108,6 +111,8 @@ class HeliosPolicy:
             row.num_layers = depth
             row.add(summary, depth)
         target = self.targets.get(model)
+        if target is not None and not target.profiling and depth == target.depth:
+            self._guard_quality(model, summary)
         if target is not None and target.profiling and depth == self.registry[model].num_layers:
             row = self.pht.get(model)
             row.add(summary, depth)
@@ -148,12 +153,14 @@ class HeliosPolicy:
         finished = {m: self.task_rows[(m, task)].requests if (m, task) in self.task_rows else 0
                     for m in self.candidates}
         unprofiled = [m for m in self.candidates if finished[m] < c.profile_requests]
-        if unprofiled:  # try this task on every model first (the outputs still go to the user)
-            # N assignments each; while their results are pending, keep spreading over the unprofiled
-            untried = [m for m in self.candidates if self._assigned[(m, task)] < c.profile_requests] or unprofiled
+        untried = [m for m in unprofiled if self._assigned[(m, task)] < c.profile_requests]
+        if untried:  # try this task on every model first (the outputs still go to the user)
             return min(untried, key=lambda m: (self._assigned[(m, task)], self.candidates.index(m)))
-        scores = {m: self._task_estimate(m, task).objective(c.slo, self.demand, c.power_watts)
-                  for m in self.candidates}
+        if unprofiled:  # the task's trials are still running: the best model overall meanwhile
+            scores = {m: self._model_estimate(m).objective(c.slo, self.demand, c.power_watts) for m in self.candidates}
+        else:
+            scores = {m: self._task_estimate(m, task).objective(c.slo, self.demand, c.power_watts)
+                      for m in self.candidates}
         return min(self.candidates, key=lambda m: (scores[m], self.candidates.index(m)))
 
     def assigned(self, model: str, task: str | None = None) -> None:
@@ -213,13 +220,12 @@ class HeliosPolicy:
         depth = partial_depth(entry, row, self.limits, self.config.coverage, shift, minimum)
         return estimate(entry, row, depth, self.limits, shift)
 
-    def _adapt(self, model: str) -> None:
-        """More than B breaches in W tokens: load more layers or switch, whichever costs less."""
+    def _adapt(self, model: str, why: str, live: float) -> None:
+        """Load more layers or switch, whichever costs less. `live`: the breach rate seen."""
         c, target = self.config, self.targets[model]
         entry = self.registry[model]
         if target.depth >= entry.num_layers:
             return  # nothing is forced at full depth
-        live = (c.breach_limit + 1) / c.window
         predicted = estimate(entry, self.pht.get(model), target.depth, self.limits).breach_rate
         shift = live / max(predicted, 1 / c.window)  # how much harder the workload got since profiling
         deeper = self._estimate_at_rule(model, shift, minimum=target.depth + 1)
@@ -232,7 +238,7 @@ class HeliosPolicy:
         best = min(feasible, key=lambda o: o.cost_s)
         if best.kind == "switch" and load in feasible and not _beats(best.cost_s, load.cost_s, c.switch_margin):
             best = load
-        reason = (f"> {c.breach_limit} breaches in {c.window} tokens; {best.kind} cost {best.cost_s:.3g} "
+        reason = (f"{why}; {best.kind} cost {best.cost_s:.3g} "
                   f"(" + ", ".join(f"{o.kind} {o.model}@{o.depth}: {o.cost_s:.3g}" for o in options) + ")")
         if c.mode == "global":
             self._replace(best.model, Target(best.depth, False), best.kind, reason)
@@ -258,7 +264,31 @@ class HeliosPolicy:
         return Adaptation(kind, model, est.depth, transition + remaining * tokens_per_request * objective,
                           transition, est)
 
+    def _guard_quality(self, model: str, summary: RequestSummary) -> None:
+        """Quality guard (opt-in, `quality_tolerance`): when the output perplexity of the last
+        `quality_window` requests served partially exceeds the model's full-depth profile by more than
+        the tolerance, go deeper (or switch) as on a breach trigger."""
+        c = self.config
+        row = self.pht.get(model)
+        if c.quality_tolerance is None or summary.perplexity is None or row is None or row.perplexity is None:
+            return
+        recent = self._quality[model]
+        recent.append((math.log(summary.perplexity) * summary.output_tokens, summary.output_tokens))
+        if len(recent) < recent.maxlen:
+            return
+        live = math.exp(sum(n for n, _ in recent) / max(sum(t for _, t in recent), 1))
+        if live > (1 + c.quality_tolerance) * row.perplexity:
+            recent.clear()
+            self._adapt(model, f"quality guard: output perplexity {live:.3g} > {1 + c.quality_tolerance:.2f} x "
+                               f"full-depth {row.perplexity:.3g}", self.monitors[model].breach_rate)
+
     # --- per-request mode -----------------------------------------------------------------------
+    def _model_estimate(self, model: str) -> Estimate:
+        """At its current depth, from its pooled profile (or the registry's offline one, or the prior)."""
+        row = self.pht.get(model)
+        return estimate(self.registry[model], row if row is not None and row.tokens else None,
+                        self.targets[model].depth, self.limits)
+
     def _task_estimate(self, model: str, task: str) -> Estimate:
         entry, row = self.registry[model], self.task_rows[(model, task)]
         return estimate(entry, row, min(row.num_layers, self.targets[model].depth), self.limits)
@@ -274,6 +304,7 @@ class HeliosPolicy:
     def _set(self, model: str, target: Target, kind: str, reason: str) -> None:
         self.targets[model] = target
         self.monitors[model].reset()
+        self._quality[model].clear()
         self.events.append(PolicyEvent(kind, model, target.depth, self.requests, self.tokens, reason))
 
 

@@ -50,6 +50,8 @@ class PolicyConfig:
     reprofile_every: int = 150  # R: requests between profiling rounds
     coverage: float = 0.6  # partial depth covers this share of profiled exits
     switch_margin: float = 0.1  # a switch must beat loading more layers (or staying) by this fraction
+    quality_tolerance: float | None = None  # quality guard: max output-perplexity rise over full depth
+    quality_window: int = 20  # requests the quality guard averages over
     power_watts: float | None = None  # device power for the energy SLO; None: FLOPs proxy
     load_bandwidth: float = 1e9  # bytes/s for loading layers, until a real load has been measured
 
@@ -60,7 +62,9 @@ class PolicyConfig:
             raise ValueError(f"mode must be 'global' or 'per-request', got {self.mode!r}")
         if not 0 < self.coverage <= 1:
             raise ValueError(f"coverage must be in (0, 1], got {self.coverage}")
-        for name in ("top_k", "profile_requests", "window", "reprofile_every"):
+        if self.quality_tolerance is not None and self.quality_tolerance < 0:
+            raise ValueError(f"quality_tolerance must be >= 0, got {self.quality_tolerance}")
+        for name in ("top_k", "profile_requests", "window", "reprofile_every", "quality_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.breach_limit < self.window:

@@ -165,7 +165,9 @@ class Registry:
             if e.profile is not None:
                 item["profile"] = asdict(e.profile)
             models.append(item)
-        path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+        header = ("# Helios model registry (format: helios_core/policy/registry.py). Sizes and profiles are\n"
+                  "# written by `helios profile`; the sizes are checked against each checkpoint when it loads.\n")
+        path.write_text(header + yaml.safe_dump({"models": models}, sort_keys=False))
 
 
 def _relative(p: Path, base: Path) -> str:

@@ -1,0 +1,38 @@
+"""`helios profile`: measure each registry model offline, at full depth, on a prompt set.
+
+The shortlist ranks models by these numbers before any live traffic has been seen. One batch of the
+whole prompt set per model (greedy, `max_tokens` each), so tokens/s is the throughput at that
+concurrency on this device; TPOT is the mean per request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+from ..engine import EngineConfig, LLMEngine
+from ..evaluate import Prompt
+from ..sampling import SamplingParams
+from .registry import ModelEntry, OfflineProfile
+
+
+def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, max_tokens: int = 32,
+                  max_model_len: int | None = None, device: str = "auto") -> OfflineProfile:
+    engine = LLMEngine(EngineConfig(model=str(entry.path), name=entry.name, dtype=entry.dtype, device=device,
+                                    max_model_len=max_model_len, exit=entry.exit_config(),
+                                    max_num_seqs=max(len(prompts), 1)))
+    params = [SamplingParams(max_tokens=p.max_tokens or max_tokens, temperature=0, ignore_eos=True) for p in prompts]
+    engine.generate([prompts[0].text], params[0])  # warm-up: first-call allocations are not the model's speed
+    start = time.perf_counter()
+    done = engine.generate([p.text for p in prompts], params)
+    seconds = time.perf_counter() - start
+    records = [r for c in done for r in c.records]
+    tpots = [c.summary.time_per_output_token_s for c in done if c.summary.time_per_output_token_s is not None]
+    exits = Counter(r.exit_layer for r in records)
+    return OfflineProfile(
+        prompts=prompts_name, device=str(engine.device), tokens_per_s=len(records) / seconds,
+        time_per_output_token_s=sum(tpots) / len(tpots) if tpots else seconds / max(len(records), 1),
+        perplexity=math.exp(-sum(r.logprob for r in records) / len(records)),
+        exit_shares={d: n / len(records) for d, n in sorted(exits.items())}, tokens=len(records),
+    )
