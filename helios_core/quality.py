@@ -63,7 +63,8 @@ def simulate_exits(
     k = loaded_layers or model.num_loaded_layers
     if not 1 <= k <= model.num_loaded_layers:
         raise ValueError(f"loaded_layers must be in [1, {model.num_loaded_layers}], got {k}")
-    device = tokens.device
+    device = model.embed.weight.device
+    tokens = tokens.to(device)
     positions = torch.arange(t, device=device).expand(n, t)
     x = model.embed_tokens(tokens, positions)
     cos, sin = model.rope(positions)

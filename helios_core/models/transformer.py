@@ -231,6 +231,7 @@ class Transformer(nn.Module):
         tokens: (N, T). Returns logits (N, T, V) from the last loaded layer, and optionally the hidden
         state after every loaded layer (before the final norm).
         """
+        tokens = tokens.to(self.embed.weight.device)  # callers may build token ids on the CPU
         n, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(n, t)
         x = self.embed_tokens(tokens, positions)
