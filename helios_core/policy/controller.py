@@ -171,6 +171,8 @@ class HeliosPolicy:
         """JSON-ready state for stats endpoints and the dashboard."""
         return {
             "mode": self.config.mode, "slo": self.config.slo, "candidates": self.candidates,
+            # what the energy SLO compares: measured time x device power, or FLOPs when the power is unknown
+            "energy_measure": "joules" if self.config.power_watts else "flops",
             "targets": {m: asdict(t) for m, t in self.targets.items()},
             "requests": self.requests, "tokens": self.tokens, "demand": self.demand,
             "breaches_in_window": {m: mon.breaches for m, mon in self.monitors.items()},
