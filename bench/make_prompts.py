@@ -157,6 +157,18 @@ def code_cuts(text: str, rng: random.Random) -> list[int]:
     return cuts
 
 
+def continuation(task: str, rng: random.Random):
+    """A prompt maker for `take`: the text before a cut (120-400 tokens), 64-128 tokens to generate."""
+
+    def make(source: str, cutter: Cutter, cut: int) -> dict | None:
+        prompt = cutter.before(cut, budget=rng.randint(120, 400), minimum=100)
+        if prompt is None:
+            return None
+        return {"task": task, "prompt": prompt, "max_tokens": rng.randint(64, 128), "source": source}
+
+    return make
+
+
 def code_set(tokenizer: Tokenizer, files: list[tuple[str, str]], rng: random.Random) -> list[dict]:
     per_file = []
     for source, text in files:
@@ -164,13 +176,7 @@ def code_set(tokenizer: Tokenizer, files: list[tuple[str, str]], rng: random.Ran
         rng.shuffle(cuts)
         per_file.append([(source, cutter, cut) for cut in cuts])
 
-    def make(source: str, cutter: Cutter, cut: int) -> dict | None:
-        prompt = cutter.before(cut, budget=rng.randint(120, 400), minimum=100)
-        if prompt is None:
-            return None
-        return {"task": "code", "prompt": prompt, "max_tokens": rng.randint(64, 128), "source": source}
-
-    return take(round_robin(per_file), make, SIZES["code"])
+    return take(round_robin(per_file), continuation("code", rng), SIZES["code"])
 
 
 def is_prose(block: str) -> bool:
@@ -235,13 +241,7 @@ def prose_set(tokenizer: Tokenizer, files: list[tuple[str, str]], rng: random.Ra
         cutter = Cutter(tokenizer, text)
         per_file.append([(source, cutter, cut) for cut in cuts])
 
-    def make(source: str, cutter: Cutter, cut: int) -> dict | None:
-        prompt = cutter.before(cut, budget=rng.randint(120, 400), minimum=100)
-        if prompt is None:
-            return None
-        return {"task": "prose", "prompt": prompt, "max_tokens": rng.randint(64, 128), "source": source}
-
-    prose = take(round_robin(per_file), make, SIZES["prose"])
+    prose = take(round_robin(per_file), continuation("prose", rng), SIZES["prose"])
 
     per_file = []
     for source, text in files:
