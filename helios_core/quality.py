@@ -129,7 +129,7 @@ class TokenTable:
 
 
 @torch.inference_mode()
-def _full_pass(model: Transformer, heads: ExitHeads, tokens: Tensor,
+def full_pass(model: Transformer, heads: ExitHeads, tokens: Tensor,
                exit_config: ExitConfig) -> tuple[Tensor, Tensor, Tensor]:
     """(N, T) tokens -> nll, top1, confidence, each (N*(T-1), L): every depth, every predicted token."""
     n, t = tokens.shape
@@ -160,9 +160,9 @@ def token_table(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[
         raise ValueError("quality analysis needs every layer loaded (loaded_layers simulates partial loading)")
     device = model.embed.weight.device
     parts = []
-    for batch in _batches(chunks, batch_size):
+    for batch in batches(chunks, batch_size):
         tokens = torch.tensor(batch, device=device)
-        nll, top1, conf = _full_pass(model, heads, tokens, exit_config)
+        nll, top1, conf = full_pass(model, heads, tokens, exit_config)
         trace = simulate_exits(model, heads, tokens, exit_config, loaded_layers)
         targets = tokens[:, 1:].reshape(-1)
         logits = trace.logits[:, :-1].reshape(-1, trace.logits.shape[-1])
@@ -179,7 +179,7 @@ def token_table(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[
     return TokenTable.cat(parts)
 
 
-def _batches(chunks: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[Sequence[int]]]:
+def batches(chunks: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[Sequence[int]]]:
     """Runs of equal-length chunks (only the last chunk of a text is usually shorter), at most batch_size."""
     batch: list[Sequence[int]] = []
     for chunk in chunks:
