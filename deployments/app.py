@@ -1,0 +1,51 @@
+"""The Helios application: one ModelReplica deployment per registry model, the router, the ingress.
+
+`serve run serve_config.yaml` calls `build_app(args)` with the config's `args`:
+
+    registry          registry YAML (default models/registry.yaml, relative to the working dir)
+    memory_budget     bytes or "96MiB" for each model replica's weights + KV (default 64MiB)
+    max_model_len     tokens per sequence (default 1024)
+    max_tokens        the API's max_tokens limit (default 512)
+    device, dtype     "auto" / "float32" by default
+    num_gpus          per model replica (default 0: CPU); num_cpus likewise (default 0.5)
+    threads           torch threads per model replica (default 1)
+    policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
+    api_key           require "Authorization: Bearer <key>" (default: none)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.serve import Application
+
+from helios_core.cli import parse_bytes
+from helios_core.policy import Registry
+
+from .ingress import Ingress
+from .replica import ModelReplica
+from .router import Router
+
+
+def build_app(args: dict | None = None) -> Application:
+    args = dict(args or {})
+    registry = str(Path(args.pop("registry", "models/registry.yaml")).resolve())
+    budget = args.pop("memory_budget", "64MiB")
+    budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    max_model_len = int(args.pop("max_model_len", 1024))
+    max_tokens = int(args.pop("max_tokens", 512))
+    device, dtype = args.pop("device", "auto"), args.pop("dtype", "float32")
+    threads = int(args.pop("threads", 1))
+    actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
+    policy, api_key = args.pop("policy", None), args.pop("api_key", None)
+    if args:
+        raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
+
+    names = Registry.load(registry, dtype).names()
+    router = Router.bind(registry, budget, max_model_len, policy)
+    replicas = {
+        name: ModelReplica.options(name=f"model-{name}", ray_actor_options=actor).bind(
+            name, registry, budget, max_model_len, router, device, dtype, threads)
+        for name in names
+    }
+    return Ingress.bind(router, replicas, registry, max_tokens, api_key)

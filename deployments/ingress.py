@@ -1,0 +1,148 @@
+"""OpenAI-compatible HTTP ingress: FastAPI under `@serve.ingress`.
+
+Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health. The model
+"helios" lets the policy choose (per task tag in per-request mode); a registry model's name pins
+it. The routing table is cached and refreshed from the router at most once a second.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
+import asyncio
+import hmac
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from helios_core.engine import load_tokenizer
+from helios_core.policy import Registry
+
+from . import openai_protocol as oa
+
+AUTO_MODEL = "helios"
+ROUTING_TTL_S = 1.0
+MAX_BODY_BYTES = 1 << 20
+
+app = FastAPI(title="Helios", description="OpenAI-compatible API over early-exit models")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, router, replicas: dict, registry: str, max_tokens_limit: int = 512,
+                 api_key: str | None = None):
+        self.router, self.replicas = router, replicas
+        self.models = list(replicas)
+        self.max_tokens_limit = max_tokens_limit
+        self.api_key = api_key
+        self.tokenizer = load_tokenizer(Registry.load(registry)[self.models[0]].path)
+        self.created = int(time.time())
+        self._table: dict | None = None
+        self._table_time = 0.0
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise oa.ProtocolError("Incorrect API key provided.", status=401, type="invalid_request_error",
+                                   code="invalid_api_key")
+
+    async def _model_for(self, requested: str, task: str | None) -> str:
+        if requested != AUTO_MODEL:
+            return requested
+        if self._table is None or time.monotonic() - self._table_time > ROUTING_TTL_S:
+            try:
+                self._table = await self.router.routing_table.remote()
+                self._table_time = time.monotonic()
+            except Exception:  # router down: keep the last table (or the first model)
+                if self._table is None:
+                    return self.models[0]
+        return self._table["tasks"].get(task, self._table["default"]) if task else self._table["default"]
+
+    async def _body(self, request: Request, chat: bool):
+        self._check_key(request)
+        payload = oa.parse_body(await request.body(), MAX_BODY_BYTES)
+        validate = oa.validate_chat if chat else oa.validate_completion
+        return validate(payload, self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
+
+    async def _stream(self, model: str, prompt, params, task):
+        """The replica's stream, with the first item already taken (a refused prompt -> 400)."""
+        stream = self.replicas[model].options(stream=True).generate.remote(prompt, params, task)
+        first = await stream.__anext__()
+        if "error" in first:
+            raise oa.ProtocolError(first["error"], param="prompt" if "prompt" in first["error"] else None)
+        return first, stream
+
+    # --- routes ---------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._check_key(request)
+        except oa.ProtocolError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        return oa.models_response([AUTO_MODEL, *self.models], self.created)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: Request, chat: bool):
+        try:
+            req = await self._body(request, chat)
+            params = oa.to_sampling_params(req, self.max_tokens_limit)
+            prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
+            model = await self._model_for(req.model, req.task)
+            first, stream = await self._stream(model, prompt, params, req.task)
+        except oa.ProtocolError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        rid, created = (oa.new_chat_id() if chat else oa.new_completion_id()), int(time.time())
+        if req.stream:
+            return StreamingResponse(self._sse(chat, rid, created, req, first, stream),
+                                     media_type="text/event-stream")
+        text, item = first["text"], first
+        while not item["finished"]:
+            item = await stream.__anext__()
+            text += item["text"]
+        build = oa.chat_response if chat else oa.completion_response
+        return build(rid, created, req.model, text, item["summary"], item["loaded_layers"])
+
+    async def _sse(self, chat: bool, rid: str, created: int, req, first: dict, stream):
+        usage = req.include_usage
+        try:
+            if chat:
+                yield oa.sse(oa.chat_chunk(rid, created, req.model, first=True, include_usage=usage))
+            item = first
+            while True:
+                done = item["finished"]
+                summary = item["summary"] if done else None
+                if chat:
+                    if item["text"]:
+                        yield oa.sse(oa.chat_chunk(rid, created, req.model, item["text"], include_usage=usage))
+                    if done:
+                        yield oa.sse(oa.chat_chunk(rid, created, req.model, summary=summary,
+                                                   loaded_layers=item["loaded_layers"], include_usage=usage))
+                elif item["text"] or done:
+                    yield oa.sse(oa.completion_chunk(rid, created, req.model, item["text"], summary,
+                                                     item["loaded_layers"], include_usage=usage))
+                if done:
+                    break
+                item = await stream.__anext__()
+            if usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield oa.sse(oa.usage_chunk(obj, rid, created, req.model, summary))
+            yield oa.SSE_DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # a replica died mid-stream: end with a clean error event
+            yield oa.error_event(f"the stream was cut: {type(err).__name__}")
+            yield oa.SSE_DONE

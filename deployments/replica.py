@@ -1,0 +1,170 @@
+"""Model replica: one early-exit model (one registry entry) with its continuous-batching loop.
+
+The engine is single-threaded. Its loop runs as one asyncio task in the replica: between steps it
+applies queued requests, aborts and depth changes; each step runs in a worker thread
+(`asyncio.to_thread`) so the replica keeps accepting calls. Outputs go to per-request queues that
+`generate` streams from. Telemetry (token breach flags, finished-request summaries, load) goes to
+the router in batches about once a second; the router's reply is this model's target depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.policy import Registry
+from helios_core.request import RequestOutput
+from helios_core.sampling import SamplingParams
+from helios_core.telemetry import TokenRecord
+
+logger = logging.getLogger("ray.serve")
+REPORT_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Telemetry:
+    """What the replica owes the router since its last report."""
+
+    records: list[TokenRecord] = field(default_factory=list)
+    finished: list[tuple] = field(default_factory=list)  # (summary, depth, task)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5)
+class ModelReplica:
+    def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
+                 device: str = "auto", dtype: str = "float32", threads: int = 1):
+        # Several replicas share a CPU node: OpenMP spin-waiting across them costs far more than it gains.
+        torch.set_num_threads(threads)
+        entry = Registry.load(registry, dtype)[model]
+        self.name = model
+        self.engine = LLMEngine(EngineConfig(
+            model=str(entry.path), name=model, dtype=dtype, device=device,
+            memory_budget=memory_budget, max_model_len=max_model_len, exit=entry.exit_config()))
+        self.router = router
+        self._adds: list[tuple[str, list[int] | str, SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._target_depth: int | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._tasks: dict[str, str | None] = {}
+        self._telemetry = _Telemetry()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._report_task: asyncio.Task | None = None
+        self._ids = 0
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            if self.router is not None:
+                self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._apply_between_steps()
+            if not engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            outputs = await asyncio.to_thread(engine.step)
+            self._dispatch(outputs)
+
+    def _apply_between_steps(self) -> None:
+        engine = self.engine
+        if self._target_depth is not None and self._target_depth != engine.num_layers:
+            event = engine.set_num_layers(self._target_depth)
+            logger.info("%s: %d -> %d layers, capacity %d", self.name, event.from_layers, event.to_layers,
+                        event.capacity_after)
+        for request_id in self._aborts:
+            engine.abort(request_id)
+        self._aborts.clear()
+        for request_id, prompt, params in self._adds:
+            try:
+                engine.add_request(prompt, params, request_id)
+            except ValueError as err:  # a bad prompt fails alone, the batch goes on
+                self._queues[request_id].put_nowait({"error": str(err)})
+        self._adds.clear()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._telemetry.records += out.new_records
+            if out.finished and out.summary is not None and out.finish_reason != "abort":
+                self._telemetry.finished.append((out.summary, self.engine.num_layers,
+                                                 self._tasks.get(out.request_id)))
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait({
+                    "text": out.new_text, "token_ids": out.new_token_ids,
+                    "logprobs": [r.logprob for r in out.new_records], "finished": out.finished,
+                    "finish_reason": out.finish_reason, "summary": out.summary,
+                    "loaded_layers": self.engine.num_layers,
+                })
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            batch, self._telemetry = self._telemetry, _Telemetry()
+            running = len(self.engine.scheduler.running)
+            waiting = len(self.engine.scheduler.waiting) + len(self._adds)
+            context = sum(len(s.token_ids) for s in self.engine.scheduler.running)
+            try:
+                target = await self.router.report.remote(self.name, self.engine.num_layers, batch.records,
+                                                         batch.finished, (running, waiting, context))
+            except Exception:  # the router restarts: keep serving at the current depth
+                logger.exception("%s: telemetry report failed", self.name)
+                continue
+            if target is not None and target != self.engine.num_layers:
+                self._target_depth = target
+                self._wake.set()
+
+    # --- calls ----------------------------------------------------------------------------------
+    async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None):
+        """Stream one request: dicts with the new text, token ids, logprobs; the last has the summary.
+        A prompt the engine refuses yields one {"error": message}."""
+        self._ensure_running()
+        self._ids += 1
+        request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id], self._tasks[request_id] = queue, task
+        self._adds.append((request_id, prompt, params))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                finished = item.get("finished", True)
+                yield item
+        finally:
+            if not finished:  # the client went away: free the slot
+                self._aborts.append(request_id)
+                self._wake.set()
+            self._queues.pop(request_id, None)
+            self._tasks.pop(request_id, None)
+
+    async def set_num_layers(self, num_layers: int) -> int:
+        """Ask for a depth; it is applied between steps. Returns the depth asked for."""
+        if not 1 <= num_layers <= self.engine.model_config.num_layers:
+            raise ValueError(f"num_layers must be in [1, {self.engine.model_config.num_layers}]")
+        self._ensure_running()
+        self._target_depth = num_layers
+        self._wake.set()
+        return num_layers
+
+    async def stats(self) -> dict:
+        e = self.engine
+        return {"model": self.name, "loaded_layers": e.num_layers, "num_layers": e.model_config.num_layers,
+                "capacity": e.capacity, "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+                "weight_bytes": e.memory.weight_bytes, "kv_bytes": e.memory.kv_bytes,
+                "memory_budget": e.memory.budget_bytes, "exit_histogram": dict(e.stats.histogram),
+                "tokens": e.stats.tokens, "forced": e.stats.forced, "breaches": e.stats.breaches}
+
+    def check_health(self) -> None:
+        if self._loop_task is not None and self._loop_task.done():
+            raise RuntimeError(f"{self.name}: the engine loop stopped: {self._loop_task.exception()!r}")

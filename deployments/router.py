@@ -1,0 +1,69 @@
+"""Router: one replica that runs the HELIOS policy over the replicas' batched telemetry.
+
+Replicas report about once a second (token breach flags, finished-request summaries, their load)
+and get their model's target depth back. The ingress reads the routing table (task -> model) from
+a cache it refreshes about once a second, never per request. The policy's state (PHT, events) is
+saved in Ray's internal key-value store after every change and restored when the router restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+from ray import serve
+
+from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
+from helios_core.telemetry import RequestSummary, TokenRecord
+
+logger = logging.getLogger("ray.serve")
+STATE_KEY = b"helios/router/policy"
+
+
+def _kv():
+    from ray.experimental import internal_kv  # Ray's GCS-backed store: survives actor restarts
+
+    return internal_kv
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+class Router:
+    def __init__(self, registry: str, memory_budget: int, max_model_len: int, policy: dict | None = None):
+        config = PolicyConfig(**(policy or {}))
+        saved = _kv()._internal_kv_get(STATE_KEY)
+        # The policy is plain Python over telemetry; its whole state is restored as one object.
+        # (Trusted: written by this deployment into the cluster's own store, never from a request.)
+        self.policy: HeliosPolicy = pickle.loads(saved) if saved else HeliosPolicy(
+            Registry.load(registry), Limits(memory_budget, max_model_len), config)
+        if saved:
+            logger.info("router: restored policy state (%d events)", len(self.policy.events))
+        self._events_saved = len(self.policy.events) if saved else -1
+
+    def report(self, model: str, depth: int, records: list[TokenRecord],
+               finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int]) -> int | None:
+        """A replica's telemetry since its last report; returns that model's target depth."""
+        p = self.policy
+        p.observe_load(*load)
+        p.observe_tokens(model, records)
+        for summary, served_depth, task in finished:
+            p.assigned(model, task)
+            p.observe_request(model, served_depth, summary, task)
+        self._save()
+        target = p.targets.get(model)
+        return target.depth if target is not None else None
+
+    def routing_table(self) -> dict:
+        """Which model serves a task: the policy's current choice for each task seen, and a default."""
+        p = self.policy
+        tasks = {task for (_, task) in p.task_rows} | {None}
+        return {"mode": p.config.mode, "default": p.choose(None) or next(iter(p.targets)),
+                "tasks": {t: p.choose(t) for t in tasks if t is not None},
+                "targets": {m: t.depth for m, t in p.targets.items()}}
+
+    def snapshot(self) -> dict:
+        return self.policy.snapshot()
+
+    def _save(self) -> None:
+        if len(self.policy.events) != self._events_saved or self.policy.requests % 16 == 0:
+            _kv()._internal_kv_put(STATE_KEY, pickle.dumps(self.policy), overwrite=True)
+            self._events_saved = len(self.policy.events)

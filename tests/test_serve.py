@@ -1,0 +1,154 @@
+"""The Ray Serve application on a real local Ray cluster: HTTP with the official openai SDK, streaming,
+concurrency, a layer load during traffic, handle calls and bad input.
+
+One app for the whole module. Its policy never finishes profiling (N = 10**6), so the first
+candidate stays at full depth and outputs can be compared with the in-process engine.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
+from helios_core.policy import Registry  # noqa: E402
+from helios_core.sampling import SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = ROOT / "models" / "registry.yaml"
+CODE, PROSE = "helios-demo-code-6l", "helios-demo-prose-12l"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64,
+                         "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def post(base_url: str, path: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(base_url + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def engine_greedy(model: str, prompt: str, n: int) -> str:
+    entry = Registry.load(REGISTRY)[model]
+    engine = LLMEngine(EngineConfig(model=str(entry.path), max_model_len=1024, exit=entry.exit_config()))
+    [out] = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    return out.text
+
+
+def test_health_and_models(base_url, client):
+    with urllib.request.urlopen(base_url + "/health", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == ["helios", CODE, PROSE, "helios-demo-mixed-16l"]
+
+
+def test_completion_matches_the_in_process_engine(client):
+    out = client.completions.create(model=CODE, prompt="def fibonacci(n):", max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == engine_greedy(CODE, "def fibonacci(n):", 16)
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    helios = out.model_extra["helios"]
+    assert helios["model"] == CODE and sum(helios["exit_histogram"].values()) == 16
+
+
+def test_auto_model_is_routed_by_the_policy(client):
+    out = client.completions.create(model="helios", prompt="import os\n", max_tokens=4, temperature=0)
+    assert out.model_extra["helios"]["model"] == CODE  # the candidate being profiled
+
+
+def test_streaming_equals_the_whole_response(client):
+    kw = dict(model=PROSE, prompt="The json module", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_chat_completion_and_stream(client):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is a list?"}]
+    out = client.chat.completions.create(model=PROSE, messages=messages, max_tokens=8, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 8
+    stream = client.chat.completions.create(model=PROSE, messages=messages, max_tokens=8, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == out.choices[0].message.content
+
+
+def test_concurrent_requests_and_a_layer_load_during_traffic(client):
+    # prose-12l is not the policy's target, so the router leaves its depth to this test.
+    replica = serve.get_deployment_handle(f"model-{PROSE}", "helios")
+    before = replica.stats.remote().result()
+    prompts = [f"The function_{i} module" for i in range(8)]
+
+    def one(prompt: str):
+        return client.completions.create(model=PROSE, prompt=prompt, max_tokens=24, temperature=0,
+                                         extra_body={"ignore_eos": True})
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, p) for p in prompts]
+        assert replica.set_num_layers.remote(3).result() == 3  # unload while requests run
+        results = [f.result() for f in futures]
+    assert all(r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length" for r in results)
+    after = replica.stats.remote().result()
+    assert after["loaded_layers"] == 3 and after["capacity"] > before["capacity"]  # memory became batch
+    assert after["weight_bytes"] < before["weight_bytes"]
+    replica.set_num_layers.remote(12).result()
+
+
+def test_handle_call_streams_from_a_model_replica():
+    replica = serve.get_deployment_handle(f"model-{PROSE}", "helios")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    items = list(replica.options(stream=True).generate.remote("The json module", params))
+    assert items[-1]["finished"] and items[-1]["summary"].output_tokens == 6
+    assert "".join(i["text"] for i in items) == engine_greedy(PROSE, "The json module", 6)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "helios", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "helios", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"model": "helios", "prompt": 5}, 400, "prompt"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": CODE, "prompt": "word " * 3000, "max_tokens": 4}, 400, "prompt"),
+])
+def test_bad_input_gets_openai_errors_and_others_are_unaffected(base_url, client, body, status, param):
+    code, err = post(base_url, "/v1/completions", body)
+    assert code == status and set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["param"] == param and err["error"]["message"]
+    ok = client.completions.create(model=CODE, prompt="x = ", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens >= 1
