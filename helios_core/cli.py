@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--lm-head", action="store_true", help="train an own LM head per depth (default: shared)")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    sv = sub.add_parser("serve", help="start a local Ray cluster serving the registry's models over the OpenAI API")
+    sv.add_argument("--config", default="serve_config.yaml", help="Serve config file (default serve_config.yaml)")
+    sv.add_argument("--host", default=None, help="default: the config's http_options.host")
+    sv.add_argument("--port", type=int, default=None, help="default: the config's http_options.port")
+
     pr = sub.add_parser("profile", help="measure every registry model offline and record it in the registry")
     pr.add_argument("--registry", required=True, help="registry YAML (e.g. models/registry.yaml); updated in place")
     pr.add_argument("--prompts", required=True, help="prompt file (.jsonl with \"prompt\", or one per line)")
@@ -236,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             return train_exits(args)
         if args.command == "profile":
             return profile(args)
+        if args.command == "serve":
+            # The Ray side lives in deployments/; importing it only here keeps helios_core free of Ray.
+            from deployments.launch import serve_from_config
+
+            serve_from_config(args.config, args.host, args.port)
+            return 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.
         parser.exit(2, f"helios: error: {err}\n")

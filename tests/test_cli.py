@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig
 from helios_core.sampling import SamplingParams
@@ -45,3 +47,16 @@ def test_errors_are_one_clear_line(tiny_llama, tmp_path):
     assert depth.returncode == 2 and "num_layers must be in [1, 6]" in depth.stderr
     budget = helios("generate", "--model", str(tiny_llama), "--prompt", "hi", "--memory-budget", "12XB")
     assert budget.returncode == 2 and "invalid memory size" in budget.stderr
+
+
+def test_serve_refuses_a_missing_or_malformed_config(tmp_path, capsys):
+    from helios_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications: []\n")
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(bad)])
+    assert "exactly one entry under 'applications'" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""`helios serve`: start a local Ray cluster and the Helios app from a Serve config file, print the URL.
+
+Equivalent to `serve run serve_config.yaml`, with progress lines a first-time user can follow.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _say(message: str) -> None:
+    print(f"[helios] {message}", file=sys.stderr, flush=True)
+
+
+def serve_from_config(config: str = "serve_config.yaml", host: str | None = None, port: int | None = None,
+                      block: bool = True) -> str:
+    """Deploy the config's first application; returns its base URL (blocks until Ctrl-C if `block`)."""
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"Serve config {path} does not exist")
+    doc = yaml.safe_load(path.read_text())
+    try:
+        [application] = doc["applications"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: expected exactly one entry under 'applications'") from None
+    http = doc.get("http_options", {})
+    host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    _say("starting a local Ray cluster")
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    _say(f"deploying {application['import_path']} (loading the models; about a minute on 2 CPU cores)")
+    started = time.perf_counter()
+    serve.run(build_app(application.get("args", {})), name=application.get("name", "helios"),
+              route_prefix=application.get("route_prefix", "/"))
+    url = f"http://{host}:{port}"
+    _say(f"ready in {time.perf_counter() - started:.0f} s: OpenAI API at {url}/v1 (Ctrl-C stops)")
+    _say(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+         "-d '{\"model\": \"helios\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}'")
+    if block:
+        def stop(*_):  # SIGTERM too: leave no Ray processes behind
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            _say("shutting down")
+            serve.shutdown()
+            ray.shutdown()
+    return url
