@@ -13,6 +13,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from helios_core.engine import load_tokenizer
 from helios_core.policy import Registry
@@ -22,11 +23,12 @@ from . import openai_protocol as oa
 AUTO_MODEL = "helios"
 ROUTING_TTL_S = 1.0
 MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_S = 1
 
 app = FastAPI(title="Helios", description="OpenAI-compatible API over early-exit models")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=1024)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, router, replicas: dict, registry: str, max_tokens_limit: int = 512,
@@ -70,7 +72,11 @@ class Ingress:
     async def _stream(self, model: str, prompt, params, task):
         """The replica's stream, with the first item already taken (a refused prompt -> 400)."""
         stream = self.replicas[model].options(stream=True).generate.remote(prompt, params, task)
-        first = await stream.__anext__()
+        try:
+            first = await stream.__anext__()
+        except BackPressureError:
+            raise oa.ProtocolError(f"model {model} is overloaded; retry later", status=503, type="server_error",
+                                   code="overloaded") from None
         if "error" in first:
             raise oa.ProtocolError(first["error"], param="prompt" if "prompt" in first["error"] else None)
         return first, stream
@@ -104,7 +110,8 @@ class Ingress:
             model = await self._model_for(req.model, req.task)
             first, stream = await self._stream(model, prompt, params, req.task)
         except oa.ProtocolError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
+            return JSONResponse(err.body(), status_code=err.status, headers=headers)
         rid, created = (oa.new_chat_id() if chat else oa.new_completion_id()), int(time.time())
         if req.stream:
             return StreamingResponse(self._sse(chat, rid, created, req, first, stream),

@@ -23,6 +23,8 @@ from helios_core.request import RequestOutput
 from helios_core.sampling import SamplingParams
 from helios_core.telemetry import TokenRecord
 
+from .metrics import ReplicaMetrics
+
 logger = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 1.0
 
@@ -35,7 +37,8 @@ class _Telemetry:
     finished: list[tuple] = field(default_factory=list)  # (summary, depth, task)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_queued_requests=512,
+                  health_check_period_s=5)
 class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
                  device: str = "auto", dtype: str = "float32", threads: int = 1):
@@ -47,6 +50,8 @@ class ModelReplica:
             model=str(entry.path), name=model, dtype=dtype, device=device,
             memory_budget=memory_budget, max_model_len=max_model_len, exit=entry.exit_config()))
         self.router = router
+        self.metrics = ReplicaMetrics(model)
+        self.metrics.shape(self.engine)
         self._adds: list[tuple[str, list[int] | str, SamplingParams]] = []
         self._aborts: list[str] = []
         self._target_depth: int | None = None
@@ -75,11 +80,13 @@ class ModelReplica:
                 continue
             outputs = await asyncio.to_thread(engine.step)
             self._dispatch(outputs)
+            self.metrics.step(outputs, engine)
 
     def _apply_between_steps(self) -> None:
         engine = self.engine
         if self._target_depth is not None and self._target_depth != engine.num_layers:
             event = engine.set_num_layers(self._target_depth)
+            self.metrics.layer_change("load" if event.to_layers > event.from_layers else "unload", engine)
             logger.info("%s: %d -> %d layers, capacity %d", self.name, event.from_layers, event.to_layers,
                         event.capacity_after)
         for request_id in self._aborts:

@@ -12,6 +12,7 @@ import logging
 import pickle
 
 from ray import serve
+from ray.serve import metrics
 
 from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from helios_core.telemetry import RequestSummary, TokenRecord
@@ -38,6 +39,9 @@ class Router:
         if saved:
             logger.info("router: restored policy state (%d events)", len(self.policy.events))
         self._events_saved = len(self.policy.events) if saved else -1
+        self._events_counted = len(self.policy.events)
+        self._event_metric = metrics.Counter("helios_policy_events", "profiles, loads, switches of the policy",
+                                             ("kind", "model"))
 
     def report(self, model: str, depth: int, records: list[TokenRecord],
                finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int]) -> int | None:
@@ -48,6 +52,9 @@ class Router:
         for summary, served_depth, task in finished:
             p.assigned(model, task)
             p.observe_request(model, served_depth, summary, task)
+        for event in p.events[self._events_counted:]:
+            self._event_metric.inc(1, {"kind": event.kind, "model": event.model})
+        self._events_counted = len(p.events)
         self._save()
         target = p.targets.get(model)
         return target.depth if target is not None else None

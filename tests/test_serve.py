@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +37,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def base_url():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64,
@@ -152,3 +157,18 @@ def test_bad_input_gets_openai_errors_and_others_are_unaffected(base_url, client
     assert err["error"]["param"] == param and err["error"]["message"]
     ok = client.completions.create(model=CODE, prompt="x = ", max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_metrics_reach_rays_prometheus_endpoint(client):
+    client.completions.create(model=CODE, prompt="import sys", max_tokens=4, temperature=0)
+    wanted = ("helios_tokens", "helios_batch_capacity", "helios_loaded_layers", "helios_ttft_seconds")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        if all(name in text for name in wanted) and f'model="{CODE}"' in text:
+            break
+        time.sleep(2)
+    for name in wanted:
+        assert name in text
+    assert f'model="{CODE}"' in text and 'exit_layer="' in text
