@@ -9,9 +9,10 @@ it. The routing table is cached and refreshed from the router at most once a sec
 import asyncio
 import hmac
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -24,6 +25,7 @@ AUTO_MODEL = "helios"
 ROUTING_TTL_S = 1.0
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
+DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()
 
 app = FastAPI(title="Helios", description="OpenAI-compatible API over early-exit models")
 
@@ -85,6 +87,26 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/v1/helios/stats")
+    async def stats(self, request: Request):
+        """Per model: depth, capacity and use, memory, exit histogram; the policy's state and events."""
+        try:
+            self._check_key(request)
+        except oa.ProtocolError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        replies = await asyncio.gather(*(h.stats.remote() for h in self.replicas.values()), return_exceptions=True)
+        models = {name: (r if isinstance(r, dict) else {"error": type(r).__name__})
+                  for name, r in zip(self.replicas, replies)}
+        try:
+            policy = await self.router.snapshot.remote()
+        except Exception as err:  # the router restarts: the page still shows the models
+            policy = {"error": type(err).__name__}
+        return {"time": time.time(), "models": models, "policy": policy}
+
+    @app.get("/dashboard")
+    async def dashboard(self):
+        return HTMLResponse(DASHBOARD_HTML)
 
     @app.get("/v1/models")
     async def models(self, request: Request):

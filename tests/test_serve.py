@@ -8,7 +8,11 @@ candidate stays at full depth and outputs can be compared with the in-process en
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -172,3 +176,23 @@ def test_metrics_reach_rays_prometheus_endpoint(client):
     for name in wanted:
         assert name in text
     assert f'model="{CODE}"' in text and 'exit_layer="' in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_dashboard_renders_live_stats_in_a_headless_browser(base_url, client):
+    client.completions.create(model=CODE, prompt="for i in range(", max_tokens=4, temperature=0)
+    with urllib.request.urlopen(base_url + "/v1/helios/stats", timeout=30) as r:
+        stats = json.loads(r.read())
+    assert set(stats["models"]) == {CODE, PROSE, "helios-demo-mixed-16l"} and stats["policy"]["events"]
+    assert stats["models"][CODE]["capacity"] >= 1 and sum(stats["models"][CODE]["exit_histogram"].values()) > 0
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+         f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=8000", "--dump-dom",
+         base_url + "/dashboard"],
+        capture_output=True, text=True, timeout=120).stdout
+    status = re.search(r'<div id="status">(.*?)</div>', dom).group(1)
+    assert status.startswith("updated "), status  # the script fetched the stats and rendered them
+    for name in stats["models"]:
+        assert f'data-model="{name}"' in dom
+    assert 'class="bar"' in dom and 'class="event"' in dom  # exit histogram bars and the policy timeline
