@@ -11,6 +11,10 @@
     threads           torch threads per model replica (default 1)
     policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
     api_key           require "Authorization: Bearer <key>" (default: none)
+    autoscaling       Serve autoscaling_config for each model deployment, e.g. {"min_replicas": 1,
+                      "max_replicas": 4}; target_ongoing_requests defaults to the batch capacity a
+                      replica has at full depth (from the registry's memory plan), so replicas are
+                      added when requests would otherwise queue for KV slots
 """
 
 from __future__ import annotations
@@ -38,14 +42,18 @@ def build_app(args: dict | None = None) -> Application:
     threads = int(args.pop("threads", 1))
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
+    autoscaling = args.pop("autoscaling", None)
     if args:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
 
-    names = Registry.load(registry, dtype).names()
+    entries = list(Registry.load(registry, dtype))
     router = Router.bind(registry, budget, max_model_len, policy)
-    replicas = {
-        name: ModelReplica.options(name=f"model-{name}", ray_actor_options=actor).bind(
-            name, registry, budget, max_model_len, router, device, dtype, threads)
-        for name in names
-    }
+    replicas = {}
+    for entry in entries:
+        options = {"name": f"model-{entry.name}", "ray_actor_options": actor}
+        if autoscaling is not None:
+            full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
+            options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
+        replicas[entry.name] = ModelReplica.options(**options).bind(
+            entry.name, registry, budget, max_model_len, router, device, dtype, threads)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key)

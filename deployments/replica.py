@@ -10,6 +10,7 @@ the router in batches about once a second; the router's reply is this model's ta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
+from helios_core.cli import parse_bytes
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.policy import Registry
 from helios_core.request import RequestOutput
@@ -55,6 +57,8 @@ class ModelReplica:
         self._adds: list[tuple[str, list[int] | str, SamplingParams]] = []
         self._aborts: list[str] = []
         self._target_depth: int | None = None
+        self._budget: int | None = None  # a new memory budget from reconfigure, applied between steps
+        self.threshold: float | None = None  # default exit threshold from reconfigure (requests may override)
         self._queues: dict[str, asyncio.Queue] = {}
         self._tasks: dict[str, str | None] = {}
         self._telemetry = _Telemetry()
@@ -89,6 +93,11 @@ class ModelReplica:
             self.metrics.layer_change("load" if event.to_layers > event.from_layers else "unload", engine)
             logger.info("%s: %d -> %d layers, capacity %d", self.name, event.from_layers, event.to_layers,
                         event.capacity_after)
+        if self._budget is not None:
+            capacity = engine.set_memory_budget(self._budget)
+            logger.info("%s: memory budget %d bytes, capacity %d", self.name, self._budget, capacity)
+            self._budget = None
+            self.metrics.shape(engine)
         for request_id in self._aborts:
             engine.abort(request_id)
         self._aborts.clear()
@@ -136,6 +145,8 @@ class ModelReplica:
         """Stream one request: dicts with the new text, token ids, logprobs; the last has the summary.
         A prompt the engine refuses yields one {"error": message}."""
         self._ensure_running()
+        if params.threshold is None and self.threshold is not None:
+            params = dataclasses.replace(params, threshold=self.threshold)
         self._ids += 1
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
         queue: asyncio.Queue = asyncio.Queue()
@@ -154,6 +165,22 @@ class ModelReplica:
                 self._wake.set()
             self._queues.pop(request_id, None)
             self._tasks.pop(request_id, None)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config: {"threshold": 0.6, "memory_budget": "96MiB"} (either may be left out)."""
+        unknown = set(user_config) - {"threshold", "memory_budget"}
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: threshold, memory_budget")
+        if user_config.get("threshold") is not None:
+            threshold = float(user_config["threshold"])
+            if threshold < 0:
+                raise ValueError(f"threshold must be >= 0, got {threshold}")
+            self.threshold = threshold
+        if user_config.get("memory_budget") is not None:
+            budget = user_config["memory_budget"]
+            self._budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+            self.engine._plan(self.engine.num_layers, self._budget)  # refuse a budget that cannot work now
+            self._wake.set()
 
     async def set_num_layers(self, num_layers: int) -> int:
         """Ask for a depth; it is applied between steps. Returns the depth asked for."""

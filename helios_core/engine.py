@@ -188,6 +188,18 @@ class LLMEngine:
         self.layer_events.append(event)
         return event
 
+    def set_memory_budget(self, budget: int) -> int:
+        """Re-plan the KV pool for a new budget at the current depth (between steps); returns the new
+        capacity. Running sequences keep their cache; beyond a smaller capacity they are preempted
+        and recomputed later, never dropped."""
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"memory_budget must be a positive int, got {budget!r}")
+        plan = self._plan(self.num_layers, budget)  # raises MemoryBudgetError before anything changes
+        keep, _ = self.scheduler.resize(plan.capacity)
+        self.cache.resize(self.num_layers, plan.capacity, keep)
+        self.memory_budget, self.memory = budget, plan
+        return plan.capacity
+
     # --- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

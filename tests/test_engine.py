@@ -183,3 +183,24 @@ def test_token_logprobs_match_transformers_and_give_the_output_perplexity(tiny_l
     expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert [r.logprob for r in out.records] == pytest.approx(expected.tolist(), abs=1e-4)
     assert out.summary.perplexity == pytest.approx(math.exp(-expected.mean().item()), rel=1e-4)
+
+
+def test_memory_budget_changes_keep_running_requests(tiny_llama):
+    ref = make(tiny_llama, early_exit=False).generate(PROMPTS, GREEDY)
+    eng = make(tiny_llama, early_exit=False, memory_budget=4 << 20, max_model_len=64)
+    big = eng.capacity
+    ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    early = {i: [] for i in ids}
+    for _ in range(2):
+        for out in eng.step():
+            early[out.request_id] += out.new_token_ids
+    m = eng.memory
+    two = m.weight_bytes + m.workspace_fixed_bytes + 2 * (m.kv_bytes_per_seq + m.workspace_per_seq_bytes)
+    assert eng.set_memory_budget(two) == 2 < big  # two slots: three of the five running are preempted
+    assert eng.memory.total_bytes <= eng.memory_budget
+    rest = run_to_completion(eng)
+    assert [early[i] + rest[i] for i in ids] == [r.token_ids for r in ref]
+    assert eng.set_memory_budget(4 << 20) == big
+    with pytest.raises(MemoryBudgetError):
+        eng.set_memory_budget(1 << 10)
+    assert eng.capacity == big  # a refused budget changes nothing

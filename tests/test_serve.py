@@ -196,3 +196,16 @@ def test_dashboard_renders_live_stats_in_a_headless_browser(base_url, client):
     for name in stats["models"]:
         assert f'data-model="{name}"' in dom
     assert 'class="bar"' in dom and 'class="event"' in dom  # exit histogram bars and the policy timeline
+
+
+def test_reconfigure_threshold_and_memory_budget(client):
+    replica = serve.get_deployment_handle("model-helios-demo-mixed-16l", "helios")
+    before = replica.stats.remote().result()
+    replica.reconfigure.remote({"memory_budget": "32MiB", "threshold": 2.0}).result()
+    out = client.completions.create(model="helios-demo-mixed-16l", prompt="def f(x):", max_tokens=6, temperature=0)
+    after = replica.stats.remote().result()
+    assert after["memory_budget"] == 32 << 20 and after["capacity"] < before["capacity"]
+    assert out.model_extra["helios"]["exit_histogram"] == {"16": 6}  # threshold 2: nobody exits early
+    with pytest.raises(Exception, match="unknown user_config keys"):
+        replica.reconfigure.remote({"colour": 1}).result()
+    replica.reconfigure.remote({"memory_budget": before["memory_budget"], "threshold": 0.5}).result()
