@@ -127,10 +127,7 @@ class Ingress:
     async def _handle(self, request: Request, chat: bool):
         try:
             req = await self._body(request, chat)
-            params = oa.to_sampling_params(req, self.max_tokens_limit)
-            prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
-            model = await self._model_for(req.model, req.task)
-            first, stream = await self._stream(model, prompt, params, req.task)
+            first, stream = await self._start(req, chat)
         except oa.ProtocolError as err:
             headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
             return JSONResponse(err.body(), status_code=err.status, headers=headers)
@@ -138,12 +135,30 @@ class Ingress:
         if req.stream:
             return StreamingResponse(self._sse(chat, rid, created, req, first, stream),
                                      media_type="text/event-stream")
+        return await self._collect(chat, rid, created, req, first, stream)
+
+    async def _start(self, req, chat: bool):
+        params = oa.to_sampling_params(req, self.max_tokens_limit)
+        prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
+        model = await self._model_for(req.model, req.task)
+        return await self._stream(model, prompt, params, req.task)
+
+    async def _collect(self, chat: bool, rid: str, created: int, req, first: dict, stream) -> dict:
         text, item = first["text"], first
         while not item["finished"]:
             item = await stream.__anext__()
             text += item["text"]
         build = oa.chat_response if chat else oa.completion_response
         return build(rid, created, req.model, text, item["summary"], item["loaded_layers"])
+
+    async def generate(self, prompt: str | list[int], **fields) -> dict:
+        """For Ray handles: `serve.get_app_handle("helios").generate.remote("def f():", max_tokens=16)`.
+        Takes the /v1/completions fields as keywords (model defaults to "helios"); returns the same
+        response dict; a bad request raises ProtocolError."""
+        req = oa.validate_completion({"model": AUTO_MODEL, **fields, "prompt": prompt, "stream": False},
+                                     self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
+        first, stream = await self._start(req, chat=False)
+        return await self._collect(False, oa.new_completion_id(), int(time.time()), req, first, stream)
 
     async def _sse(self, chat: bool, rid: str, created: int, req, first: dict, stream):
         usage = req.include_usage

@@ -209,3 +209,13 @@ def test_reconfigure_threshold_and_memory_budget(client):
     with pytest.raises(Exception, match="unknown user_config keys"):
         replica.reconfigure.remote({"colour": 1}).result()
     replica.reconfigure.remote({"memory_budget": before["memory_budget"], "threshold": 0.5}).result()
+
+
+def test_app_handle_generate():
+    app = serve.get_app_handle("helios")
+    out = app.generate.remote("def fibonacci(n):", model=CODE, max_tokens=16, temperature=0,
+                              ignore_eos=True).result()
+    assert out["choices"][0]["text"] == engine_greedy(CODE, "def fibonacci(n):", 16)
+    assert out["usage"]["completion_tokens"] == 16 and out["helios"]["model"] == CODE
+    with pytest.raises(Exception, match="max_tokens"):
+        app.generate.remote("x", max_tokens=-1).result()
