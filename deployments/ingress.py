@@ -30,6 +30,13 @@ DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()
 app = FastAPI(title="Helios", description="OpenAI-compatible API over early-exit models")
 
 
+@app.exception_handler(oa.ProtocolError)
+async def protocol_error(_: Request, err: oa.ProtocolError) -> JSONResponse:
+    """Every refused request: OpenAI's error body, its status, Retry-After on overload."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=1024)
 @serve.ingress(app)
 class Ingress:
@@ -91,10 +98,7 @@ class Ingress:
     @app.get("/v1/helios/stats")
     async def stats(self, request: Request):
         """Per model: depth, capacity and use, memory, exit histogram; the policy's state and events."""
-        try:
-            self._check_key(request)
-        except oa.ProtocolError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+        self._check_key(request)
         replies = await asyncio.gather(*(h.stats.remote() for h in self.replicas.values()), return_exceptions=True)
         models = {name: (r if isinstance(r, dict) else {"error": type(r).__name__})
                   for name, r in zip(self.replicas, replies)}
@@ -110,10 +114,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            self._check_key(request)
-        except oa.ProtocolError as err:
-            return JSONResponse(err.body(), status_code=err.status)
+        self._check_key(request)
         return oa.models_response([AUTO_MODEL, *self.models], self.created)
 
     @app.post("/v1/completions")
@@ -125,12 +126,8 @@ class Ingress:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: Request, chat: bool):
-        try:
-            req = await self._body(request, chat)
-            first, stream = await self._start(req, chat)
-        except oa.ProtocolError as err:
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
-            return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        req = await self._body(request, chat)
+        first, stream = await self._start(req, chat)
         rid, created = (oa.new_chat_id() if chat else oa.new_completion_id()), int(time.time())
         if req.stream:
             return StreamingResponse(self._sse(chat, rid, created, req, first, stream),

@@ -219,3 +219,4 @@ def test_app_handle_generate():
     assert out["usage"]["completion_tokens"] == 16 and out["helios"]["model"] == CODE
     with pytest.raises(Exception, match="max_tokens"):
         app.generate.remote("x", max_tokens=-1).result()
+
