@@ -11,6 +11,9 @@
     threads           torch threads per model replica (default 1)
     policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
     api_key           require "Authorization: Bearer <key>" (default: none)
+    max_ongoing_requests, max_queued_requests
+                      per model replica (default 256 / 512): streams a replica serves at once, and
+                      requests that may wait for it; beyond that the client gets 503 + Retry-After
     autoscaling       Serve autoscaling_config for each model deployment, e.g. {"min_replicas": 1,
                       "max_replicas": 4}; target_ongoing_requests defaults to the batch capacity a
                       replica has at full depth (from the registry's memory plan), so replicas are
@@ -43,6 +46,7 @@ def build_app(args: dict | None = None) -> Application:
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling = args.pop("autoscaling", None)
+    queueing = {k: int(args.pop(k)) for k in ("max_ongoing_requests", "max_queued_requests") if k in args}
     if args:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
 
@@ -50,7 +54,7 @@ def build_app(args: dict | None = None) -> Application:
     router = Router.bind(registry, budget, max_model_len, policy)
     replicas = {}
     for entry in entries:
-        options = {"name": f"model-{entry.name}", "ray_actor_options": actor}
+        options = {"name": f"model-{entry.name}", "ray_actor_options": actor, **queueing}
         if autoscaling is not None:
             full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}

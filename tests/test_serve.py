@@ -33,6 +33,7 @@ from helios_core.sampling import SamplingParams  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "models" / "registry.yaml"
 CODE, PROSE = "helios-demo-code-6l", "helios-demo-prose-12l"
+API_KEY = "test-key"
 
 
 def _free_port() -> int:
@@ -50,7 +51,8 @@ def base_url():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64,
+    serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64, "api_key": API_KEY,
+                         "max_ongoing_requests": 8, "max_queued_requests": 8,
                          "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -59,17 +61,19 @@ def base_url():
 
 @pytest.fixture(scope="module")
 def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def post(base_url: str, path: str, body: bytes | dict) -> tuple[int, dict]:
+def post(base_url: str, path: str, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a POST; `key` goes in the Authorization header."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(base_url + path, data=data, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(base_url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
 
 
 def engine_greedy(model: str, prompt: str, n: int) -> str:
@@ -156,7 +160,7 @@ def test_handle_call_streams_from_a_model_replica():
     ({"model": CODE, "prompt": "word " * 3000, "max_tokens": 4}, 400, "prompt"),
 ])
 def test_bad_input_gets_openai_errors_and_others_are_unaffected(base_url, client, body, status, param):
-    code, err = post(base_url, "/v1/completions", body)
+    code, err, _ = post(base_url, "/v1/completions", body)
     assert code == status and set(err["error"]) == {"message", "type", "param", "code"}
     assert err["error"]["param"] == param and err["error"]["message"]
     ok = client.completions.create(model=CODE, prompt="x = ", max_tokens=2, temperature=0)
@@ -181,7 +185,8 @@ def test_metrics_reach_rays_prometheus_endpoint(client):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_dashboard_renders_live_stats_in_a_headless_browser(base_url, client):
     client.completions.create(model=CODE, prompt="for i in range(", max_tokens=4, temperature=0)
-    with urllib.request.urlopen(base_url + "/v1/helios/stats", timeout=30) as r:
+    req = urllib.request.Request(base_url + "/v1/helios/stats", headers={"authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
         stats = json.loads(r.read())
     assert set(stats["models"]) == {CODE, PROSE, "helios-demo-mixed-16l"} and stats["policy"]["events"]
     assert stats["models"][CODE]["capacity"] >= 1 and sum(stats["models"][CODE]["exit_histogram"].values()) > 0
@@ -189,7 +194,7 @@ def test_dashboard_renders_live_stats_in_a_headless_browser(base_url, client):
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
          f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=8000", "--dump-dom",
-         base_url + "/dashboard"],
+         f"{base_url}/dashboard?key={API_KEY}"],
         capture_output=True, text=True, timeout=120).stdout
     status = re.search(r'<div id="status">(.*?)</div>', dom).group(1)
     assert status.startswith("updated "), status  # the script fetched the stats and rendered them
@@ -220,3 +225,23 @@ def test_app_handle_generate():
     with pytest.raises(Exception, match="max_tokens"):
         app.generate.remote("x", max_tokens=-1).result()
 
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_api_key_is_required(base_url, key):
+    code, err, _ = post(base_url, "/v1/completions", {"model": CODE, "prompt": "x", "max_tokens": 2}, key=key)
+    assert code == 401 and err["error"]["code"] == "invalid_api_key"
+
+
+def test_overload_gets_503_with_retry_after_and_never_hangs(base_url):
+    # 8 streams run on the replica and 8 may wait; the rest of 40 at once must be refused quickly.
+    body = {"model": CODE, "prompt": "def f(x):", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(lambda _: post(base_url, "/v1/completions", body), range(40)))
+    statuses = [code for code, _, _ in results]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= 8
+    for code, out, headers in results:
+        if code == 503:
+            assert out["error"]["code"] == "overloaded" and headers.get("retry-after") == "1"
+        else:
+            assert out["usage"]["completion_tokens"] == 64  # the admitted ones complete in full
