@@ -18,7 +18,6 @@ from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from helios_core.telemetry import RequestSummary, TokenRecord
 
 logger = logging.getLogger("ray.serve")
-STATE_KEY = b"helios/router/policy"
 
 
 def _kv():
@@ -29,9 +28,12 @@ def _kv():
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 class Router:
-    def __init__(self, registry: str, memory_budget: int, max_model_len: int, policy: dict | None = None):
+    def __init__(self, registry: str, memory_budget: int, max_model_len: int, policy: dict | None = None,
+                 state_key: str | None = None):
         config = PolicyConfig(**(policy or {}))
-        saved = _kv()._internal_kv_get(STATE_KEY)
+        # One key per application, so two Helios apps on a cluster keep their own state.
+        self.state_key = (state_key or f"helios/router/{serve.get_replica_context().app_name}").encode()
+        saved = _kv()._internal_kv_get(self.state_key)
         # The policy is plain Python over telemetry; its whole state is restored as one object.
         # (Trusted: written by this deployment into the cluster's own store, never from a request.)
         self.policy: HeliosPolicy = pickle.loads(saved) if saved else HeliosPolicy(
@@ -72,5 +74,5 @@ class Router:
 
     def _save(self) -> None:
         if len(self.policy.events) != self._events_saved or self.policy.requests % 16 == 0:
-            _kv()._internal_kv_put(STATE_KEY, pickle.dumps(self.policy), overwrite=True)
+            _kv()._internal_kv_put(self.state_key, pickle.dumps(self.policy), overwrite=True)
             self._events_saved = len(self.policy.events)

@@ -245,3 +245,23 @@ def test_overload_gets_503_with_retry_after_and_never_hangs(base_url):
             assert out["error"]["code"] == "overloaded" and headers.get("retry-after") == "1"
         else:
             assert out["usage"]["completion_tokens"] == 64  # the admitted ones complete in full
+
+
+def test_router_state_survives_a_restart(base_url):
+    from deployments.router import Router
+    from helios_core.telemetry import RequestSummary, TokenRecord
+
+    cls = Router.func_or_class  # the class itself, in this (Ray-connected) process: its own state key
+    first = cls(str(REGISTRY), 64 << 20, 1024, {"profile_requests": 2}, state_key="test/router")
+    records = [TokenRecord(2, 0.9, False, False, -0.1)] * 8
+    summary = RequestSummary.from_records("r", CODE, 4, records, "length", 0.0, 0.0, 0.1)
+    targets = [first.report(CODE, 6, records, [(summary, 6, "code")], (1, 0, 12)) for _ in range(2)]
+    assert targets == [6, None]  # profiled at full depth for N = 2 requests, then the next candidate's turn
+    assert first.snapshot()["pht"][CODE]["requests"] == 2
+    events = first.snapshot()["events"]
+    assert [e["kind"] for e in events] == ["profile", "profile"]  # moved on to the next candidate
+
+    restarted = cls(str(REGISTRY), 64 << 20, 1024, {"profile_requests": 2}, state_key="test/router")
+    again = restarted.snapshot()
+    assert again["events"] == events and again["pht"] == first.snapshot()["pht"]
+    assert again["tokens"] == 16 and again["requests"] == 2
