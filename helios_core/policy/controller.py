@@ -68,10 +68,10 @@ class HeliosPolicy:
     def __init__(self, registry: Registry, limits: Limits, config: PolicyConfig | None = None):
         self.registry, self.config = registry, config or PolicyConfig()
         c = self.config
-        # In per-request mode the models share the memory: each plans with its share.
         self.candidates = shortlist(list(registry), limits, c)
         if not self.candidates:
             raise ValueError("no registry model fits the memory budget at full depth")
+        # In per-request mode the models are live together: each plans with its share of the memory.
         share = len(self.candidates) if c.mode == "per-request" else 1
         self.limits = Limits(limits.memory_budget // share, limits.max_model_len, limits.max_num_seqs,
                              limits.max_prefill_tokens)
