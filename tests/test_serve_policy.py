@@ -1,0 +1,69 @@
+"""The HELIOS policy driving the Serve app under HTTP traffic: profiling moves traffic from model to
+model, then the chosen model is partially loaded while requests keep arriving; none fails."""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from prompts import load_prompts  # noqa: E402
+from test_serve import _free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"registry": str(ROOT / "models" / "registry.yaml"), "memory_budget": "64MiB",
+                         "max_tokens": 32, "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5}}),
+              name="helios", route_prefix="/")
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_policy_switches_and_loads_during_traffic_without_failures(client):
+    router = serve.get_deployment_handle("Router", "helios")
+    prompts = [p["prompt"] for p in load_prompts("code")[:12]]
+
+    def one(prompt: str):
+        return client.completions.create(model="helios", prompt=prompt, max_tokens=32, temperature=0,
+                                         extra_body={"ignore_eos": True})
+
+    served, deadline = [], time.monotonic() + 240
+    with ThreadPoolExecutor(4) as pool:
+        while time.monotonic() < deadline:
+            served += pool.map(one, prompts[:4])  # waves of 4, while the router reorganises
+            kinds = [e["kind"] for e in router.snapshot.remote().result()["events"]]
+            if "serve" in kinds and len(served) >= 12:
+                break
+    assert all(r.usage.completion_tokens == 32 and r.choices[0].finish_reason == "length" for r in served)
+    events = router.snapshot.remote().result()["events"]
+    assert [e["kind"] for e in events][:3] == ["profile", "profile", "profile"]
+    chosen = next(e for e in events if e["kind"] == "serve")
+    assert len({r.model_extra["helios"]["model"] for r in served}) >= 2  # traffic moved between models
+
+    # The replica applies the router's target depth (sent back on its next telemetry report).
+    replica = serve.get_deployment_handle(f"model-{chosen['model']}", "helios")
+    deadline = time.monotonic() + 30
+    while replica.stats.remote().result()["loaded_layers"] != chosen["depth"] and time.monotonic() < deadline:
+        one(prompts[5])
+        time.sleep(1)
+    stats = replica.stats.remote().result()
+    assert stats["loaded_layers"] == chosen["depth"] < stats["num_layers"]
+    after = one(prompts[6])
+    assert after.model_extra["helios"]["model"] == chosen["model"]
+    assert after.model_extra["helios"]["loaded_layers"] == chosen["depth"]
