@@ -152,6 +152,7 @@ def test_handle_call_streams_from_a_model_replica():
 
 @pytest.mark.parametrize("body,status,param", [
     (b"{not json", 400, None),
+    (b" " * ((1 << 20) + 1), 413, None),  # over the 1 MiB body limit
     ({"prompt": "x"}, 400, "model"),
     ({"model": "helios", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "helios", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
