@@ -65,7 +65,7 @@ class Orchestrator:
         self._task_of: dict[str, str | None] = {}
         self._pending: deque[_Pending] = deque()
         self._ids = itertools.count()
-        self._tokenizers = {m: load_tokenizer(self.registry[m].path) for m in self.policy.candidates}
+        self._tokenizers = self._load_tokenizers()
         self.timeline: list[dict] = []  # loads, unloads, switches with capacity, for plots and the dashboard
         self._reconcile()
 
@@ -81,13 +81,26 @@ class Orchestrator:
         self._pending.append(_Pending(request_id, ids, params, task, time.perf_counter()))
         return request_id
 
+    def _load_tokenizers(self) -> dict:
+        """model -> tokenizer, one object per distinct tokenizer file (a family shares one)."""
+        by_file, tokenizers = {}, {}
+        for model in self.policy.candidates:
+            path = self.registry[model].path
+            key = (path / "tokenizer.json").read_bytes() if (path / "tokenizer.json").is_file() else model
+            if key not in by_file:
+                by_file[key] = load_tokenizer(path)
+            tokenizers[model] = by_file[key]
+        return tokenizers
+
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        ids_by_model = set()
+        ids_by_model, encoded = set(), {}  # encoded: each shared tokenizer runs once
         for model, tok in self._tokenizers.items():
             if isinstance(prompt, str):
                 if tok is None:
                     raise ValueError(f"model {model} has no tokenizer: pass token ids instead of text")
-                ids = list(tok(prompt).input_ids)
+                if id(tok) not in encoded:
+                    encoded[id(tok)] = list(tok(prompt).input_ids)
+                ids = encoded[id(tok)]
             else:
                 ids = list(prompt)
             vocab = self.registry[model].config.vocab_size

@@ -125,11 +125,6 @@ def is_held_out(path: Path) -> bool:
     return zlib.crc32(f"{path.parent.name}/{path.name}".encode()) % 50 == 0
 
 
-def corpus_files(specs: list[str]) -> list[Path]:
-    """All files of all sources (for tools that want the corpus as a flat list)."""
-    return [f for s in parse_sources(specs) for f in s.files]
-
-
 def train_tokenizer(texts: list[str], vocab: int):
     """Byte-level BPE (no unknown tokens) with one special token for end of text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
