@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -39,3 +41,31 @@ def tiny_llama(tmp_path_factory) -> pathlib.Path:
     """Directory of a 6-layer "llama_gqa" checkpoint (GQA, untied embeddings)."""
     root = tmp_path_factory.mktemp("tiny_llama")
     return tiny_models.make_tiny_checkpoint("llama_gqa", root / "llama_gqa_6l", num_layers=6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServeCluster:
+    url: str  # Serve's HTTP proxy, e.g. http://127.0.0.1:PORT (apps add their route prefix)
+    metrics_port: int  # Ray's Prometheus endpoint on this node
+
+
+@pytest.fixture(scope="session")
+def serve_cluster() -> ServeCluster:
+    """One local Ray cluster with Serve started, shared by every Ray test module (starting Ray costs
+    ~10 s on 2 cores). Each module deploys its own app under its own name and route prefix, and
+    deletes it when done, so a module that kills replicas cannot disturb another's."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    yield ServeCluster(f"http://127.0.0.1:{http_port}", metrics_port)
+    serve.shutdown()
+    ray.shutdown()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,27 +35,13 @@ CODE, PROSE = "helios-demo-code-6l", "helios-demo-prose-12l"
 API_KEY = "test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-
-METRICS_PORT = _free_port()
-
-
 @pytest.fixture(scope="module")
-def base_url():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(serve_cluster):
     serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64, "api_key": API_KEY,
                          "max_ongoing_requests": 8, "max_queued_requests": 8,
                          "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield serve_cluster.url
+    serve.delete("helios")
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +153,12 @@ def test_bad_input_gets_openai_errors_and_others_are_unaffected(base_url, client
     assert ok.usage.completion_tokens >= 1
 
 
-def test_metrics_reach_rays_prometheus_endpoint(client):
+def test_metrics_reach_rays_prometheus_endpoint(client, serve_cluster):
     client.completions.create(model=CODE, prompt="import sys", max_tokens=4, temperature=0)
     wanted = ("helios_tokens", "helios_batch_capacity", "helios_loaded_layers", "helios_ttft_seconds")
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:  # Ray exports metrics every few seconds
-        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve_cluster.metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
         if all(name in text for name in wanted) and f'model="{CODE}"' in text:
             break

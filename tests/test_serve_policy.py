@@ -19,24 +19,19 @@ from deployments.app import build_app  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from prompts import load_prompts  # noqa: E402
-from test_serve import _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def client(serve_cluster):
     serve.run(build_app({"registry": str(ROOT / "models" / "registry.yaml"), "memory_budget": "64MiB",
                          "max_tokens": 32, "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5}}),
-              name="helios", route_prefix="/")
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    serve.shutdown()
-    ray.shutdown()
+              name="policy", route_prefix="/policy")
+    yield openai.OpenAI(base_url=f"{serve_cluster.url}/policy/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete("policy")
 
 
 def test_policy_switches_and_loads_during_traffic_without_failures(client):
-    router = serve.get_deployment_handle("Router", "helios")
+    router = serve.get_deployment_handle("Router", "policy")
     prompts = [p["prompt"] for p in load_prompts("code")[:12]]
 
     def one(prompt: str):
@@ -57,7 +52,7 @@ def test_policy_switches_and_loads_during_traffic_without_failures(client):
     assert len({r.model_extra["helios"]["model"] for r in served}) >= 2  # traffic moved between models
 
     # The replica applies the router's target depth (sent back on its next telemetry report).
-    replica = serve.get_deployment_handle(f"model-{chosen['model']}", "helios")
+    replica = serve.get_deployment_handle(f"model-{chosen['model']}", "policy")
     deadline = time.monotonic() + 30
     while replica.stats.remote().result()["loaded_layers"] != chosen["depth"] and time.monotonic() < deadline:
         one(prompts[5])
