@@ -1,4 +1,4 @@
-"""`helios` command line: generate, train, train-exits, eval and profile, all in process."""
+"""`helios` command line: generate, train, train-exits, eval, profile and bench in process; serve on Ray."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-model-len", type=int, default=None, help="default: the model's, at most 2048")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--out", default=None, help="write the profiled registry here instead of in place")
+
+    from .benchmark.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             return train_exits(args)
         if args.command == "profile":
             return profile(args)
+        if args.command == "bench":
+            from .benchmark.cli import main as bench
+
+            return bench(args)
         if args.command == "serve":
             # The Ray side lives in deployments/; importing it only here keeps helios_core free of Ray.
             from deployments.launch import serve_from_config

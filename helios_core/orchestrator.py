@@ -34,7 +34,7 @@ logger = logging.getLogger("helios")
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
-    registry: str  # registry YAML (see helios_core/policy/registry.py)
+    registry: str | Registry  # registry YAML (see helios_core/policy/registry.py) or a loaded one
     memory_budget: int  # bytes for weights + KV + workspace of everything loaded at once
     max_model_len: int = 1024
     max_num_seqs: int = 256
@@ -56,7 +56,8 @@ class _Pending:
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig):
         self.config = config
-        self.registry = Registry.load(config.registry, config.dtype)
+        self.registry = (config.registry if isinstance(config.registry, Registry)
+                         else Registry.load(config.registry, config.dtype))
         self.limits = Limits(config.memory_budget, config.max_model_len, config.max_num_seqs,
                              config.max_prefill_tokens)
         self.policy = HeliosPolicy(self.registry, self.limits, config.policy)

@@ -1,0 +1,86 @@
+"""Teacher-forced quality of what a system served, on held-out text.
+
+Free-running outputs diverge after the first differing token, so quality is measured teacher-forced:
+for every configuration a system served tokens with (model, loaded depth, threshold), the exits it
+would take on held-out text, as `helios eval --text` does. A system's figure is the mean over its
+configurations, weighted by the tokens each served:
+  accuracy     the exit token equals the next text token
+  perplexity   of the text under the exit layers' distributions
+  agreement    the exit token equals the same model's full-depth token on the same context
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..engine import load_tokenizer
+from ..exits import ExitConfig, ExitHeads, load_exit_heads
+from ..models import load_model
+from ..policy import Registry
+from ..quality import chunk_tokens, load_text_tokens, token_table
+
+NO_EXIT = float("inf")  # a threshold no confidence reaches: every token runs every loaded layer
+
+
+class QualityOracle:
+    def __init__(self, registry: Registry, sources: list[str], tokens_per_source: int, chunk_len: int = 256,
+                 device: str = "cpu"):
+        self.registry, self.device, self.chunk_len = registry, device, chunk_len
+        tokenizer = load_tokenizer(next(iter(registry)).path)  # the family shares one tokenizer
+        self.chunks = [c for s in sources
+                       for c in chunk_tokens(load_text_tokens(s, tokenizer, tokens_per_source)[0], chunk_len)]
+        self.sources, self.tokens = sources, sum(len(c) - 1 for c in self.chunks)
+        self._cache: dict[tuple, dict] = {}
+        self._models: dict[str, tuple] = {}
+        self._final_top1: dict[str, torch.Tensor] = {}  # model -> its full-depth token per position
+
+    def _model(self, name: str):
+        if name not in self._models:
+            entry = self.registry[name]
+            net = load_model(str(entry.path), device=self.device, max_len=self.chunk_len)
+            heads = load_exit_heads(str(entry.exit_heads), net) if entry.exit_heads else ExitHeads(net)
+            self._models[name] = (net, heads)
+        return self._models[name]
+
+    def config(self, model: str, depth: int, threshold: float) -> dict:
+        """accuracy, mean NLL and agreement of one configuration (cached)."""
+        key = (model, depth, threshold)
+        if key not in self._cache:
+            net, heads = self._model(model)
+            exit_config = ExitConfig(**{**self.registry[model].exit_config().__dict__, "threshold": threshold})
+            table = token_table(net, heads, self.chunks, exit_config, depth)
+            self._cache[key] = {
+                "accuracy": float((table.exit_top1 == table.targets).float().mean()),
+                "nll": float(table.exit_nll.double().mean()),
+                "agreement": float((table.exit_top1 == table.top1[:, -1]).float().mean()),
+            }
+            self._final_top1[model] = table.top1[:, -1]
+        return self._cache[key]
+
+    def mixture(self, served: dict[tuple[str, int], int], threshold: dict[str, float]) -> dict:
+        """Token-weighted quality of the configurations in `served` ((model, depth) -> tokens)."""
+        total = sum(served.values())
+        if not total:
+            return {"accuracy": None, "perplexity": None, "agreement_with_full_depth": None}
+        parts = [(n / total, self.config(m, d, threshold[m])) for (m, d), n in served.items()]
+        return {"accuracy": sum(w * q["accuracy"] for w, q in parts),
+                "perplexity": math.exp(sum(w * q["nll"] for w, q in parts)),
+                "agreement_with_full_depth": sum(w * q["agreement"] for w, q in parts)}
+
+    @torch.inference_mode()
+    def transformers(self, model: str) -> dict:
+        """The same figures for the transformers model (every layer); agreement is with Helios' full depth."""
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(self.registry[model].path), dtype=torch.float32,
+                                                  use_safetensors=True).to(self.device).eval()
+        self.config(model, self.registry[model].num_layers, NO_EXIT)
+        logits = [hf(torch.tensor([c], device=self.device)).logits[0, :-1].float() for c in self.chunks if len(c) > 1]
+        targets = torch.cat([torch.tensor(c[1:]) for c in self.chunks if len(c) > 1])
+        top1 = torch.cat([x.argmax(-1).cpu() for x in logits])
+        nll = torch.cat([torch.nn.functional.cross_entropy(x.cpu(), t, reduction="none")
+                         for x, t in zip(logits, targets.split([len(c) - 1 for c in self.chunks if len(c) > 1]))])
+        return {"accuracy": float((top1 == targets).float().mean()), "perplexity": math.exp(float(nll.double().mean())),
+                "agreement_with_full_depth": float((top1 == self._final_top1[model]).float().mean())}

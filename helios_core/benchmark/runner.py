@@ -1,0 +1,241 @@
+"""One benchmark run: every system on the same requests, loads and memory budget; then quality.
+
+The budget has the paper's shape: the baseline model at full depth plus the KV cache of B0
+sequences (and the engine's workspace), computed with the engine's own memory plan. Systems are
+measured load by load, side by side (load 1 on every system, then load 2, ...), so machine noise
+hits them alike. Each system first serves `warmup` requests untimed (Helios profiles its candidates
+then, as it would in its first minutes of service).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..evaluate import rouge_l
+from ..exits import ExitConfig
+from ..orchestrator import Orchestrator, OrchestratorConfig
+from ..policy import PolicyConfig, Registry
+from .quality import NO_EXIT, QualityOracle
+from .systems import EngineSystem, HFGenerate, HeliosSystem, RunResult, drive, engine_system, greedy
+from .traces import SLO, summarize
+from .workload import BenchRequest, load_workload, poisson_arrivals
+
+SYSTEMS = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
+QUALITY_SOURCES = {"code": ["stdlib"], "prose": ["pydoc"], "summarize": ["pydoc"]}  # else both
+
+
+@dataclass
+class BenchConfig:
+    registry: str = "models/registry.yaml"
+    baseline: str = "helios-demo-mixed-16l"  # the model the baselines serve; sets the budget
+    workload: str = "mixed"
+    limit: int | None = 96
+    max_tokens: int = 64
+    b0: int = 4  # sequences the baseline's budget holds at full depth
+    budget: int | None = None  # bytes; None = the baseline's weights + KV for B0 sequences
+    max_model_len: int = 1024
+    threshold: float | None = None  # every model's exit threshold; None = the registry's
+    systems: tuple[str, ...] = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
+    loads: tuple[str, ...] = ("closed:64", "poisson:2", "poisson:4", "poisson:8")
+    warmup: int = 24
+    policy: dict = field(default_factory=dict)  # PolicyConfig fields
+    quality_tokens: int = 4096  # held-out text tokens per source for the teacher-forced quality
+    slo: SLO = field(default_factory=SLO)
+    seed: int = 0
+    device: str = "cpu"
+
+
+def parse_load(spec: str) -> tuple[str, float]:
+    """'closed:64' (64 in flight) or 'poisson:4' (4 requests/s on average)."""
+    kind, _, value = spec.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if kind not in ("closed", "poisson") or number <= 0:
+        raise ValueError(f"invalid load {spec!r}: use closed:CONCURRENCY or poisson:RATE (e.g. closed:64, poisson:4)")
+    return kind, number
+
+
+def baseline_budget(registry: Registry, model: str, b0: int, max_model_len: int) -> int:
+    """The smallest budget whose full-depth plan for `model` holds b0 sequences."""
+    entry = registry[model]
+    plan = entry.plan(entry.num_layers, 1 << 40, max_model_len)
+    budget = plan.weight_bytes + plan.workspace_fixed_bytes + b0 * (plan.kv_bytes_per_seq + plan.workspace_per_seq_bytes)
+    assert entry.plan(entry.num_layers, budget, max_model_len).capacity == b0
+    return budget
+
+
+def with_threshold(registry: Registry, threshold: float | None) -> Registry:
+    if threshold is None:
+        return registry
+    return Registry([dataclasses.replace(e, threshold=threshold) for e in registry], registry.path)
+
+
+def _requests(base: list[BenchRequest], prefix: str) -> list[BenchRequest]:
+    return [dataclasses.replace(r, id=f"{prefix}-{r.id}") for r in base]
+
+
+def _build(name: str, cfg: BenchConfig, registry: Registry, budget: int):
+    entry = registry[cfg.baseline]
+    if name == "helios":
+        return HeliosSystem(Orchestrator(OrchestratorConfig(
+            registry=registry, memory_budget=budget, max_model_len=cfg.max_model_len, device=cfg.device,
+            policy=PolicyConfig(**cfg.policy))))
+    if name in ("ee_baseline", "full_depth"):
+        return engine_system(str(entry.path), cfg.baseline, budget, cfg.max_model_len, entry.exit_config(),
+                             early_exit=name == "ee_baseline", device=cfg.device)
+    if name == "hf_generate":
+        return HFGenerate(str(entry.path), cfg.b0, cfg.device)
+    raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def _run(system, requests: list[BenchRequest], load: tuple[str, float], seed: int, bar) -> RunResult:
+    kind, value = load
+    arrivals = poisson_arrivals(value, len(requests), seed) if kind == "poisson" else None
+    concurrency = None if kind == "poisson" else int(value)
+    run = system.drive if isinstance(system, HFGenerate) else (lambda *a, **k: drive(system, *a, **k))
+    return run(requests, arrivals=arrivals, concurrency=concurrency, progress=bar.update)
+
+
+def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+    started = time.time()
+    registry = with_threshold(Registry.load(cfg.registry), cfg.threshold)
+    budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
+    base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
+    warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup") if cfg.warmup else []
+    loads = [parse_load(s) for s in cfg.loads]
+    names = [s for s in cfg.systems if s != "helios_serve"]
+    log(f"budget {budget / 2**20:.1f} MiB ({cfg.baseline} + KV for B0={cfg.b0}); systems {', '.join(cfg.systems)}")
+
+    systems = {name: _build(name, cfg, registry, budget) for name in names}
+    runs: dict[str, list[tuple[str, RunResult]]] = {name: [] for name in cfg.systems}
+    total = len(warm) * len(names) + len(base) * len(loads) * len(names)
+    with tqdm(total=total, desc="in-process systems", unit="req", file=sys.stderr) as bar:
+        for name, system in systems.items():
+            if warm:
+                _run(system, warm, ("closed", len(warm)), cfg.seed, bar)
+        for spec, load in zip(cfg.loads, loads):
+            for name, system in systems.items():
+                runs[name].append((spec, _run(system, _requests(base, spec), load, cfg.seed, bar)))
+    if "helios_serve" in cfg.systems:
+        from .http import run_serve  # starts Ray: only when asked for
+
+        runs["helios_serve"] = run_serve(cfg, budget, base, warm, loads, log)
+
+    log("quality: teacher-forced on held-out text")
+    oracle = QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
+                           device=cfg.device)
+    thresholds = {e.name: e.threshold for e in registry}
+    results = {}
+    for name, system_runs in runs.items():
+        if not system_runs:
+            continue
+        entry = _system_entry(name, cfg, system_runs, systems.get(name), budget, registry, oracle, thresholds)
+        results[name] = entry
+    _add_rouge(results, runs, registry, budget, cfg)
+    report = {
+        "settings": {**dataclasses.asdict(cfg), "budget_bytes": budget, "registry_models": registry.names(),
+                     "quality_sources": oracle.sources, "quality_tokens": oracle.tokens,
+                     "thresholds": thresholds},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "systems": results,
+        "ratios": _ratios(results),
+        "timeline": systems["helios"].orch.timeline if "helios" in systems else [],
+        "policy_events": [dataclasses.asdict(e) for e in systems["helios"].orch.policy.events]
+        if "helios" in systems else [],
+        "seconds": time.time() - started,
+    }
+    return report
+
+
+def _system_entry(name, cfg, system_runs, system, budget, registry, oracle, thresholds) -> dict:
+    headline = system_runs[0][1]  # the first load is the headline (saturation) figure
+    summary = summarize(headline.traces, headline.seconds, cfg.slo)
+    served = {}
+    for t in headline.traces:
+        for key, n in t.served_by.items():
+            served[key] = served.get(key, 0) + n
+    if name == "full_depth" or name == "hf_generate":
+        quality = (oracle.transformers(cfg.baseline) if name == "hf_generate"
+                   else oracle.mixture(served, {m: NO_EXIT for m in thresholds}))
+    else:
+        quality = oracle.mixture(served, thresholds)
+    kv = headline.peak_kv_bytes
+    if name == "hf_generate":  # its cache grows per batch; charge it what the budget reserves for B0
+        entry = registry[cfg.baseline]
+        kv = entry.plan(entry.num_layers, budget, cfg.max_model_len).kv_bytes
+    return {
+        **{k: v for k, v in summary.items()},
+        "max_concurrent_batch": headline.max_batch,
+        "weight_bytes": headline.peak_weight_bytes, "kv_bytes": kv, "memory_budget_bytes": budget,
+        **quality,
+        "loads": [{"load": spec, "max_concurrent_batch": r.max_batch, **summarize(r.traces, r.seconds, cfg.slo)}
+                  for spec, r in system_runs],
+    }
+
+
+def _add_rouge(results: dict, runs: dict, registry: Registry, budget: int, cfg: BenchConfig) -> None:
+    """ROUGE-L of each system's free-running outputs (headline load) against the same model at full
+    depth on the same prompts (greedy); full-depth references are generated here, untimed."""
+    from ..engine import EngineConfig, LLMEngine
+
+    prompts = {r.id: r for r in load_workload(cfg.workload, cfg.limit, cfg.max_tokens)}
+    references: dict[str, dict[str, list[int]]] = {}
+
+    def reference(model: str) -> dict[str, list[int]]:
+        if model not in references:
+            entry = registry[model]
+            engine = LLMEngine(EngineConfig(model=str(entry.path), early_exit=False, max_model_len=cfg.max_model_len,
+                                            device=cfg.device))
+            done = engine.generate([p.prompt for p in prompts.values()], [greedy(p) for p in prompts.values()])
+            references[model] = {rid: c.token_ids for rid, c in zip(prompts, done)}
+        return references[model]
+
+    for name, system_runs in runs.items():
+        if name not in results:
+            continue
+        spec, run = system_runs[0]
+        scores = []
+        for t in run.traces:
+            model = t.served_by.most_common(1)[0][0][0] if t.served_by else cfg.baseline
+            scores.append(rouge_l(t.output_ids, reference(model)[t.id.removeprefix(f"{spec}-")]))
+        results[name]["rouge_l_vs_full_depth"] = sum(scores) / len(scores) if scores else None
+
+
+def _ratios(results: dict) -> dict:
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in results and b in results and results[b].get(key):
+            return results[a][key] / results[b][key]
+        return None
+
+    return {
+        "helios_over_ee_baseline_throughput": ratio("helios", "ee_baseline", "output_tokens_per_s"),
+        "helios_over_full_depth_throughput": ratio("helios", "full_depth", "output_tokens_per_s"),
+        "helios_over_ee_baseline_batch": ratio("helios", "ee_baseline", "max_concurrent_batch"),
+        "serve_over_in_process_throughput": ratio("helios_serve", "helios", "output_tokens_per_s"),
+        "helios_accuracy_minus_full_depth": (results["helios"]["accuracy"] - results["full_depth"]["accuracy"])
+        if "helios" in results and "full_depth" in results else None,
+        "helios_perplexity_over_full_depth": ratio("helios", "full_depth", "perplexity"),
+    }
+
+
+def nan_to_none(x):
+    """JSON has no NaN/inf: None instead (recursively)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [nan_to_none(v) for v in x]
+    return x
