@@ -9,6 +9,8 @@
     device, dtype     "auto" / "float32" by default
     num_gpus          per model replica (default 0: CPU); num_cpus likewise (default 0.5)
     threads           torch threads per model replica (default 1)
+    threshold         every model's default exit threshold (set through the replicas' Serve
+                      user_config, so `serve` can change it live; default: the registry's)
     policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
     api_key           require "Authorization: Bearer <key>" (default: none)
     max_ongoing_requests, max_queued_requests
@@ -45,7 +47,7 @@ def build_app(args: dict | None = None) -> Application:
     threads = int(args.pop("threads", 1))
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
-    autoscaling = args.pop("autoscaling", None)
+    autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
     queueing = {k: int(args.pop(k)) for k in ("max_ongoing_requests", "max_queued_requests") if k in args}
     if args:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
@@ -55,6 +57,8 @@ def build_app(args: dict | None = None) -> Application:
     replicas = {}
     for entry in entries:
         options = {"name": f"model-{entry.name}", "ray_actor_options": actor, **queueing}
+        if threshold is not None:
+            options["user_config"] = {"threshold": float(threshold)}
         if autoscaling is not None:
             full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}

@@ -2,19 +2,27 @@
 
 Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health. The model
 "helios" lets the policy choose (per task tag in per-request mode); a registry model's name pins
-it. The routing table is cached and refreshed from the router at most once a second.
+it. The routing table is cached and refreshed from the router at most once a second; while the
+router is down (Serve restarts it) the last table is used.
+
+Faults: a request whose model replica dies (Serve replaces it) is sent again from scratch to the
+same model, for up to RETRY_WINDOW_S, then refused with 503. A stream is retried only while nothing
+was sent; once tokens went out, a cut stream ends with an error event and `[DONE]`.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
 import asyncio
+import functools
 import hmac
+import logging
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from helios_core.engine import load_tokenizer
 from helios_core.policy import Registry
@@ -25,6 +33,14 @@ AUTO_MODEL = "helios"
 ROUTING_TTL_S = 1.0
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
+ROUTER_TIMEOUT_S = 2.0  # a routing-table call waits this long for a restarting router, then the last table serves
+# A replica that died (or is going) under a request: RayActorError covers ActorDiedError and
+# ActorUnavailableError; Serve raises ReplicaUnavailableError when it picked a replica just removed.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+RETRY_WINDOW_S = 60.0  # how long a request is retried while Serve replaces its replica
+RETRY_ATTEMPTS = 5
+RETRY_BACKOFF_S = 0.5  # the first pause before a retry, doubled after each
+logger = logging.getLogger("ray.serve")
 DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()
 
 app = FastAPI(title="Helios", description="OpenAI-compatible API over early-exit models")
@@ -35,6 +51,24 @@ async def protocol_error(_: Request, err: oa.ProtocolError) -> JSONResponse:
     """Every refused request: OpenAI's error body, its status, Retry-After on overload."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def retrying(attempt):
+    """`await attempt()`, again from scratch while the model replica serving it dies (Serve starts a
+    new one meanwhile): at most RETRY_ATTEMPTS times within RETRY_WINDOW_S, then a 503."""
+    deadline, backoff = time.monotonic() + RETRY_WINDOW_S, RETRY_BACKOFF_S
+    for n in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except REPLICA_LOST as err:
+            lost = type(err).__name__
+        if n == RETRY_ATTEMPTS or time.monotonic() + backoff > deadline:
+            break
+        logger.warning("ingress: model replica lost (%s) on attempt %d; retrying in %.1f s", lost, n, backoff)
+        await asyncio.sleep(backoff)
+        backoff *= 2
+    raise oa.ProtocolError(f"the model replica is unavailable ({lost}); retry later", status=503,
+                           type="server_error", code="replica_unavailable")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=1024)
@@ -65,11 +99,11 @@ class Ingress:
             return requested
         if self._table is None or time.monotonic() - self._table_time > ROUTING_TTL_S:
             try:
-                self._table = await self.router.routing_table.remote()
-                self._table_time = time.monotonic()
-            except Exception:  # router down: keep the last table (or the first model)
+                self._table = await asyncio.wait_for(self.router.routing_table.remote(), ROUTER_TIMEOUT_S)
+            except Exception:  # router down or restarting: keep the last table (or the first model)
                 if self._table is None:
                     return self.models[0]
+            self._table_time = time.monotonic()  # either way, ask again in a second, not per request
         return self._table["tasks"].get(task, self._table["default"]) if task else self._table["default"]
 
     async def _body(self, request: Request, chat: bool):
@@ -117,36 +151,41 @@ class Ingress:
         self._check_key(request)
         return oa.models_response([AUTO_MODEL, *self.models], self.created)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": oa.openapi_request_body(oa.CompletionRequest)})
     async def completions(self, request: Request):
         return await self._handle(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              openapi_extra={"requestBody": oa.openapi_request_body(oa.ChatCompletionRequest)})
     async def chat_completions(self, request: Request):
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: Request, chat: bool):
         req = await self._body(request, chat)
-        first, stream = await self._start(req, chat)
+        call = await self._call(req, chat)
         rid, created = (oa.new_chat_id() if chat else oa.new_completion_id()), int(time.time())
         if req.stream:
+            first, stream = await retrying(functools.partial(self._stream, *call))
             return StreamingResponse(self._sse(chat, rid, created, req, first, stream),
                                      media_type="text/event-stream")
-        return await self._collect(chat, rid, created, req, first, stream)
+        return await retrying(functools.partial(self._collect, call, chat, rid, created, req))
 
-    async def _start(self, req, chat: bool):
+    async def _call(self, req, chat: bool) -> tuple:
+        """(model, prompt, params, task): the model is chosen once, so a retry goes to the same model."""
         params = oa.to_sampling_params(req, self.max_tokens_limit)
         prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
-        model = await self._model_for(req.model, req.task)
-        return await self._stream(model, prompt, params, req.task)
+        return await self._model_for(req.model, req.task), prompt, params, req.task
 
-    async def _collect(self, chat: bool, rid: str, created: int, req, first: dict, stream) -> dict:
-        text, item = first["text"], first
+    async def _collect(self, call: tuple, chat: bool, rid: str, created: int, req) -> dict:
+        first, stream = await self._stream(*call)
+        text, item, ids = first["text"], first, list(first["token_ids"])
         while not item["finished"]:
             item = await stream.__anext__()
-            text += item["text"]
-        build = oa.chat_response if chat else oa.completion_response
-        return build(rid, created, req.model, text, item["summary"], item["loaded_layers"])
+            text, ids = text + item["text"], ids + item["token_ids"]
+        if chat:
+            return oa.chat_response(rid, created, req.model, text, item["summary"], item["loaded_layers"])
+        return oa.completion_response(rid, created, req.model, text, item["summary"], item["loaded_layers"],
+                                      token_ids=ids if req.return_token_ids else None)
 
     async def generate(self, prompt: str | list[int], **fields) -> dict:
         """For Ray handles: `serve.get_app_handle("helios").generate.remote("def f():", max_tokens=16)`.
@@ -154,18 +193,20 @@ class Ingress:
         response dict; a bad request raises ProtocolError."""
         req = oa.validate_completion({"model": AUTO_MODEL, **fields, "prompt": prompt, "stream": False},
                                      self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
-        first, stream = await self._start(req, chat=False)
-        return await self._collect(False, oa.new_completion_id(), int(time.time()), req, first, stream)
+        call = await self._call(req, chat=False)
+        return await retrying(functools.partial(self._collect, call, False, oa.new_completion_id(),
+                                                int(time.time()), req))
 
     async def _sse(self, chat: bool, rid: str, created: int, req, first: dict, stream):
         usage = req.include_usage
         try:
             if chat:
                 yield oa.sse(oa.chat_chunk(rid, created, req.model, first=True, include_usage=usage))
-            item = first
+            item, ids = first, []  # ids: token ids not sent yet (return_token_ids)
             while True:
                 done = item["finished"]
                 summary = item["summary"] if done else None
+                ids += item["token_ids"]
                 if chat:
                     if item["text"]:
                         yield oa.sse(oa.chat_chunk(rid, created, req.model, item["text"], include_usage=usage))
@@ -174,7 +215,9 @@ class Ingress:
                                                    loaded_layers=item["loaded_layers"], include_usage=usage))
                 elif item["text"] or done:
                     yield oa.sse(oa.completion_chunk(rid, created, req.model, item["text"], summary,
-                                                     item["loaded_layers"], include_usage=usage))
+                                                     item["loaded_layers"], include_usage=usage,
+                                                     token_ids=ids if req.return_token_ids else None))
+                    ids = []
                 if done:
                     break
                 item = await stream.__anext__()

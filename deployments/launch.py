@@ -31,32 +31,47 @@ def serve_from_config(config: str = "serve_config.yaml", host: str | None = None
     http = doc.get("http_options", {})
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
 
-    import ray
-    from ray import serve
-
-    from .app import build_app
-
-    _say("starting a local Ray cluster")
-    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    _say(f"deploying {application['import_path']} (loading the models; about a minute on 2 CPU cores)")
+    _say(f"starting a local Ray cluster and deploying {application['import_path']} "
+         "(loading the models; about a minute on 2 CPU cores)")
     started = time.perf_counter()
-    serve.run(build_app(application.get("args", {})), name=application.get("name", "helios"),
-              route_prefix=application.get("route_prefix", "/"))
-    url = f"http://{host}:{port}"
+    url = start_app(application.get("args", {}), host, port, application.get("name", "helios"),
+                    application.get("route_prefix", "/"))
     _say(f"ready in {time.perf_counter() - started:.0f} s: OpenAI API at {url}/v1 (Ctrl-C stops)")
     _say(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
          "-d '{\"model\": \"helios\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}'")
     if block:
-        def stop(*_):  # SIGTERM too: leave no Ray processes behind
+        def interrupt(*_):  # SIGTERM too: leave no Ray processes behind
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             _say("shutting down")
-            serve.shutdown()
-            ray.shutdown()
+            stop()
     return url
+
+
+def start_app(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "helios",
+              route_prefix: str = "/") -> str:
+    """Start a local Ray cluster, Serve's HTTP proxy on host:port and `build_app(args)`; returns the
+    app's base URL once it is ready. `stop()` tears it all down."""
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def stop() -> None:
+    """Shut down Serve and the local Ray cluster that `start_app` started."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

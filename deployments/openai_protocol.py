@@ -12,7 +12,10 @@ default or null; any field not modelled here is ignored, as OpenAI clients send 
 - logprobs of the chosen tokens only (completions `logprobs=0`, chat `logprobs=true` with
   `top_logprobs` 0): each is the token's log-probability under the distribution of the layer it
   exited at, at temperature 1 (`TokenRecord.logprob`).
-Helios extras: `threshold` (exit confidence override), `task` (routing tag), `top_k`, `ignore_eos`.
+Helios extras: `threshold` (exit confidence override), `task` (routing tag), `top_k`, `ignore_eos`;
+completions also take `return_token_ids` (vLLM's name): the choice, and each stream chunk's choice,
+then carries the `token_ids` of its text (a chunk the detokenizer held back text for carries them
+with the next chunk), as the text alone cannot be re-tokenized exactly (EOS under ignore_eos).
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class CompletionRequest(_CommonRequest):
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = Field(None, ge=0)
+    return_token_ids: bool = False  # Helios extra, see the module docstring
 
     _check_only_default_completion = field_validator("echo", "suffix", "best_of", "logprobs")(_only_default)
 
@@ -238,14 +242,41 @@ def validate_chat(payload: Any, max_tokens_limit: int,
     return _validate(ChatCompletionRequest, payload, max_tokens_limit, models)
 
 
+def openapi_request_body(cls: type[_CommonRequest]) -> dict:
+    """The OpenAPI `requestBody` of a request model, for FastAPI's `openapi_extra`: the routes read
+    the raw body (for our own limits and error bodies), so FastAPI cannot infer it."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:  # "#/$defs/X" would not resolve inside an OpenAPI document
+        if isinstance(node, dict) and "$ref" in node:
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+        if isinstance(node, dict):
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
+
+
 def parse_body(raw: bytes, max_bytes: int) -> Any:
-    """Decode a JSON request body: 413 when larger than `max_bytes`, 400 when not JSON."""
+    """Decode a JSON request body: 413 when larger than `max_bytes`; 400 when not JSON, nested too
+    deeply, or holding a string that is not valid Unicode."""
     if len(raw) > max_bytes:
         raise ProtocolError(f"The request body is {len(raw)} bytes; the limit is {max_bytes}.", status=413)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = json.loads(raw)
+    except RecursionError:  # e.g. 1 MiB of "[": the C decoder recurses once per level
+        raise ProtocolError("The request body is not valid JSON: it is nested too deeply.") from None
+    except ValueError as exc:  # also Python's cap on the digits of an int (4300)
         raise ProtocolError(f"The request body is not valid JSON: {exc}.") from None
+    try:
+        # A lone surrogate ("\\ud800") decodes to a str that the tokenizer refuses with a TypeError
+        # and that no response (an error echoing a model name included) can be encoded with.
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ProtocolError("The request body is not valid JSON: a string holds a lone UTF-16 "
+                            "surrogate (an unpaired \\ud800-\\udfff escape).") from None
+    return payload
 
 
 def to_sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens_limit: int) -> SamplingParams:
@@ -351,9 +382,11 @@ def _envelope(object: str, id: str, created: int, model: str, choices: list[dict
 
 
 def completion_response(id: str, created: int, model: str, text: str, summary: RequestSummary,
-                        loaded_layers: int, logprobs: dict | None = None) -> dict:
-    """A finished /v1/completions response ("text_completion")."""
+                        loaded_layers: int, logprobs: dict | None = None, token_ids: list[int] | None = None) -> dict:
+    """A finished /v1/completions response ("text_completion"); `token_ids` when asked for."""
     choice = {"index": 0, "text": text, "finish_reason": _finish_reason(summary), "logprobs": logprobs}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     return {**_envelope("text_completion", id, created, model, [choice]),
             "usage": usage(summary), "helios": helios_info(summary, loaded_layers)}
 
@@ -380,10 +413,14 @@ def _chunk(object: str, id: str, created: int, model: str, choice: dict, summary
 
 
 def completion_chunk(id: str, created: int, model: str, text: str, summary: RequestSummary | None = None,
-                     loaded_layers: int = 0, logprobs: dict | None = None, include_usage: bool = False) -> dict:
-    """A streamed "text_completion" chunk with `text` as the delta; pass the request's summary
-    (and the loaded depth) on the last one to set finish_reason and the helios object."""
+                     loaded_layers: int = 0, logprobs: dict | None = None, include_usage: bool = False,
+                     token_ids: list[int] | None = None) -> dict:
+    """A streamed "text_completion" chunk with `text` as the delta (and its `token_ids` when asked
+    for); pass the request's summary (and the loaded depth) on the last one to set finish_reason and
+    the helios object."""
     choice = {"index": 0, "text": text, "logprobs": logprobs}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     return _chunk("text_completion", id, created, model, choice, summary, loaded_layers, include_usage)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
+import ray
 import torch
 from ray import serve
 
@@ -104,7 +106,7 @@ class ModelReplica:
         for request_id, prompt, params in self._adds:
             try:
                 engine.add_request(prompt, params, request_id)
-            except ValueError as err:  # a bad prompt fails alone, the batch goes on
+            except Exception as err:  # a bad prompt fails alone (a tokenizer error too), the batch goes on
                 self._queues[request_id].put_nowait({"error": str(err)})
         self._adds.clear()
 
@@ -192,12 +194,18 @@ class ModelReplica:
         return num_layers
 
     async def stats(self) -> dict:
+        # Here, not at the top: Ray vendors psutil (ray/thirdparty_files), importable once ray is.
+        import psutil
+
         e = self.engine
         return {"model": self.name, "loaded_layers": e.num_layers, "num_layers": e.model_config.num_layers,
                 "capacity": e.capacity, "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
                 "weight_bytes": e.memory.weight_bytes, "kv_bytes": e.memory.kv_bytes,
                 "memory_budget": e.memory.budget_bytes, "exit_histogram": dict(e.stats.histogram),
-                "tokens": e.stats.tokens, "forced": e.stats.forced, "breaches": e.stats.breaches}
+                "tokens": e.stats.tokens, "forced": e.stats.forced, "breaches": e.stats.breaches,
+                # where the replica runs and its resident memory: placement checks, leak watching
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "rss_bytes": psutil.Process().memory_info().rss}
 
     def check_health(self) -> None:
         if self._loop_task is not None and self._loop_task.done():

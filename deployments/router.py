@@ -40,7 +40,6 @@ class Router:
             Registry.load(registry), Limits(memory_budget, max_model_len), config)
         if saved:
             logger.info("router: restored policy state (%d events)", len(self.policy.events))
-        self._events_saved = len(self.policy.events) if saved else -1
         self._events_counted = len(self.policy.events)
         self._event_metric = metrics.Counter("helios_policy_events", "profiles, loads, switches of the policy",
                                              ("kind", "model"))
@@ -57,7 +56,8 @@ class Router:
         for event in p.events[self._events_counted:]:
             self._event_metric.inc(1, {"kind": event.kind, "model": event.model})
         self._events_counted = len(p.events)
-        self._save()
+        if records or finished:  # the state moved (a few KB, <1 ms): a restarted router resumes from here
+            self._save()
         target = p.targets.get(model)
         return target.depth if target is not None else None
 
@@ -73,6 +73,4 @@ class Router:
         return self.policy.snapshot()
 
     def _save(self) -> None:
-        if len(self.policy.events) != self._events_saved or self.policy.requests % 16 == 0:
-            _kv()._internal_kv_put(self.state_key, pickle.dumps(self.policy), overwrite=True)
-            self._events_saved = len(self.policy.events)
+        _kv()._internal_kv_put(self.state_key, pickle.dumps(self.policy), overwrite=True)

@@ -28,6 +28,7 @@ from deployments.openai_protocol import (
     models_response,
     new_chat_id,
     new_completion_id,
+    openapi_request_body,
     parse_body,
     sse,
     to_sampling_params,
@@ -149,6 +150,48 @@ def test_parse_body():
     with pytest.raises(ProtocolError) as info:
         parse_body(b'{"a": ', 100)
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("raw, detail", [
+    (b"[" * 100_000, "nested too deeply"),  # RecursionError in json.loads
+    (b'{"model": "m", "prompt": "x", "extra": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", "4300"),  # ValueError: Python's int digit cap
+    (b'{"model": "\\ud800", "prompt": "x"}', "surrogate"),  # would be echoed in the 404 message
+    (b'{"model": "m", "prompt": "a\\udfffb"}', "surrogate"),  # the tokenizer raises TypeError on it
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}]}', "surrogate"),
+])
+def test_parse_body_refuses_what_json_loads_chokes_on(raw, detail):
+    """Regressions found by tests/test_fuzz_http.py: each was a 500 (or killed a replica's engine loop)."""
+    with pytest.raises(ProtocolError) as info:
+        parse_body(raw, 1 << 20)
+    assert info.value.status == 400 and detail in info.value.message
+    json.dumps(info.value.body(), ensure_ascii=False).encode()  # the error itself can be sent
+
+
+@pytest.mark.parametrize("cls, good, bad", [
+    (CompletionRequest, completion(stream=True, stream_options={"include_usage": True}), completion(prompt=1.5)),
+    (ChatCompletionRequest, chat(max_completion_tokens=8), chat(messages=[{"role": "user"}])),
+])
+def test_openapi_request_body(cls, good, bad):
+    """The requestBody for FastAPI's openapi_extra: self-contained ($defs inlined), and it accepts
+    what the validator accepts and refuses a wrong type, as a schema-driven client checks it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    body = openapi_request_body(cls)
+    schema = body["content"]["application/json"]["schema"]
+    assert body["required"] and "$ref" not in json.dumps(schema) and "$defs" not in schema
+    assert {"model", "prompt" if cls is CompletionRequest else "messages"} <= set(schema["required"])
+    jsonschema.validate(good, schema)
+    cls.model_validate(good)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_parse_body_keeps_paired_surrogates_and_deep_but_sane_json():
+    assert parse_body(b'{"prompt": "\\ud83d\\ude00"}', 100) == {"prompt": "\U0001F600"}
+    nested, depth = parse_body(b"[" * 200 + b"]" * 200, 1000), 1
+    while nested:
+        nested, depth = nested[0], depth + 1
+    assert depth == 200
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from .workload import BenchRequest, poisson_arrivals
 STATS_INTERVAL_S = 0.25
 QUEUE_LIMIT = 1024  # per replica: far above any load here, so Serve's admission control never refuses
 READ_TIMEOUT_S = 600  # longest silence on a stream (a queued request's wait for its first token included)
+WARMUP_ROUNDS = 4  # the warm-up set is served again (up to this many times) while the policy still profiles
+SETTLE_S = 2.0  # then the routing table (cached 1 s) and the replicas' depths (set on their 1 s reports) follow
 
 
 def app_args(cfg: BenchConfig, budget: int) -> dict:
@@ -40,108 +42,142 @@ def app_args(cfg: BenchConfig, budget: int) -> dict:
             "max_queued_requests": QUEUE_LIMIT}
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, req: BenchRequest, trace: Trace,
-                  clock: Callable[[], float]) -> None:
-    body = {"model": "helios", "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "task": req.task, "return_token_ids": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            trace.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-            return
-        async for line in resp.content:
-            if not line.startswith(b"data: "):
-                continue
-            if line.strip() == b"data: [DONE]":
-                trace.finished = clock()
+class _Client:
+    """Requests to the app at `url` (its base URL, without /v1)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str):
+        self.session, self.url = session, url
+
+    async def stats(self) -> dict | None:
+        try:
+            async with self.session.get(f"{self.url}/v1/helios/stats") as resp:
+                return await resp.json() if resp.status == 200 else None
+        except aiohttp.ClientError:
+            return None
+
+    async def complete(self, req: BenchRequest, trace: Trace, clock: Callable[[], float]) -> None:
+        """Stream one request into `trace`; any failure becomes `trace.error`."""
+        try:
+            await self._stream(req, trace, clock)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:  # ValueError: a chunk not JSON
+            trace.error = f"{type(err).__name__}: {err}"
+
+    async def _stream(self, req: BenchRequest, trace: Trace, clock: Callable[[], float]) -> None:
+        body = {"model": "helios", "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+                "ignore_eos": True, "task": req.task, "return_token_ids": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with self.session.post(f"{self.url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                trace.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
-            chunk, now = json.loads(line[6:]), clock()
-            if "error" in chunk:  # a stream cut by the server
-                trace.error = chunk["error"]["message"]
-            for choice in chunk.get("choices", []):
-                trace.token_times += [now] * len(choice["token_ids"])
-                trace.output_ids += choice["token_ids"]
-            if "helios" in chunk:  # the last chunk with a choice
-                info = chunk["helios"]
-                trace.exit_layers = [int(d) for d, n in info["exit_histogram"].items() for _ in range(n)]
-                trace.forced, trace.breaches = info["forced"], info["breaches"]
-                trace.served_by[(info["model"], info["loaded_layers"])] = len(trace.output_ids)
-            if chunk.get("usage") and chunk["usage"]["completion_tokens"] != len(trace.output_ids):
-                trace.error = f"usage says {chunk['usage']['completion_tokens']} tokens, got {len(trace.output_ids)}"
-    trace.error = trace.error or "the stream ended without [DONE]"
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue
+                if line.strip() == b"data: [DONE]":
+                    trace.finished = clock()
+                    return
+                chunk, now = json.loads(line[6:]), clock()
+                if "error" in chunk:  # a stream cut by the server
+                    trace.error = chunk["error"]["message"]
+                for choice in chunk.get("choices", []):
+                    trace.token_times += [now] * len(choice["token_ids"])
+                    trace.output_ids += choice["token_ids"]
+                if "helios" in chunk:  # the last chunk with a choice
+                    info = chunk["helios"]
+                    trace.exit_layers = [int(d) for d, n in info["exit_histogram"].items() for _ in range(n)]
+                    trace.forced, trace.breaches = info["forced"], info["breaches"]
+                    trace.served_by[(info["model"], info["loaded_layers"])] = len(trace.output_ids)
+                usage = chunk.get("usage")
+                if usage and usage["completion_tokens"] != len(trace.output_ids):
+                    trace.error = f"usage says {usage['completion_tokens']} tokens, got {len(trace.output_ids)}"
+        trace.error = trace.error or "the stream ended without [DONE]"
 
 
-async def _one(session, url: str, req: BenchRequest, trace: Trace, clock, bar) -> None:
-    try:
-        await _stream(session, url, req, trace, clock)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:  # ValueError: a chunk not JSON
-        trace.error = f"{type(err).__name__}: {err}"
-    bar.update(1)
-
-
-def _in_use(sample: dict) -> tuple[int, int, int]:
+def _in_use(stats: dict) -> tuple[int, int, int]:
     """(running sequences, weight bytes, KV bytes) summed over the replicas that run something or
-    hold the policy's current model (the others are idle copies Serve keeps loaded)."""
-    current = sample["policy"].get("targets", {})
-    live = [s for name, s in sample["models"].items() if "error" not in s and (s["running"] or name in current)]
+    hold one of the policy's current models (the others are idle copies Serve keeps loaded)."""
+    current = stats["policy"].get("targets", {})
+    live = [s for name, s in stats["models"].items() if "error" not in s and (s["running"] or name in current)]
     return sum(s["running"] for s in live), sum(s["weight_bytes"] for s in live), sum(s["kv_bytes"] for s in live)
 
 
-async def _poll_stats(session: aiohttp.ClientSession, url: str, samples: list[tuple[int, int, int]]) -> None:
+def _profiling(stats: dict | None) -> bool:
+    return stats is None or any(t["profiling"] for t in stats["policy"].get("targets", {}).values())
+
+
+async def _poll_stats(client: _Client, samples: list[tuple[int, int, int]]) -> None:
     while True:
-        try:
-            async with session.get(f"{url}/v1/helios/stats") as resp:
-                if resp.status == 200:
-                    samples.append(_in_use(await resp.json()))
-        except aiohttp.ClientError:
-            pass
+        if (stats := await client.stats()) is not None:
+            samples.append(_in_use(stats))
         await asyncio.sleep(STATS_INTERVAL_S)
 
 
-async def _drive(url: str, requests: list[BenchRequest], load: tuple[str, float], seed: int, bar) -> RunResult:
+async def _drive(client: _Client, requests: list[BenchRequest], load: tuple[str, float], seed: int,
+                 bar: tqdm) -> RunResult:
     """Open loop (Poisson arrivals) or closed loop (`concurrency` in flight), as `systems.drive`."""
     kind, value = load
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        samples: list[tuple[int, int, int]] = []
-        poller = asyncio.create_task(_poll_stats(session, url, samples))
-        start = time.perf_counter()
+    samples: list[tuple[int, int, int]] = []
+    poller = asyncio.create_task(_poll_stats(client, samples))
+    traces = [Trace(r.id, r.task, 0.0) for r in requests]
+    start = time.perf_counter()
 
-        def clock() -> float:
-            return time.perf_counter() - start
+    def clock() -> float:
+        return time.perf_counter() - start
 
-        traces = [Trace(r.id, r.task, 0.0) for r in requests]
-        if kind == "poisson":
-            async def at(t: float, req: BenchRequest, trace: Trace) -> None:
-                trace.arrival = t
-                await asyncio.sleep(t - clock())
-                await _one(session, url, req, trace, clock, bar)
+    async def send(req: BenchRequest, trace: Trace) -> None:
+        await client.complete(req, trace, clock)
+        bar.update(1)
 
-            await asyncio.gather(*map(at, poisson_arrivals(value, len(requests), seed), requests, traces))
-        else:
-            pending = iter(zip(requests, traces))
+    if kind == "poisson":
+        async def at(t: float, req: BenchRequest, trace: Trace) -> None:
+            trace.arrival = t
+            await asyncio.sleep(t - clock())
+            await send(req, trace)
 
-            async def worker() -> None:
-                for req, trace in pending:  # a new request as soon as one finishes
-                    trace.arrival = clock()
-                    await _one(session, url, req, trace, clock, bar)
+        await asyncio.gather(*map(at, poisson_arrivals(value, len(requests), seed), requests, traces))
+    else:
+        pending = iter(zip(requests, traces))
 
-            await asyncio.gather(*(worker() for _ in range(int(value))))
-        seconds = clock()
-        poller.cancel()
-        await asyncio.gather(poller, return_exceptions=True)
+        async def worker() -> None:
+            for req, trace in pending:  # a new request as soon as one finishes
+                trace.arrival = clock()
+                await send(req, trace)
+
+        await asyncio.gather(*(worker() for _ in range(int(value))))
+    seconds = clock()
+    poller.cancel()
+    await asyncio.gather(poller, return_exceptions=True)
     batch, weights, kv = (max(column) for column in zip(*samples or [(0, 0, 0)]))
     return RunResult(traces, seconds, batch, weights, kv)
 
 
+async def _warm_up(client: _Client, warm: list[BenchRequest], seed: int, bar: tqdm,
+                   log: Callable[[str], None]) -> None:
+    """Serve the untimed warm-up set, as in process: the policy profiles its candidates then. Its
+    telemetry reaches the router about once a second, so Serve may need the set more than once."""
+    for n in range(1, WARMUP_ROUNDS + 1):
+        await _drive(client, warm, ("closed", len(warm)), seed, bar)
+        if not _profiling(stats := await client.stats()):
+            events = ", ".join(f"{e['kind']} {e['model']}@{e['depth']}" for e in stats["policy"]["events"])
+            log(f"helios_serve: the policy settled after {n} warm-up round(s): {events}")
+            await asyncio.sleep(SETTLE_S)
+            return
+        bar.total += len(warm)
+    log(f"helios_serve: the policy still profiles after {WARMUP_ROUNDS} warm-up rounds; measuring anyway")
+
+
 async def _measure(url: str, cfg: BenchConfig, base: list[BenchRequest], warm: list[BenchRequest],
-                   loads: list[tuple[str, float]]) -> list[tuple[str, RunResult]]:
+                   loads: list[tuple[str, float]], log: Callable[[str], None]) -> list[tuple[str, RunResult]]:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT_S)
     runs = []
-    with tqdm(total=len(warm) + len(base) * len(loads), desc="helios_serve", unit="req", file=sys.stderr) as bar:
-        if warm:  # untimed, as for the in-process systems: the policy profiles its candidates here
-            await _drive(url, warm, ("closed", len(warm)), cfg.seed, bar)
-        for spec, load in zip(cfg.loads, loads):
-            runs.append((spec, await _drive(url, _requests(base, spec), load, cfg.seed, bar)))
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        client = _Client(session, url)
+        with tqdm(total=len(warm) + len(base) * len(loads), desc="helios_serve", unit="req",
+                  file=sys.stderr) as bar:
+            if warm:
+                await _warm_up(client, warm, cfg.seed, bar, log)
+            for spec, load in zip(cfg.loads, loads):
+                runs.append((spec, await _drive(client, _requests(base, spec), load, cfg.seed, bar)))
     return runs
 
 
@@ -154,7 +190,8 @@ def _free_port() -> int:
 def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: list[BenchRequest],
               loads: list[tuple[str, float]], log: Callable[[str], None] = print,
               url: str | None = None) -> list[tuple[str, RunResult]]:
-    """One (load spec, RunResult) per load of `cfg.loads`, after the untimed `warm` requests. With no
+    """One (load spec, RunResult) per load of `cfg.loads`, after the untimed `warm` requests (again,
+    up to WARMUP_ROUNDS times, while the policy still profiles its candidates). With no
     `url`, starts a local Ray cluster and the app with `app_args(cfg, budget)`, and stops both after;
     else drives the app already served at `url` (its base URL, without /v1)."""
     own = url is None
@@ -165,7 +202,7 @@ def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: lis
             log("helios_serve: starting a local Ray cluster and the Serve app (loading the models)")
             url = launch.start_app(app_args(cfg, budget), port=_free_port(), name="helios-bench")
         log(f"helios_serve: driving {url}/v1/completions over HTTP")
-        return asyncio.run(_measure(url, cfg, base, warm, loads))
+        return asyncio.run(_measure(url, cfg, base, warm, loads, log))
     finally:
         if own:
             launch.stop()
