@@ -126,7 +126,7 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
            "--limit", "6", "--max-tokens", "6", "--loads", "closed:6", "poisson:20", "--warmup", "6",
            "--policy", '{"profile_requests": 2}',
            "--quality-tokens", "128", "--sweep", "--sweep-thresholds", "0.9", "--sweep-coverages", "0.6",
-           "--sweep-depths", "8"]
+           "--sweep-depths", "8", "--sweep-exit-every", "4"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,6 +144,7 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
     assert report["systems"]["hf_generate"]["accuracy"] == pytest.approx(report["systems"]["full_depth"]["accuracy"],
                                                                          abs=0.01)
     assert {p["system"] for p in report["sweep"]} == {"full_depth", "ee_baseline", "helios", "fixed_depth"}
+    assert {p["exit_every"] for p in report["sweep"] if p["system"] != "full_depth"} == {4}
     assert "full_depth" in report["matched_quality"]["points"]
     assert "| helios |" in (out / "results.md").read_text()
     for png in ("throughput_vs_load", "latency_cdfs", "exit_histograms", "timeline", "frontier"):

@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     b.add_argument("--b0", type=int, default=BenchConfig.b0, help="sequences the baseline's budget holds (default 4)")
     b.add_argument("--budget", type=parse_bytes, default=None, help="memory budget; default: baseline + KV for B0")
     b.add_argument("--threshold", type=float, default=None, help="every model's exit threshold (default: registry)")
+    b.add_argument("--exit-every", type=int, default=None,
+                   help="exit points every K layers on every model (default: the registry's, usually every layer)")
     b.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None)
     b.add_argument("--loads", nargs="+", default=None,
                    help="closed:CONCURRENCY and/or poisson:RATE; the first is the headline (default closed:64 "
@@ -46,6 +48,8 @@ def add_parser(sub) -> None:
                    help="the policy's coverage: share of tokens its depth rule must let exit (1 - breach limit)")
     b.add_argument("--sweep-depths", type=int, nargs="+", default=[8, 12],
                    help="fixed loaded depths of the baseline model (partial loading without the policy)")
+    b.add_argument("--sweep-exit-every", type=int, nargs="+", default=[1, 4],
+                   help="exit points every K layers (a check costs about a layer on the demo models)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
@@ -60,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.loads:
         fields["loads"] = tuple(args.loads)
     return BenchConfig(registry=args.registry, baseline=args.baseline, workload=args.workload, b0=args.b0,
-                       budget=args.budget, threshold=args.threshold, policy=args.policy,
+                       budget=args.budget, threshold=args.threshold, exit_every=args.exit_every, policy=args.policy,
                        slo=SLO(args.slo_ttft, args.slo_tpot), device=args.device, **fields)
 
 
@@ -77,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
 
     report = run_benchmark(config, log=log)
     if args.sweep:
-        points = run_sweep(config, args.sweep_thresholds, args.sweep_coverages, args.sweep_depths, log)
+        every = [None if k == 1 else k for k in args.sweep_exit_every]
+        points = run_sweep(config, args.sweep_thresholds, args.sweep_coverages, args.sweep_depths, every, log)
         best = matched(points)
         report |= {"sweep": points, "matched_quality": {"points": best, "ratios": matched_ratios(best)}}
     report = nan_to_none(report)
@@ -131,12 +136,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "sweep" in report:
         lines += ["", "Frontier (headline load; accuracy / perplexity teacher-forced on held-out text):", "",
-                  "| system | threshold | coverage / depth | output tok/s | max batch | accuracy | perplexity "
-                  "| agreement | mean exit layer | served by |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| system | threshold | exits every | coverage / depth | output tok/s | max batch | accuracy "
+                  "| perplexity | agreement | mean exit layer | served by |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in report["sweep"]:
             knob = p.get("coverage", p.get("depth", "-"))
             lines.append(
-                f"| {p['system']} | {_fmt(p['threshold'], '')} | {knob} | {p['output_tokens_per_s']:.1f} "
+                f"| {p['system']} | {_fmt(p['threshold'], '')} | {p.get('exit_every', '-')} | {knob} "
+                f"| {p['output_tokens_per_s']:.1f} "
                 f"| {p['max_concurrent_batch']} | {_fmt(p['accuracy'], '.3f')} | {_fmt(p['perplexity'], '.2f')} "
                 f"| {_fmt(p['agreement_with_full_depth'], '.3f')} | {_fmt(p['mean_exit_layer'], '.2f')} "
                 f"| {', '.join(f'{k}: {v}' for k, v in p['served_by'].items())} |")
@@ -144,7 +151,8 @@ def markdown(report: dict) -> str:
         lines += ["", "At full-depth quality (accuracy within 1 point, perplexity within 5%), fastest point each:", ""]
         for name, p in m["points"].items():
             knob = p.get("coverage", p.get("depth", "-"))
-            lines.append(f"- {name}: threshold {p['threshold']}, {knob}: {p['output_tokens_per_s']:.1f} tok/s, "
+            lines.append(f"- {name}: threshold {p['threshold']}, exits every {p.get('exit_every', '-')}, {knob}: "
+                         f"{p['output_tokens_per_s']:.1f} tok/s, "
                          f"batch {p['max_concurrent_batch']}, accuracy {p['accuracy']:.3f}, ppl {p['perplexity']:.2f}")
         lines += [f"- {k}: {_fmt(v, '.2f')}" for k, v in m["ratios"].items()]
     return "\n".join(lines)

@@ -83,12 +83,13 @@ def frontier(report: dict, out: Path) -> Path | None:
         for p in mine:
             label = f"{p['threshold']}" + (f"/{p.get('coverage', p.get('depth'))}" if system not in
                                             ("full_depth", "ee_baseline") else "")
+            label += f" e{p['exit_every']}" if p.get("exit_every", 1) != 1 else ""
             ax.annotate(label, (p["accuracy"], p["output_tokens_per_s"]), fontsize=7, textcoords="offset points",
                         xytext=(3, 3))
     full = next(p for p in points if p["system"] == "full_depth")
     ax.axvline(full["accuracy"] - 0.01, color="grey", linestyle="--", linewidth=1, label="full depth - 1 point")
     ax.set(xlabel="top-1 accuracy on held-out text (teacher-forced)", ylabel="output tokens/s",
-           title="Throughput vs quality (labels: threshold[/coverage or depth])")
+           title="Throughput vs quality (threshold[/coverage or depth][ eK: exits every K])")
     ax.legend(fontsize=8)
     return _save(fig, out / "frontier.png")
 

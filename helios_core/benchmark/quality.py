@@ -44,12 +44,14 @@ class QualityOracle:
             self._models[name] = (net, heads)
         return self._models[name]
 
-    def config(self, model: str, depth: int, threshold: float) -> dict:
-        """accuracy, mean NLL and agreement of one configuration (cached)."""
-        key = (model, depth, threshold)
+    def config(self, model: str, depth: int, threshold: float, exit_layers: tuple[int, ...] | None = None) -> dict:
+        """accuracy, mean NLL and agreement of one configuration (cached); exit_layers None = the registry's."""
+        exit_config = self.registry[model].exit_config()
+        exit_config = ExitConfig(**{**exit_config.__dict__, "threshold": threshold,
+                                    "exit_layers": exit_layers or exit_config.exit_layers})
+        key = (model, depth, threshold, exit_config.exit_layers)
         if key not in self._cache:
             net, heads = self._model(model)
-            exit_config = ExitConfig(**{**self.registry[model].exit_config().__dict__, "threshold": threshold})
             table = token_table(net, heads, self.chunks, exit_config, depth)
             self._cache[key] = {
                 "accuracy": float((table.exit_top1 == table.targets).float().mean()),
@@ -59,12 +61,14 @@ class QualityOracle:
             self._final_top1[model] = table.top1[:, -1]
         return self._cache[key]
 
-    def mixture(self, served: dict[tuple[str, int], int], threshold: dict[str, float]) -> dict:
+    def mixture(self, served: dict[tuple[str, int], int], threshold: dict[str, float],
+                exit_layers: dict[str, tuple[int, ...] | None] | None = None) -> dict:
         """Token-weighted quality of the configurations in `served` ((model, depth) -> tokens)."""
+        exit_layers = exit_layers or {}
         total = sum(served.values())
         if not total:
             return {"accuracy": None, "perplexity": None, "agreement_with_full_depth": None}
-        parts = [(n / total, self.config(m, d, threshold[m])) for (m, d), n in served.items()]
+        parts = [(n / total, self.config(m, d, threshold[m], exit_layers.get(m))) for (m, d), n in served.items()]
         return {"accuracy": sum(w * q["accuracy"] for w, q in parts),
                 "perplexity": math.exp(sum(w * q["nll"] for w, q in parts)),
                 "agreement_with_full_depth": sum(w * q["agreement"] for w, q in parts)}

@@ -43,6 +43,7 @@ class BenchConfig:
     budget: int | None = None  # bytes; None = the baseline's weights + KV for B0 sequences
     max_model_len: int = 1024
     threshold: float | None = None  # every model's exit threshold; None = the registry's
+    exit_every: int | None = None  # exit points every k layers on every model; None = the registry's
     systems: tuple[str, ...] = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
     loads: tuple[str, ...] = ("closed:64", "poisson:2", "poisson:4", "poisson:8")
     warmup: int = 24
@@ -74,10 +75,16 @@ def baseline_budget(registry: Registry, model: str, b0: int, max_model_len: int)
     return budget
 
 
-def with_threshold(registry: Registry, threshold: float | None) -> Registry:
-    if threshold is None:
-        return registry
-    return Registry([dataclasses.replace(e, threshold=threshold) for e in registry], registry.path)
+def with_exits(registry: Registry, threshold: float | None, exit_every: int | None = None) -> Registry:
+    """The registry with every model's threshold and/or exit points (every k layers) replaced."""
+    def change(e):
+        if threshold is not None:
+            e = dataclasses.replace(e, threshold=threshold)
+        if exit_every is not None:
+            e = dataclasses.replace(e, exit_layers=tuple(range(exit_every, e.num_layers, exit_every)))
+        return e
+
+    return Registry([change(e) for e in registry], registry.path)
 
 
 def _requests(base: list[BenchRequest], prefix: str) -> list[BenchRequest]:
@@ -108,7 +115,7 @@ def _run(system, requests: list[BenchRequest], load: tuple[str, float], seed: in
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     started = time.time()
-    registry = with_threshold(Registry.load(cfg.registry), cfg.threshold)
+    registry = with_exits(Registry.load(cfg.registry), cfg.threshold, cfg.exit_every)
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
     warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup") if cfg.warmup else []
@@ -145,7 +152,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     report = {
         "settings": {**dataclasses.asdict(cfg), "budget_bytes": budget, "registry_models": registry.names(),
                      "quality_sources": oracle.sources, "quality_tokens": oracle.tokens,
-                     "thresholds": thresholds},
+                     "thresholds": thresholds, "exit_layers": {e.name: e.exit_layers for e in registry}},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
@@ -170,7 +177,7 @@ def _system_entry(name, cfg, system_runs, system, budget, registry, oracle, thre
         quality = (oracle.transformers(cfg.baseline) if name == "hf_generate"
                    else oracle.mixture(served, {m: NO_EXIT for m in thresholds}))
     else:
-        quality = oracle.mixture(served, thresholds)
+        quality = oracle.mixture(served, thresholds, {e.name: e.exit_layers for e in registry})
     kv = headline.peak_kv_bytes
     if name == "hf_generate":  # its cache grows per batch; charge it what the budget reserves for B0
         entry = registry[cfg.baseline]

@@ -17,13 +17,14 @@ from tqdm import tqdm
 from ..engine import EngineConfig, LLMEngine
 from ..policy import Registry
 from .quality import NO_EXIT, QualityOracle
-from .runner import QUALITY_SOURCES, BenchConfig, _build, _requests, _run, baseline_budget, parse_load, with_threshold
+from .runner import QUALITY_SOURCES, BenchConfig, _build, _requests, _run, baseline_budget, parse_load, with_exits
 from .systems import EngineSystem
 from .traces import summarize
 from .workload import load_workload
 
 
-def _point(system, cfg: BenchConfig, oracle: QualityOracle, thresholds: dict, /, **labels) -> dict:
+def _point(system, cfg: BenchConfig, oracle: QualityOracle, thresholds: dict, /, exit_layers: dict | None = None,
+           **labels) -> dict:
     load = parse_load(cfg.loads[0])
     base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
     with tqdm(total=cfg.warmup + len(base), leave=False, file=sys.stderr, desc=str(labels)) as bar:
@@ -38,36 +39,42 @@ def _point(system, cfg: BenchConfig, oracle: QualityOracle, thresholds: dict, /,
     summary = summarize(run.traces, run.seconds, cfg.slo)
     return {**labels, "output_tokens_per_s": summary["output_tokens_per_s"], "max_concurrent_batch": run.max_batch,
             "mean_exit_layer": summary["mean_exit_layer"], "served_by": summary["served_by"],
-            **oracle.mixture(served, thresholds)}
+            **oracle.mixture(served, thresholds, exit_layers)}
 
 
 def run_sweep(cfg: BenchConfig, thresholds: list[float], coverages: list[float], depths: list[int],
-              log=print) -> list[dict]:
+              exit_every: list[int | None] = (None,), log=print) -> list[dict]:
     """One point per (system, threshold, knob); each on fresh systems with their own warm-up."""
     registry = Registry.load(cfg.registry)
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     oracle = QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
                            device=cfg.device)
-    entry = registry[cfg.baseline]
     points = [_point(_build("full_depth", cfg, registry, budget), cfg, oracle,
                      {m: NO_EXIT for m in registry.names()}, system="full_depth", threshold=None)]
-    for threshold in thresholds:
-        reg = with_threshold(registry, threshold)
-        per_model = {e.name: threshold for e in reg}
-        log(f"sweep: threshold {threshold}")
-        points.append(_point(_build("ee_baseline", dataclasses.replace(cfg, threshold=threshold), reg, budget),
-                             cfg, oracle, per_model, system="ee_baseline", threshold=threshold))
-        for coverage in coverages:
-            c = dataclasses.replace(cfg, threshold=threshold, policy={**cfg.policy, "coverage": coverage})
-            points.append(_point(_build("helios", c, reg, budget), c, oracle, per_model, system="helios",
-                                 threshold=threshold, coverage=coverage))
-        for depth in depths:  # partial loading alone: the baseline model at a fixed depth, same budget
-            exit_config = dataclasses.replace(entry.exit_config(), threshold=threshold)
-            engine = LLMEngine(EngineConfig(model=str(entry.path), name=cfg.baseline, num_layers=depth,
-                                            memory_budget=budget, max_model_len=cfg.max_model_len, exit=exit_config,
-                                            device=cfg.device))
-            points.append(_point(EngineSystem(engine), cfg, oracle, per_model, system="fixed_depth",
-                                 threshold=threshold, depth=depth))
+    for every in exit_every:
+        for threshold in thresholds:
+            points += _frontier_points(cfg, registry, budget, oracle, threshold, every, coverages, depths, log)
+    return points
+
+
+def _frontier_points(cfg, registry, budget, oracle, threshold, every, coverages, depths, log) -> list[dict]:
+    reg = with_exits(registry, threshold, every)
+    per_model = {e.name: threshold for e in reg}
+    knobs = {"threshold": threshold, "exit_every": every or 1, "exit_layers": {e.name: e.exit_layers for e in reg}}
+    log(f"sweep: {knobs}")
+    c = dataclasses.replace(cfg, threshold=threshold, exit_every=every)
+    points = [_point(_build("ee_baseline", c, reg, budget), c, oracle, per_model, system="ee_baseline", **knobs)]
+    for coverage in coverages:
+        cc = dataclasses.replace(c, policy={**cfg.policy, "coverage": coverage})
+        points.append(_point(_build("helios", cc, reg, budget), cc, oracle, per_model, system="helios",
+                             coverage=coverage, **knobs))
+    entry = reg[cfg.baseline]
+    for depth in depths:  # partial loading alone: the baseline model at a fixed depth, same budget
+        engine = LLMEngine(EngineConfig(model=str(entry.path), name=cfg.baseline, num_layers=depth,
+                                        memory_budget=budget, max_model_len=cfg.max_model_len,
+                                        exit=entry.exit_config(), device=cfg.device))
+        points.append(_point(EngineSystem(engine), c, oracle, per_model, system="fixed_depth", depth=depth,
+                             **knobs))
     return points
 
 
