@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import threading
@@ -345,12 +344,6 @@ async def _after(url: str, cfg: SoakConfig, prompt: str) -> Outcome:
         return await one_request(session, url, cfg, prompt, False, time.perf_counter())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_args(registry: str, memory_budget: str, max_ongoing: int, max_queued: int) -> dict:
     """build_app arguments of the soak: a fixed queue per replica; the policy never leaves profiling,
     so the model keeps its full depth (the saturation measured is the one overloaded)."""
@@ -386,20 +379,17 @@ def main(argv: list[str] | None = None) -> None:
                      seed=args.seed)
     prompts = [r["prompt"] for r in load_prompts(args.prompts)]
 
-    import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.launch import start_app
 
-    ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS if set, else a new local cluster
-    port = args.port or _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     log = lambda m: print(f"[soak] {m}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"deploying app {args.app!r} (every registry model; the load goes to {cfg.model})")
-    serve.run(build_app(app_args(args.registry, args.memory_budget, args.max_ongoing, args.max_queued)),
-              name=args.app, route_prefix=f"/{args.app}")
+    # RAY_ADDRESS if set, else a new local cluster; a free port unless --port names Serve's
+    url = start_app(app_args(args.registry, args.memory_budget, args.max_ongoing, args.max_queued),
+                    port=args.port, name=args.app, route_prefix=f"/{args.app}")
     try:
-        report = run_soak(f"http://127.0.0.1:{port}/{args.app}", args.app, cfg, prompts, log)
+        report = run_soak(url, args.app, cfg, prompts, log)
     finally:
         serve.delete(args.app)
     report["machine"] = {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()}

@@ -6,6 +6,7 @@ Equivalent to `serve run serve_config.yaml`, with progress lines a first-time us
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -53,15 +54,19 @@ def serve_from_config(config: str = "serve_config.yaml", host: str | None = None
     return url
 
 
-def start_app(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = "helios",
+def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name: str = "helios",
               route_prefix: str = "/") -> str:
-    """Start a local Ray cluster, Serve's HTTP proxy on host:port and `build_app(args)`; returns the
-    app's base URL once it is ready. `stop()` tears it all down."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, Serve's HTTP proxy on host:port (None: a free
+    port) and `build_app(args)`; returns the app's base URL once it is ready. `stop()` tears it all down."""
     import ray
     from ray import serve
 
     from .app import build_app
 
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -181,12 +180,6 @@ async def _measure(url: str, cfg: BenchConfig, base: list[BenchRequest], warm: l
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: list[BenchRequest],
               loads: list[tuple[str, float]], log: Callable[[str], None] = print,
               url: str | None = None) -> list[tuple[str, RunResult]]:
@@ -200,7 +193,7 @@ def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: lis
     try:
         if own:
             log("helios_serve: starting a local Ray cluster and the Serve app (loading the models)")
-            url = launch.start_app(app_args(cfg, budget), port=_free_port(), name="helios-bench")
+            url = launch.start_app(app_args(cfg, budget), port=None, name="helios-bench")
         log(f"helios_serve: driving {url}/v1/completions over HTTP")
         return asyncio.run(_measure(url, cfg, base, warm, loads, log))
     finally:

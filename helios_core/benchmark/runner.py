@@ -20,12 +20,11 @@ import torch
 from tqdm import tqdm
 
 from ..evaluate import rouge_l
-from ..exits import ExitConfig
 from ..orchestrator import Orchestrator, OrchestratorConfig
 from ..policy import PolicyConfig, Registry
 from .quality import NO_EXIT, QualityOracle
-from .systems import EngineSystem, HFGenerate, HeliosSystem, RunResult, drive, engine_system, greedy
-from .traces import SLO, summarize
+from .systems import HFGenerate, HeliosSystem, RunResult, drive, engine_system, greedy
+from .traces import SLO, served_configs, summarize
 from .workload import BenchRequest, load_workload, poisson_arrivals
 
 SYSTEMS = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
@@ -73,6 +72,12 @@ def baseline_budget(registry: Registry, model: str, b0: int, max_model_len: int)
     budget = plan.weight_bytes + plan.workspace_fixed_bytes + b0 * (plan.kv_bytes_per_seq + plan.workspace_per_seq_bytes)
     assert entry.plan(entry.num_layers, budget, max_model_len).capacity == b0
     return budget
+
+
+def quality_oracle(cfg: BenchConfig, registry: Registry) -> QualityOracle:
+    """Teacher-forced quality on the held-out text that matches the workload."""
+    return QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
+                         device=cfg.device)
 
 
 def with_exits(registry: Registry, threshold: float | None, exit_every: int | None = None) -> Registry:
@@ -139,8 +144,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         runs["helios_serve"] = run_serve(cfg, budget, base, warm, loads, log)
 
     log("quality: teacher-forced on held-out text")
-    oracle = QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
-                           device=cfg.device)
+    oracle = quality_oracle(cfg, registry)
     thresholds = {e.name: e.threshold for e in registry}
     results = {}
     for name, system_runs in runs.items():
@@ -169,10 +173,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
 def _system_entry(name, cfg, system_runs, system, budget, registry, oracle, thresholds) -> dict:
     headline = system_runs[0][1]  # the first load is the headline (saturation) figure
     summary = summarize(headline.traces, headline.seconds, cfg.slo)
-    served = {}
-    for t in headline.traces:
-        for key, n in t.served_by.items():
-            served[key] = served.get(key, 0) + n
+    served = served_configs(headline.traces)
     if name == "full_depth" or name == "hf_generate":
         quality = (oracle.transformers(cfg.baseline) if name == "hf_generate"
                    else oracle.mixture(served, {m: NO_EXIT for m in thresholds}))
@@ -183,7 +184,7 @@ def _system_entry(name, cfg, system_runs, system, budget, registry, oracle, thre
         entry = registry[cfg.baseline]
         kv = entry.plan(entry.num_layers, budget, cfg.max_model_len).kv_bytes
     return {
-        **{k: v for k, v in summary.items()},
+        **summary,
         "max_concurrent_batch": headline.max_batch,
         "weight_bytes": headline.peak_weight_bytes, "kv_bytes": kv, "memory_budget_bytes": budget,
         **quality,

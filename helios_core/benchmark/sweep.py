@@ -17,9 +17,9 @@ from tqdm import tqdm
 from ..engine import EngineConfig, LLMEngine
 from ..policy import Registry
 from .quality import NO_EXIT, QualityOracle
-from .runner import QUALITY_SOURCES, BenchConfig, _build, _requests, _run, baseline_budget, parse_load, with_exits
+from .runner import BenchConfig, _build, _requests, _run, baseline_budget, parse_load, quality_oracle, with_exits
 from .systems import EngineSystem
-from .traces import summarize
+from .traces import served_configs, summarize
 from .workload import load_workload
 
 
@@ -32,10 +32,7 @@ def _point(system, cfg: BenchConfig, oracle: QualityOracle, thresholds: dict, /,
             warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup")
             _run(system, warm, ("closed", len(warm)), cfg.seed, bar)
         run = _run(system, _requests(base, "sweep"), load, cfg.seed, bar)
-    served: dict = {}
-    for t in run.traces:
-        for key, n in t.served_by.items():
-            served[key] = served.get(key, 0) + n
+    served = served_configs(run.traces)
     summary = summarize(run.traces, run.seconds, cfg.slo)
     return {**labels, "output_tokens_per_s": summary["output_tokens_per_s"], "max_concurrent_batch": run.max_batch,
             "mean_exit_layer": summary["mean_exit_layer"], "served_by": summary["served_by"],
@@ -47,8 +44,7 @@ def run_sweep(cfg: BenchConfig, thresholds: list[float], coverages: list[float],
     """One point per (system, threshold, knob); each on fresh systems with their own warm-up."""
     registry = Registry.load(cfg.registry)
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
-    oracle = QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
-                           device=cfg.device)
+    oracle = quality_oracle(cfg, registry)
     points = [_point(_build("full_depth", cfg, registry, budget), cfg, oracle,
                      {m: NO_EXIT for m in registry.names()}, system="full_depth", threshold=None)]
     for every in exit_every:

@@ -58,6 +58,14 @@ class SLO:
     tpot_s: float = 0.2
 
 
+def served_configs(traces: list[Trace]) -> Counter:
+    """(model, loaded depth) -> tokens served, over `traces`."""
+    served = Counter()
+    for t in traces:
+        served.update(t.served_by)
+    return served
+
+
 def percentiles(values: list[float], name: str) -> dict[str, float | None]:
     if not values:
         return {f"{name}_p{q}_s": None for q in (50, 90, 99)}
@@ -70,9 +78,8 @@ def summarize(traces: list[Trace], seconds: float, slo: SLO) -> dict:
     tokens = sum(len(t.output_ids) for t in done)
     good = [t for t in done if (t.ttft or 0) <= slo.ttft_s and (t.tpot or 0) <= slo.tpot_s]
     histogram = Counter(layer for t in done for layer in t.exit_layers)
-    served, per_model = Counter(), {}
+    per_model = {}
     for t in done:
-        served.update(t.served_by)
         if t.served_by:  # a request is served by one model (a switch drains before it starts the next)
             model = t.served_by.most_common(1)[0][0][0]
             per_model.setdefault(model, Counter()).update(t.exit_layers)
@@ -89,7 +96,7 @@ def summarize(traces: list[Trace], seconds: float, slo: SLO) -> dict:
         "mean_exit_layer": float(np.mean([x for t in done for x in t.exit_layers])) if tokens else None,
         "forced_share": sum(t.forced for t in done) / tokens if tokens else None,
         "breach_share": sum(t.breaches for t in done) / tokens if tokens else None,
-        "served_by": {f"{m}@{d}": n for (m, d), n in sorted(served.items())},
+        "served_by": {f"{m}@{d}": n for (m, d), n in sorted(served_configs(done).items())},
         "exit_histograms": {m: {str(k): v for k, v in sorted(h.items())} for m, h in sorted(per_model.items())},
         "request_ttft_s": [t.ttft for t in done if t.ttft is not None],
         "request_e2e_s": [t.finished - t.arrival for t in done],
