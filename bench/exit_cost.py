@@ -1,0 +1,100 @@
+"""Where Helios' decode time goes on this machine: what exit checks cost, and what the policy measures.
+
+    python bench/exit_cost.py [--model helios-demo-mixed-16l] [--batches 4 8] [--threads 1]
+
+1. Decode step time of one model (`LLMEngine` directly, prefill excluded, greedy, 48 tokens per
+   sequence from the `mixed` prompts) for: no exits; exit checks at every layer that nobody passes
+   (threshold 2: the checks' cost alone); threshold 0.5 at every layer; threshold 0.5 every 4 layers;
+   and 8 layers loaded, with and without exits.
+2. The TPOT the HELIOS policy records while profiling each registry model (5 requests each, full
+   depth) during the warm-up `helios bench` runs (24 `mixed` requests, all queued at once, the
+   52 MiB budget of B0 = 4), next to each model's decode step time at batch 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helios_core.benchmark.runner import BenchConfig, _build, _requests, baseline_budget  # noqa: E402
+from helios_core.benchmark.systems import drive  # noqa: E402
+from helios_core.benchmark.workload import load_workload  # noqa: E402
+from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
+from helios_core.exits import ExitConfig  # noqa: E402
+from helios_core.policy import Registry  # noqa: E402
+from helios_core.sampling import SamplingParams  # noqa: E402
+
+CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K)
+    ("no exits", None, False, 0.5, None),
+    ("checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None),
+    ("threshold 0.5, every layer", None, True, 0.5, None),
+    ("threshold 0.5, every 4 layers", None, True, 0.5, 4),
+    ("8 layers loaded, no exits", 8, False, 0.5, None),
+    ("8 layers loaded, threshold 0.5, every layer", 8, True, 0.5, None),
+]
+
+
+def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, threshold: float,
+              every: int | None, tokens: int = 48) -> tuple[float, float]:
+    """(seconds per decode step, mean exit layer) with `batch` sequences decoding together."""
+    num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    exit_layers = tuple(range(every, num_layers, every)) if every else None
+    engine = LLMEngine(EngineConfig(model=str(model), num_layers=layers, early_exit=early_exit,
+                                    memory_budget=256 << 20, max_model_len=1024,
+                                    exit=ExitConfig(threshold=threshold, exit_layers=exit_layers)))
+    for r in load_workload("mixed", batch):
+        engine.add_request(r.prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
+        engine.step()  # prefill, untimed
+    steps, start = 0, time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    histogram = engine.stats.histogram
+    mean_exit = sum(d * n for d, n in histogram.items()) / max(sum(histogram.values()), 1)
+    return (time.perf_counter() - start) / steps, mean_exit
+
+
+def profiled_tpot() -> dict[str, float | None]:
+    """model -> TPOT in the policy's profile after the `helios bench` warm-up."""
+    cfg = BenchConfig()
+    registry = Registry.load(ROOT / cfg.registry)
+    helios = _build("helios", cfg, registry, baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len))
+    drive(helios, _requests(load_workload(cfg.workload, cfg.warmup, 32), "warmup"), concurrency=cfg.warmup)
+    return {name: row.time_per_token_s for name, row in helios.orch.policy.pht.rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="helios-demo-mixed-16l")
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    step_time(ROOT / "models" / args.model, 1, None, False, 0.5, None, tokens=8)  # warm-up: first-call costs
+    print(f"## Decode step of {args.model} ({args.threads} thread(s))\n")
+    print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
+    print("|---|" + "---:|" * len(args.batches))
+    for label, *case in CASES:
+        cells = [step_time(ROOT / "models" / args.model, b, *case) for b in args.batches]
+        print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
+    print("\n## The policy's profiled TPOT vs the decode step at batch 4, no exits\n")
+    print("| model | layers | profiled TPOT ms | decode step ms |")
+    print("|---|---:|---:|---:|")
+    registry = Registry.load(ROOT / "models" / "registry.yaml")
+    for name, tpot in profiled_tpot().items():
+        entry = registry[name]
+        step, _ = step_time(entry.path, 4, None, False, 0.5, None)
+        print(f"| {name} | {entry.num_layers} | {tpot * 1e3:.1f} | {step * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
