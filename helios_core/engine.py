@@ -265,7 +265,10 @@ class LLMEngine:
         if plan.prefills and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the decode's time below excludes the prefill's kernels
         prefill_s = time.perf_counter() - start
+        prefill_tokens = sum(c.end - c.start for c in plan.prefills)
         if not plan.decodes:
+            if plan.prefills:
+                self.steps.append(StepRecord(0.0, 0, self.num_layers, 0, prefill_tokens, prefill_s))
             return outputs
         for op, a, b, length in self.scheduler.arrange_decode_slots(plan.decodes):
             (self.cache.swap_slots if op == "swap" else self.cache.copy_slot)(a, b, length)
@@ -292,8 +295,7 @@ class LLMEngine:
         depths = out.depth.tolist()  # .tolist() waits for the device: the step's time is complete here
         rows = zip(seqs, new_tokens.tolist(), depths, out.confidence.tolist(), out.forced.tolist(), logprobs.tolist())
         now = time.perf_counter()
-        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths),
-                                     sum(c.end - c.start for c in plan.prefills), prefill_s))
+        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s))
         for seq, token, depth, conf, forced, logprob in rows:
             record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold, logprob)
             outputs.append(self._append(seq, token, record, now))

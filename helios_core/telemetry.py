@@ -28,7 +28,7 @@ class StepRecord:
     """One engine step: the decode's wall time and shape, and the prefill that ran before it."""
 
     seconds: float  # decode wall time: inputs, every loaded layer, exit checks, sampling (prefill excluded)
-    rows: int  # sequences in the decode batch
+    rows: int  # sequences in the decode batch (0: the step only prefilled)
     depth: int  # loaded layers
     layer_rows: int  # blocks run: sum over rows of the exit depth (the runner compacts rows that exit)
     prefill_tokens: int = 0  # prompt tokens prefilled in this step, before the decode
