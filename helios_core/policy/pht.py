@@ -20,6 +20,8 @@ block with its exit check. On the demo models a 2-parameter least-squares fit on
 predicts steps at half depth within ~15% (median); a fit without the depth term is off by more than
 2x there, and a free intercept comes out near 0. A step is a measurement of the device, not of the
 workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per model and depth are kept).
+Prefill is timed apart in the same records; its mean seconds per prompt token per layer costs the
+K/V refill of newly loaded layers.
 """
 
 from __future__ import annotations
