@@ -220,7 +220,8 @@ class HeliosPolicy:
         previous = self._serving_before
         if previous in score and previous != best and not _beats(score[best], score[previous], c.switch_margin):
             best, reason = previous, f"kept: {c.slo} of {best} within {c.switch_margin:.0%}"
-        self._replace(best, Target(options[best].depth, False), "serve", reason)
+        scores = ", ".join(f"{m}@{e.depth}: {score[m]:.3g}" for m, e in options.items())
+        self._replace(best, Target(options[best].depth, False), "serve", f"{reason} ({scores})")
 
     def _estimate_at_rule(self, model: str, shift: float = 1.0, minimum: int = 1) -> Estimate:
         entry, row = self.registry[model], self.pht.get(model)
