@@ -4,8 +4,9 @@
 
 Each registry model (its registry exits) decodes `mixed` prompts at batches 1, 2, 4, 8 with L, L/2
 and 2 layers loaded; every decode step is recorded (`StepRecord`). Two models are fitted on the
-full-depth steps only (what profiling sees) and scored by the median relative error of their
-predictions at full depth and at the partial depths:
+full-depth steps only (what profiling sees) and scored against the median step of each (depth,
+batch) group: the median relative error of their predictions (at the group's mean layer-rows) at
+full depth and at the partial depths. Group medians, because single steps on a shared CPU are noisy.
   helios   per_layer_s x depth + per_row_layer_s x layer-rows (`helios_core.policy.pht.fit_steps`)
   no depth a + b x layer-rows (least squares with an intercept)
 """
@@ -51,7 +52,16 @@ def no_depth_fit(steps: list[StepRecord]):
 
 
 def median_error(predict, steps: list[StepRecord]) -> float:
-    return statistics.median(abs(predict(s) - s.seconds) / s.seconds for s in steps)
+    groups: dict[tuple[int, int], list[StepRecord]] = {}
+    for s in steps:
+        groups.setdefault((s.depth, s.rows), []).append(s)
+    errors = []
+    for (depth, rows), group in groups.items():
+        if len(group) >= 3:
+            typical = StepRecord(statistics.median(s.seconds for s in group), rows, depth,
+                                 round(statistics.fmean(s.layer_rows for s in group)))
+            errors.append(abs(predict(typical) - typical.seconds) / typical.seconds)
+    return statistics.median(errors)
 
 
 def main() -> None:
