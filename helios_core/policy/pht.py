@@ -18,8 +18,9 @@ per_layer_s is what every loaded layer costs once per step, whoever runs it (ker
 exited rows' K/V fill, the fixed part of the exit checks); per_row_layer_s is one row through one
 block with its exit check. On the demo models a fit on full-depth steps predicts the partial-depth
 steps within ~15% on a quiet CPU; a fit without the depth term is off by up to ~2x there, and a
-free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement of the device, not of the
-workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per model and depth are kept).
+free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement
+of the device, not of the workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per
+model and depth are kept).
 Prefill is timed apart in the same records; its mean seconds per prompt token per layer costs the
 K/V refill of newly loaded layers.
 """
