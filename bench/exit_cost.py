@@ -6,9 +6,11 @@
    sequence from the `mixed` prompts) for: no exits; exit checks at every layer that nobody passes
    (threshold 2: the checks' cost alone); threshold 0.5 at every layer; threshold 0.5 every 4 layers;
    and 8 layers loaded, with and without exits.
-2. The TPOT the HELIOS policy records while profiling each registry model (5 requests each, full
+2. What the HELIOS policy measures while profiling each registry model (5 requests each, full
    depth) during the warm-up `helios bench` runs (24 `mixed` requests, all queued at once, the
-   52 MiB budget of B0 = 4), next to each model's decode step time at batch 4.
+   52 MiB budget of B0 = 4): the request-based TPOT, and the step-time fit's prediction for a step
+   at batch 4 with the profiled exits; next to each model's decode step measured at batch 4 with its
+   registry exits (what the fit predicts) and without exits.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K)
 ]
 
 
-def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, threshold: float,
-              every: int | None, tokens: int = 48) -> tuple[float, float]:
-    """(seconds per decode step, mean exit layer) with `batch` sequences decoding together."""
+def exits(model: Path, threshold: float, every: int | None) -> ExitConfig:
+    """Exit checks at `threshold` every `every` layers (None: at every layer)."""
     num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-    exit_layers = tuple(range(every, num_layers, every)) if every else None
+    return ExitConfig(threshold=threshold, exit_layers=tuple(range(every, num_layers, every)) if every else None)
+
+
+def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, exit: ExitConfig,
+              tokens: int = 48) -> tuple[float, float]:
+    """(seconds per decode step, mean exit layer) with `batch` sequences decoding together."""
     engine = LLMEngine(EngineConfig(model=str(model), num_layers=layers, early_exit=early_exit,
-                                    memory_budget=256 << 20, max_model_len=1024,
-                                    exit=ExitConfig(threshold=threshold, exit_layers=exit_layers)))
+                                    memory_budget=256 << 20, max_model_len=1024, exit=exit))
     for r in load_workload("mixed", batch):
         engine.add_request(r.prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
     while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
@@ -63,13 +68,19 @@ def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, thr
     return (time.perf_counter() - start) / steps, mean_exit
 
 
-def profiled_tpot() -> dict[str, float | None]:
-    """model -> TPOT in the policy's profile after the `helios bench` warm-up."""
+def profiled() -> dict[str, tuple[float | None, float | None]]:
+    """model -> (TPOT, the step fit's batch-4 full-depth step) in the policy after the `helios bench` warm-up."""
     cfg = BenchConfig()
     registry = Registry.load(ROOT / cfg.registry)
     helios = _build("helios", cfg, registry, baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len))
     drive(helios, _requests(load_workload(cfg.workload, cfg.warmup, 32), "warmup"), concurrency=cfg.warmup)
-    return {name: row.time_per_token_s for name, row in helios.orch.policy.pht.rows.items()}
+    pht = helios.orch.policy.pht
+    out = {}
+    for name, row in pht.rows.items():
+        fit = pht.step_fit(name)
+        step = fit.seconds(row.num_layers, 4 * row.mean_layers(row.num_layers)) if fit else None
+        out[name] = (row.time_per_token_s, step)
+    return out
 
 
 def main() -> None:
@@ -79,21 +90,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    step_time(ROOT / "models" / args.model, 1, None, False, 0.5, None, tokens=8)  # warm-up: first-call costs
+    step_time(ROOT / "models" / args.model, 1, None, False, ExitConfig(), tokens=8)  # warm-up: first-call costs
     print(f"## Decode step of {args.model} ({args.threads} thread(s))\n")
     print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
     print("|---|" + "---:|" * len(args.batches))
-    for label, *case in CASES:
-        cells = [step_time(ROOT / "models" / args.model, b, *case) for b in args.batches]
+    model = ROOT / "models" / args.model
+    for label, layers, early_exit, threshold, every in CASES:
+        cells = [step_time(model, b, layers, early_exit, exits(model, threshold, every)) for b in args.batches]
         print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
-    print("\n## The policy's profiled TPOT vs the decode step at batch 4, no exits\n")
-    print("| model | layers | profiled TPOT ms | decode step ms |")
-    print("|---|---:|---:|---:|")
+    print("\n## What the policy measured vs the decode step at batch 4\n")
+    print("| model | layers | profiled TPOT ms | step fit, batch 4 ms | decode step, registry exits ms | "
+          "decode step, no exits ms |")
+    print("|---|---:|---:|---:|---:|---:|")
     registry = Registry.load(ROOT / "models" / "registry.yaml")
-    for name, tpot in profiled_tpot().items():
+    for name, (tpot, fitted) in profiled().items():
         entry = registry[name]
-        step, _ = step_time(entry.path, 4, None, False, 0.5, None)
-        print(f"| {name} | {entry.num_layers} | {tpot * 1e3:.1f} | {step * 1e3:.1f} |", flush=True)
+        with_exits, _ = step_time(entry.path, 4, None, True, entry.exit_config())
+        plain, _ = step_time(entry.path, 4, None, False, entry.exit_config())
+        ms = lambda x: f"{x * 1e3:.1f}" if x is not None else "-"  # noqa: E731
+        print(f"| {name} | {entry.num_layers} | {ms(tpot)} | {ms(fitted)} | {ms(with_exits)} | {ms(plain)} |",
+              flush=True)
 
 
 if __name__ == "__main__":

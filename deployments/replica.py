@@ -134,7 +134,8 @@ class ModelReplica:
             context = sum(len(s.token_ids) for s in self.engine.scheduler.running)
             try:
                 target = await self.router.report.remote(self.name, self.engine.num_layers, batch.records,
-                                                         batch.finished, (running, waiting, context))
+                                                         batch.finished, (running, waiting, context),
+                                                         self.engine.drain_steps())
             except Exception:  # the router restarts: keep serving at the current depth
                 logger.exception("%s: telemetry report failed", self.name)
                 continue

@@ -1,9 +1,10 @@
 """Router: one replica that runs the HELIOS policy over the replicas' batched telemetry.
 
-Replicas report about once a second (token breach flags, finished-request summaries, their load)
-and get their model's target depth back. The ingress reads the routing table (task -> model) from
-a cache it refreshes about once a second, never per request. The policy's state (PHT, events) is
-saved in Ray's internal key-value store after every change and restored when the router restarts.
+Replicas report about once a second (token breach flags, finished-request summaries, engine step
+times, their load) and get their model's target depth back. The ingress reads the routing table
+(task -> model) from a cache it refreshes about once a second, never per request. The policy's
+state (PHT, events) is saved in Ray's internal key-value store after every change and restored
+when the router restarts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ray import serve
 from ray.serve import metrics
 
 from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
-from helios_core.telemetry import RequestSummary, TokenRecord
+from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,10 +46,12 @@ class Router:
                                              ("kind", "model"))
 
     def report(self, model: str, depth: int, records: list[TokenRecord],
-               finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int]) -> int | None:
+               finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int],
+               steps: list[StepRecord] = ()) -> int | None:
         """A replica's telemetry since its last report; returns that model's target depth."""
         p = self.policy
         p.observe_load(*load)
+        p.observe_steps(model, steps)
         p.observe_tokens(model, records)
         for summary, served_depth, task in finished:
             p.assigned(model, task)

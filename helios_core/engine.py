@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -29,10 +30,11 @@ from .request import Completion, RequestOutput, RequestStatus, Sequence
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
-from .telemetry import ExitStats, RequestSummary, TokenRecord
+from .telemetry import ExitStats, RequestSummary, StepRecord, TokenRecord
 
 logger = logging.getLogger("helios")
 DEFAULT_BUDGET_SEQS = 32  # the default memory budget holds this many sequences with every layer loaded
+STEP_LOG = 4096  # step records kept until a consumer drains them (the policy, a replica's report)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.stats = ExitStats(self.name, model_config.num_layers)
         self.layer_events: list[LayerEvent] = []
+        self.steps: deque[StepRecord] = deque(maxlen=STEP_LOG)
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
@@ -245,19 +248,31 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def drain_steps(self) -> list[StepRecord]:
+        """The step records since the last drain (safe while another thread is stepping)."""
+        return [self.steps.popleft() for _ in range(len(self.steps))]
+
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs = [self._finish(seq, "abort", [], "", []) for seq in self._aborted]
         self._aborted = []
         plan = self.scheduler.schedule()
+        start = time.perf_counter()
         for chunk in plan.prefills:
             tokens = torch.tensor(chunk.seq.token_ids[chunk.start : chunk.end], device=self.device)
             self.runner.prefill(chunk.seq.slot, tokens, chunk.start)
             chunk.seq.num_cached = chunk.end
+        if plan.prefills and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the decode's time below excludes the prefill's kernels
+        prefill_s = time.perf_counter() - start
+        prefill_tokens = sum(c.end - c.start for c in plan.prefills)
         if not plan.decodes:
+            if plan.prefills:
+                self.steps.append(StepRecord(0.0, 0, self.num_layers, 0, prefill_tokens, prefill_s))
             return outputs
         for op, a, b, length in self.scheduler.arrange_decode_slots(plan.decodes):
             (self.cache.swap_slots if op == "swap" else self.cache.copy_slot)(a, b, length)
+        start = time.perf_counter()
         seqs = plan.decodes  # row i is in slot i
         positions = [len(s.token_ids) - 1 for s in seqs]
         early = [self.config.early_exit and s.params.early_exit for s in seqs]
@@ -277,9 +292,10 @@ class LLMEngine:
         )
         new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]
-        rows = zip(seqs, new_tokens.tolist(), out.depth.tolist(), out.confidence.tolist(), out.forced.tolist(),
-                   logprobs.tolist())
+        depths = out.depth.tolist()  # .tolist() waits for the device: the step's time is complete here
+        rows = zip(seqs, new_tokens.tolist(), depths, out.confidence.tolist(), out.forced.tolist(), logprobs.tolist())
         now = time.perf_counter()
+        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s))
         for seq, token, depth, conf, forced, logprob in rows:
             record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold, logprob)
             outputs.append(self._append(seq, token, record, now))

@@ -8,7 +8,7 @@ One `step()`:
                 whole budget;
   2. assign     queued requests go to the model the policy picks (held while it says so);
   3. run        one step of every engine with work; outputs go back to the caller;
-  4. observe    token records, finished requests, the queue and layer loads go to the policy.
+  4. observe    step times, token records, finished requests, the queue and layer loads go to the policy.
 The Ray deployments wrap the same object: a replica's loop is this step.
 """
 
@@ -138,6 +138,7 @@ class Orchestrator:
             if not engine.has_unfinished():
                 continue
             step_outputs = engine.step()
+            self.policy.observe_steps(name, engine.drain_steps())
             self.policy.observe_tokens(name, [r for o in step_outputs for r in o.new_records])
             for out in step_outputs:
                 if out.finished:

@@ -3,7 +3,8 @@
 Data flow: the engine writes one `TokenRecord` per generated token into its request; when the
 request finishes it becomes a `RequestSummary`; `ExitStats` aggregates every token of a model
 (histogram by exit depth, forced exits, breaches). The policy and the router read `ExitStats`
-snapshots, in batches (`drain`), never per token.
+snapshots, in batches (`drain`), never per token. Each decode step also leaves a `StepRecord` (its wall
+time, batch rows and depth), which the policy's step-time model is fitted on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ class TokenRecord:
     forced: bool  # left at the last loaded layer of a partially loaded model
     breach: bool  # forced with confidence below the request's threshold
     logprob: float  # log-probability of the emitted token under the exit layer's distribution (temperature 1)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step: the decode's wall time and shape, and the prefill that ran before it."""
+
+    seconds: float  # decode wall time: inputs, every loaded layer, exit checks, sampling (prefill excluded)
+    rows: int  # sequences in the decode batch (0: the step only prefilled)
+    depth: int  # loaded layers
+    layer_rows: int  # blocks run: sum over rows of the exit depth (the runner compacts rows that exit)
+    prefill_tokens: int = 0  # prompt tokens prefilled in this step, before the decode
+    prefill_seconds: float = 0.0
 
 
 @dataclass

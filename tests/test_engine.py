@@ -174,6 +174,26 @@ def test_telemetry_aggregates(tiny_llama):
     assert s.time_to_first_token_s is not None and s.latency_s >= s.time_to_first_token_s
 
 
+def test_step_records_time_each_decode_with_its_shape(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.5), num_layers=4, max_prefill_tokens=8)
+    outs = eng.generate(PROMPTS, GREEDY)
+    steps = eng.drain_steps()
+    assert not eng.steps and eng.drain_steps() == []  # drained
+    decodes = [s for s in steps if s.rows]
+    assert all(s.depth == 4 and s.rows <= len(PROMPTS) and s.rows <= s.layer_rows <= 4 * s.rows and s.seconds > 0
+               for s in decodes)
+    assert all(s.prefill_tokens and s.seconds == 0 for s in steps if not s.rows)  # a step that only prefilled
+    assert sum(s.rows for s in steps) == sum(len(o.token_ids) for o in outs)  # one token per row per step
+    assert sum(s.layer_rows for s in steps) == sum(r.exit_layer for o in outs for r in o.records)
+    assert len({s.rows for s in decodes}) > 1  # requests joined and left: the batch varied
+    # The last prompt token is fed by the decode step; the rest is prefilled (in 8-token chunks), timed apart.
+    assert sum(s.prefill_tokens for s in steps) == sum(len(p) - 1 for p in PROMPTS)
+    assert all(s.prefill_seconds > 0 for s in steps if s.prefill_tokens)
+    eng.set_num_layers(2)
+    eng.generate([PROMPTS[0]], GREEDY)
+    assert {s.depth for s in eng.drain_steps()} == {2}
+
+
 def test_token_logprobs_match_transformers_and_give_the_output_perplexity(tiny_llama):
     import math
 

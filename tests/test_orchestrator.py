@@ -4,15 +4,18 @@ capacity from freed memory, a stable workload, and a shift from code to prose.""
 from __future__ import annotations
 
 import random
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.orchestrator import Orchestrator, OrchestratorConfig
-from helios_core.policy import PolicyConfig
+from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from helios_core.sampling import SamplingParams
+from helios_core.telemetry import RequestSummary, TokenRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -97,6 +100,56 @@ def test_shift_from_code_to_prose_adapts_within_bounded_tokens(global_run):
         assert before[-1].model == first.model and first.depth > before[-1].depth
     loads = [t for t in orch.timeline if t["kind"] in ("load", "start")]
     assert loads[-1]["weight_bytes"] + loads[-1]["kv_bytes"] <= BUDGET
+
+
+def test_the_policy_gets_every_models_steps_at_every_depth_it_ran(global_run):
+    orch, events, snapshot, _ = global_run
+    pht = orch.policy.pht
+    for model in orch.policy.candidates:
+        assert (model, orch.registry[model].num_layers) in pht.steps  # profiled at full depth
+        fit = pht.step_fit(model)
+        assert fit is not None and fit.per_layer_s + fit.per_row_layer_s > 0 and fit.prefill_token_layer_s > 0
+        assert snapshot["policy"]["pht"][model]["step_fit"]["samples"] > 0
+    assert (events[3].model, events[3].depth) in pht.steps  # and where it served partially
+
+
+def test_measured_steps_rank_the_demo_models(registry):
+    """Each demo model decodes alone at batch 4 and at batch 1 (full depth, no exits); the policy gets those
+    steps and a profile with the same request TPOT and no early exits for every model, so only the steps
+    separate them. Wherever the measured steps of two models differ clearly (1.5x: CPU timings here are
+    noisy), the policy's throughput objective must order them the same way, at both batch sizes."""
+    limits = Limits(BUDGET, 256)
+    policy = HeliosPolicy(Registry.load(registry), limits, PolicyConfig(slo="throughput"))
+    prompts = [p["prompt"][:300] for p in load_prompts("code")[:4]]  # short: prefill is not what is measured
+    measured = {}  # (model, batch) -> median decode step seconds
+    for model in MODELS:
+        engine = LLMEngine(EngineConfig(model=str(ROOT / "models" / model), early_exit=False, memory_budget=BUDGET,
+                                        max_model_len=256))
+        engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
+        engine.drain_steps()
+        engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+        engine.generate(prompts[:1], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+        steps = engine.drain_steps()
+        for n in (1, 4):
+            measured[(model, n)] = statistics.median(s.seconds for s in steps if s.rows == n)
+        policy.observe_steps(model, steps)
+        fit, layers = policy.pht.step_fit(model), engine.num_layers
+        assert fit.seconds(layers, 4 * layers) == pytest.approx(measured[(model, 4)], rel=0.5)  # it describes them
+    for _ in MODELS:  # one profiling round: the same TPOT and no exits for every model
+        [(model, target)] = policy.targets.items()
+        records = [TokenRecord(target.depth, 0.9, False, False, -0.1)] * 10
+        for _ in range(policy.config.profile_requests):
+            policy.assigned(model)
+            policy.observe_request(model, target.depth, RequestSummary.from_records(
+                "r", model, 4, records, "length", 0.0, 0.0, 0.2))
+    [(served, target)] = policy.targets.items()
+    assert target.depth == policy.registry[served].num_layers  # nothing exits early: full depth
+    for n in (1, 4):
+        cost = {m: policy._estimate_at_rule(m).objective("throughput", n, None) for m in MODELS}
+        for a in MODELS:
+            for b in MODELS:
+                if measured[(a, n)] * 1.5 < measured[(b, n)]:
+                    assert cost[a] < cost[b], (n, measured, cost)
 
 
 def test_per_request_mode_keeps_every_candidate_live_and_routes_by_task(registry):

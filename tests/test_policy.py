@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from helios_core.engine import EngineConfig, LLMEngine
-from helios_core.policy import (BreachMonitor, HeliosPolicy, Limits, PolicyConfig, ProfileRow, Registry,
-                                RegistryError, Target, estimate, partial_depth, shortlist)
+from helios_core.policy import (BreachMonitor, HeliosPolicy, Limits, PerformanceHistoryTable, PolicyConfig, ProfileRow,
+                                Registry, RegistryError, StepFit, Target, estimate, fit_steps, partial_depth, shortlist)
+from helios_core.policy.pht import STEP_SAMPLES
 from helios_core.policy.planner import wilson_upper
-from helios_core.telemetry import RequestSummary, TokenRecord
+from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 from tiny_models import make_pickle_checkpoint, make_tiny_checkpoint
 
 MAX_LEN = 128
@@ -37,6 +38,17 @@ def summary(model: str, depths: list[int], breaches: int = 0, tpot: float = 0.01
 
 def tokens(n: int, breach_every: int = 0) -> list[TokenRecord]:
     return [TokenRecord(1, 0.1, True, bool(breach_every) and i % breach_every == 0, -1.0) for i in range(n)]
+
+
+def steps(per_layer: float, per_row_layer: float, depth: int, rows=(1, 2, 4, 8), layers_per_row: float = 0.0,
+          repeat: int = 3) -> list[StepRecord]:
+    """Decode steps timed exactly by the step-time model; rows run `layers_per_row` blocks (0: all loaded)."""
+    out = []
+    for _ in range(repeat):
+        for n in rows:
+            layer_rows = round(n * (layers_per_row or depth))
+            out.append(StepRecord(per_layer * depth + per_row_layer * layer_rows, n, depth, layer_rows))
+    return out
 
 
 # --- breach monitor -------------------------------------------------------------------------------
@@ -87,6 +99,62 @@ def test_breaches_at_a_partial_depth_are_censored():
     assert row.censored == 5
     assert row.share_within(2) == pytest.approx(0.5)  # only the confident ones count as exited
     assert row.mean_layers(2) == pytest.approx((4 + 2 + 10) / 10)
+
+
+# --- step-time model -----------------------------------------------------------------------------
+def test_step_fit_recovers_the_coefficients_and_ignores_stray_slow_steps():
+    records = steps(1e-3, 4e-4, 6, layers_per_row=3.5) + steps(1e-3, 4e-4, 3, rows=(1, 3, 5), layers_per_row=2.2)
+    fit = fit_steps([(r.seconds, r.depth, r.layer_rows) for r in records])
+    assert fit.per_layer_s == pytest.approx(1e-3) and fit.per_row_layer_s == pytest.approx(4e-4)
+    # A few steps 10x slow (another process had the core): one trimming pass drops them.
+    noisy = [(r.seconds * (10 if i % 9 == 0 else 1 + 0.02 * (i % 3)), r.depth, r.layer_rows)
+             for i, r in enumerate(records)]
+    fit = fit_steps(noisy)
+    assert fit.per_layer_s == pytest.approx(1e-3, rel=0.1) and fit.per_row_layer_s == pytest.approx(4e-4, rel=0.1)
+    assert fit.seconds(12, 40) == pytest.approx(12 * fit.per_layer_s + 40 * fit.per_row_layer_s)
+
+
+def test_step_fit_needs_steps_that_separate_the_terms():
+    same_shape = [(0.01, 6, 24)] * 20  # one batch size, no exits: depth and layer-rows move together
+    assert fit_steps(same_shape) is None
+    assert fit_steps([(0.01, 6, 6 * n) for n in (1, 2, 4)]) is None  # too few steps
+    # Time that does not grow with the batch: all per-layer, never a negative per-row cost.
+    flat = fit_steps([(0.006 - 1e-5 * n, 6, 6 * n) for n in (1, 2, 4, 8) * 3])
+    assert flat.per_row_layer_s == 0.0 and flat.per_layer_s > 0
+
+
+def test_pht_keeps_steps_per_model_and_depth_across_profiling_rounds():
+    pht = PerformanceHistoryTable()
+    pht.start("m", 6, 0)
+    pht.add_steps("m", steps(1e-3, 4e-4, 6) + [StepRecord(0.5, 2, 6, 12, prefill_tokens=100, prefill_seconds=0.012)])
+    pht.add_steps("m", steps(1e-3, 4e-4, 2, repeat=2 * STEP_SAMPLES))  # long serving at depth 2
+    assert len(pht.steps[("m", 2)]) == STEP_SAMPLES and len(pht.steps[("m", 6)]) == 13  # full depth kept
+    pht.start("m", 6, 150)  # a new profiling round: the model's speed is still known
+    fit = pht.step_fit("m")
+    assert fit.per_layer_s == pytest.approx(1e-3, rel=0.05) and fit.per_row_layer_s == pytest.approx(4e-4, rel=0.05)
+    assert fit.prefill_token_layer_s == pytest.approx(0.012 / (100 * 6))
+    assert pht.step_fit("other") is None
+
+
+def test_estimate_predicts_the_step_at_the_batch_the_objective_assumes(family):
+    entry = Registry.load(family)["tiny-6l"]
+    row = ProfileRow("tiny-6l", 6)
+    row.add(summary("tiny-6l", [1] * 4 + [3] * 4 + [6] * 2, tpot=0.05), depth=6)
+    fit = StepFit(per_layer_s=1e-3, per_row_layer_s=4e-4, prefill_token_layer_s=2e-5, samples=20)
+    e = estimate(entry, row, 3, LIMITS, steps=fit)
+    assert e.layers == pytest.approx(2.2) and e.measured
+    n = min(e.capacity, 16)
+    assert e.batch(16) == n and e.batch(2) == 2
+    assert e.step_s(n) == pytest.approx(1e-3 * 3 + 4e-4 * n * 2.2)
+    assert e.objective("throughput", 16, None) == pytest.approx(e.step_s(n) / n)
+    assert e.objective("latency", 2, None) == pytest.approx(1e-3 * 3 + 4e-4 * 2 * 2.2)
+    assert e.token_layer_s == 2e-5  # measured prefill refills new layers' K/V
+    # A bigger batch shares the per-layer cost: seconds per token fall, step time rises.
+    assert e.objective("throughput", 8, None) < e.objective("throughput", 2, None) < e.step_s(2) < e.step_s(8)
+    # Without step samples: the request-based TPOT, scaled by layers run, at any batch.
+    old = estimate(entry, row, 3, LIMITS)
+    assert old.step is None and old.step_s(8) == old.step_s(1) == pytest.approx(0.05 * 2.2 / 2.8)
+    assert old.objective("throughput", 4, None) == pytest.approx(old.tpot_s / 4)
 
 
 # --- registry -------------------------------------------------------------------------------------
@@ -272,6 +340,29 @@ def test_switch_when_the_current_model_is_slow_to_deepen(family):
     assert policy.events[-1].kind == "switch" and policy.events[-1].model != "tiny-8l"
 
 
+def test_measured_steps_decide_when_request_tpot_cannot_tell_the_models_apart(family):
+    """The headline failure: every profile's request TPOT is alike (other requests' prefill and the batch
+    that happened to run blur it), but the steps say tiny-4l is fast and tiny-8l slow."""
+    profiles = {m: ([1] * 8 + [n] * 2, 0.02) for m, n in (("tiny-4l", 4), ("tiny-6l", 6), ("tiny-8l", 8))}
+    speed = {"tiny-4l": (2e-4, 1e-4), "tiny-6l": (6e-4, 3e-4), "tiny-8l": (2e-3, 1e-3)}  # (per layer, per row-layer)
+    blind = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="throughput"))
+    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="throughput"))
+    for p in (blind, policy):
+        p.observe_load(4, 4, 0)
+    for model, (a, b) in speed.items():
+        policy.observe_steps(model, steps(a, b, policy.registry[model].num_layers, layers_per_row=2.8))
+    serve_profiles(blind, profiles)
+    serve_profiles(policy, profiles)
+    # TPOT x layers(d) / layers(L) credits the deepest model with the biggest saving at depth 1.
+    assert list(blind.targets) == ["tiny-8l"]
+    assert policy.targets == {"tiny-4l": Target(1, False)}
+    # On a breach trigger, loading more of the fast model beats switching to a slower one.
+    policy.observe_tokens("tiny-4l", tokens(100))
+    policy.observe_tokens("tiny-4l", tokens(60, breach_every=1))
+    event = policy.events[-1]
+    assert event.kind == "load" and event.model == "tiny-4l" and event.depth > 1, event.reason
+
+
 # --- per-request mode -----------------------------------------------------------------------------
 def test_per_request_mode_profiles_each_task_on_each_model_then_routes(family):
     policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(mode="per-request", slo="latency",
@@ -332,5 +423,7 @@ def test_helios_profile_fills_the_registry_and_the_shortlist_uses_it(family, tmp
     entry = registry["tiny-8l"]
     e = estimate(entry, None, entry.num_layers, LIMITS)
     assert e.measured and e.tpot_s == pytest.approx(entry.profile.time_per_output_token_s)
+    # ... with the step-time fit of its batch and of one prompt alone
+    assert e.step == entry.profile.step_fit and e.step.per_layer_s + e.step.per_row_layer_s > 0
     with pytest.raises(SystemExit):
         main(["profile", "--registry", str(family), "--prompts", str(tmp_path / "missing.txt")])

@@ -235,15 +235,17 @@ def test_overload_gets_503_with_retry_after_and_never_hangs(base_url):
 
 def test_router_state_survives_a_restart(base_url):
     from deployments.router import Router
-    from helios_core.telemetry import RequestSummary, TokenRecord
+    from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 
     cls = Router.func_or_class  # the class itself, in this (Ray-connected) process: its own state key
     first = cls(str(REGISTRY), 64 << 20, 1024, {"profile_requests": 2}, state_key="test/router")
     records = [TokenRecord(2, 0.9, False, False, -0.1)] * 8
     summary = RequestSummary.from_records("r", CODE, 4, records, "length", 0.0, 0.0, 0.1)
-    targets = [first.report(CODE, 6, records, [(summary, 6, "code")], (1, 0, 12)) for _ in range(2)]
+    steps = [StepRecord(6e-3 + 1e-3 * n, n, 6, 6 * n) for n in (1, 2, 4, 8)]
+    targets = [first.report(CODE, 6, records, [(summary, 6, "code")], (1, 0, 12), steps) for _ in range(2)]
     assert targets == [6, None]  # profiled at full depth for N = 2 requests, then the next candidate's turn
     assert first.snapshot()["pht"][CODE]["requests"] == 2
+    assert first.snapshot()["pht"][CODE]["step_fit"] is not None  # fitted on the replica's step times
     events = first.snapshot()["events"]
     assert [e["kind"] for e in events] == ["profile", "profile"]  # moved on to the next candidate
 

@@ -4,6 +4,7 @@ The policy never touches a model. The caller (the in-process `Orchestrator`, or 
 actor) feeds it telemetry in batches and applies the targets it sets:
 
     observe_tokens(model, records)        token records of a step (exit depth, forced, breach)
+    observe_steps(model, steps)           engine step records (decode time, batch, depth): model speed
     observe_request(model, depth, summary) a finished request, with the depth it was served at
     observe_load(running, waiting, context_tokens)   the queue, for demand and switch costs
     observe_layer_event(event)            a measured load, for the load bandwidth
@@ -35,7 +36,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from ..telemetry import RequestSummary, TokenRecord
+from ..telemetry import RequestSummary, StepRecord, TokenRecord
 from .monitor import BreachMonitor
 from .pht import PerformanceHistoryTable, ProfileRow
 from .planner import (Adaptation, Estimate, Limits, PolicyConfig, estimate, partial_depth, shortlist,
@@ -126,6 +127,10 @@ class HeliosPolicy:
         elif not self._profiling and self.requests - self._last_profile_at >= c.reprofile_every:
             self._begin_profiling(f"{c.reprofile_every} requests since the last profile")
 
+    def observe_steps(self, model: str, steps: Iterable[StepRecord]) -> None:
+        """Engine steps of `model`, at whatever depth it runs: they fit its step-time model."""
+        self.pht.add_steps(model, list(steps))
+
     def observe_load(self, running: int, waiting: int, context_tokens: int) -> None:
         self._demand.append(running + waiting)
         self._context_tokens = context_tokens
@@ -215,12 +220,13 @@ class HeliosPolicy:
         previous = self._serving_before
         if previous in score and previous != best and not _beats(score[best], score[previous], c.switch_margin):
             best, reason = previous, f"kept: {c.slo} of {best} within {c.switch_margin:.0%}"
-        self._replace(best, Target(options[best].depth, False), "serve", reason)
+        scores = ", ".join(f"{m}@{e.depth}: {score[m]:.3g}" for m, e in options.items())
+        self._replace(best, Target(options[best].depth, False), "serve", f"{reason} ({scores})")
 
     def _estimate_at_rule(self, model: str, shift: float = 1.0, minimum: int = 1) -> Estimate:
         entry, row = self.registry[model], self.pht.get(model)
         depth = partial_depth(entry, row, self.limits, self.config.coverage, shift, minimum)
-        return estimate(entry, row, depth, self.limits, shift)
+        return estimate(entry, row, depth, self.limits, shift, self.pht.step_fit(model))
 
     def _adapt(self, model: str, why: str, live: float) -> None:
         """Load more layers or switch, whichever costs less. `live`: the breach rate seen."""
@@ -255,13 +261,12 @@ class HeliosPolicy:
             return Adaptation(kind, model, est.depth, objective, 0.0, est)
         row = self.pht.get(model)
         tokens_per_request = row.tokens / row.requests if row and row.requests else 64
-        per_layer = est.tpot_s / max(est.layers, 1e-9)
         if kind == "load":  # the running sequences' context needs K/V in the new layers
             transition = transition_seconds(self.registry[model], from_depth, est.depth, self._context_tokens,
-                                            per_layer, self.bandwidth)
+                                            est.token_layer_s, self.bandwidth)
         else:  # a switch loads the other model and lets in-flight requests finish first (~one request)
-            transition = (transition_seconds(self.registry[model], 0, est.depth, 0, per_layer, self.bandwidth)
-                          + est.tpot_s * tokens_per_request)
+            transition = (transition_seconds(self.registry[model], 0, est.depth, 0, est.token_layer_s, self.bandwidth)
+                          + est.step_s(est.batch(self.demand)) * tokens_per_request)
         remaining = max(1, c.reprofile_every - (self.requests - self._last_profile_at))
         return Adaptation(kind, model, est.depth, transition + remaining * tokens_per_request * objective,
                           transition, est)
@@ -289,11 +294,12 @@ class HeliosPolicy:
         """At its current depth, from its pooled profile (or the registry's offline one, or the prior)."""
         row = self.pht.get(model)
         return estimate(self.registry[model], row if row is not None and row.tokens else None,
-                        self.targets[model].depth, self.limits)
+                        self.targets[model].depth, self.limits, steps=self.pht.step_fit(model))
 
     def _task_estimate(self, model: str, task: str) -> Estimate:
         entry, row = self.registry[model], self.task_rows[(model, task)]
-        return estimate(entry, row, min(row.num_layers, self.targets[model].depth), self.limits)
+        return estimate(entry, row, min(row.num_layers, self.targets[model].depth), self.limits,
+                        steps=self.pht.step_fit(model))
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _replace(self, model: str, target: Target, kind: str, reason: str) -> None:

@@ -2,7 +2,8 @@
 
 The shortlist ranks models by these numbers before any live traffic has been seen. One batch of the
 whole prompt set per model (greedy, `max_tokens` each), so tokens/s is the throughput at that
-concurrency on this device; TPOT is the mean per request.
+concurrency on this device; TPOT is the mean per request. The decode step-time fit (pht.StepFit) is
+taken over the steps of that batch and of one prompt alone, so the batch size varies across its samples.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import Counter
 from ..engine import EngineConfig, LLMEngine
 from ..evaluate import Prompt
 from ..sampling import SamplingParams
+from .pht import fit_steps
 from .registry import ModelEntry, OfflineProfile
 
 
@@ -24,9 +26,12 @@ def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, m
                                     max_num_seqs=max(len(prompts), 1)))
     params = [SamplingParams(max_tokens=p.max_tokens or max_tokens, temperature=0, ignore_eos=True) for p in prompts]
     engine.generate([prompts[0].text], params[0])  # warm-up: first-call allocations are not the model's speed
+    engine.drain_steps()
+    engine.generate([prompts[0].text], params[0])  # batch 1: the step fit needs more than one batch size
     start = time.perf_counter()
     done = engine.generate([p.text for p in prompts], params)
     seconds = time.perf_counter() - start
+    fit = fit_steps([(s.seconds, s.depth, s.layer_rows) for s in engine.drain_steps()])
     records = [r for c in done for r in c.records]
     tpots = [c.summary.time_per_output_token_s for c in done if c.summary.time_per_output_token_s is not None]
     exits = Counter(r.exit_layer for r in records)
@@ -35,4 +40,5 @@ def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, m
         time_per_output_token_s=sum(tpots) / len(tpots) if tpots else seconds / max(len(records), 1),
         perplexity=math.exp(-sum(r.logprob for r in records) / len(records)),
         exit_shares={d: n / len(records) for d, n in sorted(exits.items())}, tokens=len(records),
+        step_per_layer_s=fit.per_layer_s if fit else None, step_per_row_layer_s=fit.per_row_layer_s if fit else None,
     )

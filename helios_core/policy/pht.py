@@ -8,15 +8,34 @@ rate, when they are below threshold) and the mean number of layers a token runs.
 Rows can also hold requests served at a partial depth (per-request mode's per-task rows): a breach
 there is censored, the token would have exited somewhere deeper than the served depth, so it counts
 as "not exited" at every depth (pessimistic) and as running every layer.
+
+The table also keeps each model's engine steps (`StepRecord`: decode wall time, loaded depth,
+blocks run), at every depth it has served at, and fits the step-time model the cost model uses:
+
+    step seconds = per_layer_s x loaded depth + per_row_layer_s x layer-rows
+
+per_layer_s is what every loaded layer costs once per step, whoever runs it (kernel launches, the
+exited rows' K/V fill, the fixed part of the exit checks); per_row_layer_s is one row through one
+block with its exit check. On the demo models a fit on full-depth steps predicts the partial-depth
+steps within ~15% on a quiet CPU; a fit without the depth term is off by up to ~2x there, and a
+free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement
+of the device, not of the workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per
+model and depth are kept).
+Prefill is timed apart in the same records; its mean seconds per prompt token per layer costs the
+K/V refill of newly loaded layers.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ..telemetry import RequestSummary
+from ..telemetry import RequestSummary, StepRecord
+
+STEP_SAMPLES = 128  # newest decode steps kept per (model, depth)
+MIN_STEPS = 8  # fewer steps than this: no fit
 
 
 @dataclass
@@ -72,9 +91,83 @@ class ProfileRow:
                 "exit_histogram": dict(sorted(self.histogram.items())), "censored": self.censored}
 
 
+@dataclass(frozen=True)
+class StepFit:
+    """The fitted step-time model of one model on this device (see the module docstring)."""
+
+    per_layer_s: float  # per loaded layer per step
+    per_row_layer_s: float  # per block run by one row
+    prefill_token_layer_s: float | None  # measured prefill seconds per prompt token per layer, if any
+    samples: int
+
+    def seconds(self, depth: float, layer_rows: float) -> float:
+        """Predicted decode step time with `depth` layers loaded and `layer_rows` blocks run."""
+        return self.per_layer_s * depth + self.per_row_layer_s * layer_rows
+
+    def to_dict(self) -> dict:
+        return {"per_layer_s": self.per_layer_s, "per_row_layer_s": self.per_row_layer_s,
+                "prefill_token_layer_s": self.prefill_token_layer_s, "samples": self.samples}
+
+
+Sample = tuple[float, int, int]  # (decode seconds, loaded depth, layer-rows): compact for the router's state
+
+
+def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None) -> StepFit | None:
+    """Least squares of seconds on (depth, layer-rows), then once more without the steps whose residual
+    exceeds 3x the median: a shared CPU leaves stray slow steps (another process, a first call)."""
+    fit = _least_squares(samples, prefill_token_layer_s)
+    if fit is None:
+        return None
+    residuals = [abs(t - fit.seconds(d, r)) for t, d, r in samples]
+    cut = max(3 * statistics.median(residuals), 1e-12)
+    return _least_squares([s for s, e in zip(samples, residuals) if e <= cut], prefill_token_layer_s) or fit
+
+
+def _least_squares(samples: list[Sample], prefill: float | None) -> StepFit | None:
+    """Both coefficients >= 0, through the origin (the data put the intercept near 0). None when the
+    steps cannot separate the two terms: too few, or layer-rows per loaded layer (the batch) never varied."""
+    if len(samples) < MIN_STEPS:
+        return None
+    sdd = sum(d * d for _, d, _ in samples)
+    sdr = sum(d * r for _, d, r in samples)
+    srr = sum(r * r for _, _, r in samples)
+    std = sum(t * d for t, d, _ in samples)
+    str_ = sum(t * r for t, _, r in samples)
+    det = sdd * srr - sdr * sdr
+    if srr <= 0 or det <= 0.01 * sdd * srr:
+        return None
+    a, b = (std * srr - str_ * sdr) / det, (str_ * sdd - std * sdr) / det
+    if a < 0:
+        a, b = 0.0, str_ / srr
+    elif b < 0:
+        a, b = std / sdd, 0.0
+    return StepFit(a, b, prefill, len(samples))
+
+
 class PerformanceHistoryTable:
     def __init__(self):
         self.rows: dict[str, ProfileRow] = {}
+        self.steps: dict[tuple[str, int], deque[Sample]] = {}  # (model, depth) -> newest decode steps
+        self.prefill: dict[str, tuple[float, int]] = {}  # model -> (prefill seconds, prompt token-layers)
+        self._fits: dict[str, StepFit | None] = {}  # cache, dropped when the model's steps change
+
+    def add_steps(self, model: str, records: list[StepRecord]) -> None:
+        for r in records:
+            if r.rows:
+                self.steps.setdefault((model, r.depth), deque(maxlen=STEP_SAMPLES)).append(
+                    (r.seconds, r.depth, r.layer_rows))
+            if r.prefill_tokens:
+                seconds, token_layers = self.prefill.get(model, (0.0, 0))
+                self.prefill[model] = (seconds + r.prefill_seconds, token_layers + r.prefill_tokens * r.depth)
+        if records:
+            self._fits.pop(model, None)
+
+    def step_fit(self, model: str) -> StepFit | None:
+        if model not in self._fits:
+            samples = [s for (m, _), q in self.steps.items() if m == model for s in q]
+            seconds, token_layers = self.prefill.get(model, (0.0, 0))
+            self._fits[model] = fit_steps(samples, seconds / token_layers if token_layers else None)
+        return self._fits[model]
 
     def start(self, model: str, num_layers: int, at_request: int) -> ProfileRow:
         """A fresh row: re-profiling replaces the old measurement (the workload may have moved)."""
@@ -85,4 +178,8 @@ class PerformanceHistoryTable:
         return self.rows.get(model)
 
     def to_dict(self) -> dict:
-        return {name: row.to_dict() for name, row in self.rows.items()}
+        rows = {name: row.to_dict() for name, row in self.rows.items()}
+        for name, row in rows.items():
+            fit = self.step_fit(name)
+            row["step_fit"] = fit.to_dict() if fit else None
+        return rows

@@ -8,14 +8,20 @@ Estimates for a model m loaded to depth d (L = m's layers), from its full-depth 
                 all of them as breaches, which is exact for max-prob confidence: not exiting by d means
                 confidence < threshold at every exit point up to d, the last one included)
   layers(d)   = E[min(exit depth, d)]                 (mean layers a token runs)
-  tpot(d)     = TPOT measured at full depth * layers(d) / layers(L)   (decode time scales with layers run)
   capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per sequence(d)
-Without a live profile, the registry's offline profile stands in; without either, tpot is a FLOPs
-proxy (2 x parameters run per token) and breach(d) is assumed to be 1 - d/L.
+  n           = min(capacity(d), demand): the batch the objective assumes
+  step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d + per_row_layer_s * n * layers(d),
+                the time between a sequence's tokens with n sequences decoding; the batch's fixed cost
+                per loaded layer is shared by its n rows, the blocks are not.
+Without step samples, step(n, d) falls back to a request-based TPOT scaled from full depth,
+TPOT * layers(d) / layers(L), the same at any n (it was measured at whatever batch ran). Sources,
+first found: live step fit, live TPOT (the PHT row), the registry's offline profile (its step fit,
+then its TPOT), else a FLOPs proxy (2 x parameters run per token); without a histogram breach(d) is
+assumed to be 1 - d/L.
 
 SLO objectives (lower is better):
-  throughput  seconds per token with `demand` sequences in flight: tpot(d) / min(capacity(d), demand)
-  latency     tpot(d)
+  throughput  seconds per token with n sequences in flight: step(n, d) / n
+  latency     step(n, d)
   batch       -capacity(d)
   energy      joules per token = power x the throughput objective, when the device power is known;
               otherwise FLOPs per token (a proxy, stated in the results)
@@ -33,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 from ..kv_cache import MemoryBudgetError
-from .pht import ProfileRow
+from .pht import ProfileRow, StepFit
 from .registry import ModelEntry
 
 SLOS = ("throughput", "latency", "batch", "energy")
@@ -87,17 +93,35 @@ class Estimate:
     depth: int
     breach_rate: float
     layers: float  # mean layers run per token
-    tpot_s: float  # decode seconds per token per sequence (FLOPs when nothing was measured)
+    tpot_s: float  # request-based decode seconds per token per sequence (FLOPs when nothing was measured)
     capacity: int
     flops_per_token: float
-    measured: bool  # tpot from a measurement (live or offline profile), not the FLOPs proxy
+    measured: bool  # time from a measurement (live or offline profile), not the FLOPs proxy
+    step: StepFit | None = None  # the measured step-time model; when set it replaces tpot_s
+
+    def batch(self, demand: int) -> int:
+        """The decode batch the objective assumes: as many sequences as are wanted and fit."""
+        return max(1, min(self.capacity, demand))
+
+    def step_s(self, rows: int) -> float:
+        """Seconds per decode step (between a sequence's tokens) with `rows` sequences decoding."""
+        return self.step.seconds(self.depth, rows * self.layers) if self.step else self.tpot_s
+
+    @property
+    def token_layer_s(self) -> float:
+        """Seconds to give one context token K/V in one more layer: measured prefill, else one row's
+        block in a decode step (an upper bound: prefill is batched over the prompt)."""
+        if self.step:
+            return self.step.prefill_token_layer_s or self.step.per_row_layer_s
+        return self.tpot_s / max(self.layers, 1e-9)
 
     def objective(self, slo: str, demand: int, power_watts: float | None) -> float:
-        per_token = self.tpot_s / max(1, min(self.capacity, demand))
+        rows = self.batch(demand)
+        per_token = self.step_s(rows) / rows
         if slo == "throughput":
             return per_token
         if slo == "latency":
-            return self.tpot_s
+            return self.step_s(rows)
         if slo == "batch":
             return -float(self.capacity)
         return power_watts * per_token if power_watts and self.measured else self.flops_per_token
@@ -115,9 +139,11 @@ def flops_per_token(entry: ModelEntry, layers: float) -> float:
     return 2.0 * (layers * block + checks * head)
 
 
-def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limits, shift: float = 1.0) -> Estimate:
+def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limits, shift: float = 1.0,
+             steps: StepFit | None = None) -> Estimate:
     """Predicted behaviour of `entry` at `depth`; `shift` scales the predicted breach rate by what the
-    live window showed against the profile (a workload that moved since profiling)."""
+    live window showed against the profile (a workload that moved since profiling); `steps`: the
+    model's live step-time fit, if it has one."""
     L = entry.num_layers
     try:
         capacity = entry.plan(depth, limits.memory_budget, limits.max_model_len, limits.max_num_seqs,
@@ -133,6 +159,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
         layers = sum(min(d, depth) * s for d, s in shares.items())
         layers_full = sum(d * s for d, s in shares.items())
         tpot_full = entry.profile.time_per_output_token_s
+        steps = steps or entry.profile.step_fit
     else:  # no measurement: a prior of exits spread evenly over the L layers
         not_exited = 1.0 - depth / L
         layers = sum(range(1, depth + 1)) / L + depth * not_exited
@@ -141,7 +168,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
     flops = flops_per_token(entry, layers)
     measured = bool(tpot_full) and bool(layers_full)
     tpot = tpot_full * layers / layers_full if measured else flops
-    return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured)
+    return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured or steps is not None, steps)
 
 
 def partial_depth(entry: ModelEntry, row: ProfileRow | None, limits: Limits, coverage: float,
@@ -191,12 +218,12 @@ class Adaptation:
 
 
 def transition_seconds(entry: ModelEntry, from_depth: int, to_depth: int, context_tokens: int,
-                       tpot_per_layer_s: float, bandwidth: float) -> float:
+                       token_layer_s: float, bandwidth: float) -> float:
     """Bytes of the layers to read / load bandwidth, plus K/V for the context in flight through the
-    new layers (costed at decode speed per token-layer: an upper bound, prefill is batched)."""
+    new layers (`token_layer_s` per token and layer: Estimate.token_layer_s)."""
     added = max(0, to_depth - from_depth)
     load = (entry.weight_bytes(to_depth) - (entry.weight_bytes(from_depth) if from_depth else 0)) / bandwidth
-    return max(0.0, load) + context_tokens * added * tpot_per_layer_s
+    return max(0.0, load) + context_tokens * added * token_layer_s
 
 
 __all__ = ["Adaptation", "Estimate", "Limits", "PolicyConfig", "SLOS", "estimate", "exit_points",

@@ -32,6 +32,7 @@ from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.loader import resolve_dtype
 from ..models.transformer import Transformer
+from .pht import StepFit
 
 
 class RegistryError(ValueError):
@@ -49,6 +50,15 @@ class OfflineProfile:
     perplexity: float  # of the greedy outputs under the model itself (full depth)
     exit_shares: dict[int, float]  # depth -> share of tokens that exited there at the threshold
     tokens: int
+    # The decode step-time fit on this device (pht.StepFit; absent in profiles written before it existed)
+    step_per_layer_s: float | None = None
+    step_per_row_layer_s: float | None = None
+
+    @property
+    def step_fit(self) -> StepFit | None:
+        if self.step_per_layer_s is None or self.step_per_row_layer_s is None:
+            return None
+        return StepFit(self.step_per_layer_s, self.step_per_row_layer_s, None, samples=0)  # count not recorded
 
 
 @dataclass(frozen=True)
