@@ -19,6 +19,21 @@ from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 
 logger = logging.getLogger("ray.serve")
+STATE_VERSION = 2  # bump when the policy's classes change shape: older saved state is then ignored
+
+
+def _restore(saved: bytes | None) -> HeliosPolicy | None:
+    """The saved policy, or None when there is none or another Helios version wrote it."""
+    if not saved:
+        return None
+    try:
+        version, state = pickle.loads(saved)
+    except (TypeError, ValueError, AttributeError, ImportError, pickle.UnpicklingError):
+        version = None
+    if version != STATE_VERSION:
+        logger.warning("router: ignoring saved policy state from another Helios version; profiling afresh")
+        return None
+    return state
 
 
 def _kv():
@@ -34,13 +49,14 @@ class Router:
         config = PolicyConfig(**(policy or {}))
         # One key per application, so two Helios apps on a cluster keep their own state.
         self.state_key = (state_key or f"helios/router/{serve.get_replica_context().app_name}").encode()
-        saved = _kv()._internal_kv_get(self.state_key)
         # The policy is plain Python over telemetry; its whole state is restored as one object.
         # (Trusted: written by this deployment into the cluster's own store, never from a request.)
-        self.policy: HeliosPolicy = pickle.loads(saved) if saved else HeliosPolicy(
-            Registry.load(registry), Limits(memory_budget, max_model_len), config)
-        if saved:
+        state = _restore(_kv()._internal_kv_get(self.state_key))
+        if state is not None:
+            self.policy: HeliosPolicy = state
             logger.info("router: restored policy state (%d events)", len(self.policy.events))
+        else:
+            self.policy = HeliosPolicy(Registry.load(registry), Limits(memory_budget, max_model_len), config)
         self._events_counted = len(self.policy.events)
         self._event_metric = metrics.Counter("helios_policy_events", "profiles, loads, switches of the policy",
                                              ("kind", "model"))
@@ -76,4 +92,4 @@ class Router:
         return self.policy.snapshot()
 
     def _save(self) -> None:
-        _kv()._internal_kv_put(self.state_key, pickle.dumps(self.policy), overwrite=True)
+        _kv()._internal_kv_put(self.state_key, pickle.dumps((STATE_VERSION, self.policy)), overwrite=True)

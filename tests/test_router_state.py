@@ -1,0 +1,27 @@
+"""The router's saved policy state: restored when this version wrote it, ignored (fresh profiling) otherwise."""
+
+import pickle
+from pathlib import Path
+
+from deployments.router import STATE_VERSION, _restore
+from helios_core.policy import HeliosPolicy, Limits, Registry
+
+REGISTRY = Path(__file__).resolve().parents[1] / "models" / "registry.yaml"
+
+
+def _policy() -> HeliosPolicy:
+    return HeliosPolicy(Registry.load(REGISTRY), Limits(96 << 20, 1024))
+
+
+def test_state_of_this_version_is_restored():
+    policy = _policy()
+    restored = _restore(pickle.dumps((STATE_VERSION, policy)))
+    assert isinstance(restored, HeliosPolicy)
+    assert restored.snapshot() == policy.snapshot()
+
+
+def test_state_of_another_version_or_shape_is_ignored():
+    assert _restore(None) is None
+    assert _restore(pickle.dumps(_policy())) is None  # the pre-versioned format: a bare policy
+    assert _restore(pickle.dumps((STATE_VERSION - 1, _policy()))) is None
+    assert _restore(b"not a pickle") is None
