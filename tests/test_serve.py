@@ -7,6 +7,7 @@ candidate stays at full depth and outputs can be compared with the in-process en
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -133,6 +134,57 @@ def test_handle_call_streams_from_a_model_replica():
     items = list(replica.options(stream=True).generate.remote("The json module", params))
     assert items[-1]["finished"] and items[-1]["summary"].output_tokens == 6
     assert "".join(i["text"] for i in items) == engine_greedy(PROSE, "The json module", 6)
+
+
+def _slow_stream(base_url: str, body: dict, pause_s: float) -> list[dict]:
+    """The SSE chunks of a streamed /v1/completions, read with a pause after each."""
+    req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
+    chunks = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[6:]))
+                time.sleep(pause_s)
+    return chunks
+
+
+def test_a_busy_replica_coalesces_tokens_and_loses_none(base_url, client):
+    # Four streams at once (a batch of 4), each read slowly: a chunk may carry several tokens, yet
+    # every token id arrives once and in order, and the text is the non-streaming text.
+    bodies = [{"model": CODE, "prompt": f"def f_{i}(x):", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+               "return_token_ids": True} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        streams = list(pool.map(lambda b: _slow_stream(base_url, b, 0.02), bodies))
+    for body, chunks in zip(bodies, streams):
+        code, whole, _ = post(base_url, "/v1/completions", body)
+        assert code == 200
+        choices = [c["choices"][0] for c in chunks]
+        assert [i for c in choices for i in c["token_ids"]] == whole["choices"][0]["token_ids"]
+        assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
+        assert choices[-1]["finish_reason"] == "length" and chunks[-1]["helios"]["model"] == CODE
+    assert max(len(c["choices"][0]["token_ids"]) for chunks in streams for c in chunks) > 1
+
+
+def test_a_lone_stream_gets_every_token_at_once_and_the_last_is_never_held():
+    from deployments.replica import _Outbox
+
+    async def scenario() -> list[tuple[dict, float]]:
+        outbox, start = _Outbox(), time.monotonic()
+        item = {"text": "a", "token_ids": [1], "logprobs": [-0.1], "finished": False}
+        outbox.put(item)
+        taken = [await outbox.take(not_before=start)]  # no hold: at once
+        outbox.put({**item, "text": "b", "token_ids": [2]})
+        outbox.put({**item, "text": "c", "token_ids": [3]})
+        taken.append(await outbox.take(not_before=time.monotonic() + 0.05))  # held: both, merged
+        outbox.put({**item, "text": "d", "token_ids": [4], "finished": True})
+        taken.append(await outbox.take(not_before=time.monotonic() + 60))  # the last one: at once
+        return [(t, time.monotonic() - start) for t in taken]
+
+    (first, _), (held, held_at), (last, last_at) = asyncio.run(scenario())
+    assert first["token_ids"] == [1] and held["token_ids"] == [2, 3] and held["text"] == "bc"
+    assert held["logprobs"] == [-0.1, -0.1] and held_at >= 0.05 and not held["finished"]
+    assert last["token_ids"] == [4] and last["finished"] and last_at - held_at < 5
 
 
 @pytest.mark.parametrize("body,status,param", [
