@@ -79,7 +79,7 @@ class _Outbox:
         if hold_s > 0 and not self.ended.is_set():
             try:
                 await asyncio.wait_for(self.ended.wait(), hold_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                 pass
         item, self.item = self.item, None
         self.arrived.clear()
