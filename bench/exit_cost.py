@@ -1,11 +1,14 @@
 """Where Helios' decode time goes on this machine: what exit checks cost, and what the policy measures.
 
-    python bench/exit_cost.py [--model helios-demo-mixed-16l] [--batches 4 8] [--threads 1]
+    python bench/exit_cost.py [--model helios-demo-mixed-16l] [--batches 4 8] [--threads 1] [--repeat 1]
+                              [--no-policy]
 
 1. Decode step time of one model (`LLMEngine` directly, prefill excluded, greedy, 48 tokens per
    sequence from the `mixed` prompts) for: no exits; exit checks at every layer that nobody passes
-   (threshold 2: the checks' cost alone); threshold 0.5 at every layer; threshold 0.5 every 4 layers;
-   and 8 layers loaded, with and without exits.
+   (threshold 2: the checks' cost alone); thresholds 0.5 and 0.9 at every layer; threshold 0.5 every
+   4 layers; the same with the exit probes (`exit_probes.safetensors`, measure `probe`: nobody exits,
+   0.9, 0.95); and 8 layers loaded, with and without exits. `--repeat N` runs the table N times
+   (timings on a shared machine are noisy: compare rows of one run).
 2. The TPOT the HELIOS policy records while profiling each registry model (5 requests each, full
    depth) during the warm-up `helios bench` runs (24 `mixed` requests, all queued at once, the
    52 MiB budget of B0 = 4), next to each model's decode step time at batch 4.
@@ -32,24 +35,31 @@ from helios_core.exits import ExitConfig  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 
-CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K)
-    ("no exits", None, False, 0.5, None),
-    ("checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None),
-    ("threshold 0.5, every layer", None, True, 0.5, None),
-    ("threshold 0.5, every 4 layers", None, True, 0.5, 4),
-    ("8 layers loaded, no exits", 8, False, 0.5, None),
-    ("8 layers loaded, threshold 0.5, every layer", 8, True, 0.5, None),
+CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K, measure)
+    ("no exits", None, False, 0.5, None, "max_prob"),
+    ("checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None, "max_prob"),
+    ("threshold 0.5, every layer", None, True, 0.5, None, "max_prob"),
+    ("threshold 0.9, every layer", None, True, 0.9, None, "max_prob"),
+    ("threshold 0.5, every 4 layers", None, True, 0.5, 4, "max_prob"),
+    ("probe checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None, "probe"),
+    ("probe threshold 0.9, every layer", None, True, 0.9, None, "probe"),
+    ("probe threshold 0.95, every layer", None, True, 0.95, None, "probe"),
+    ("8 layers loaded, no exits", 8, False, 0.5, None, "max_prob"),
+    ("8 layers loaded, threshold 0.5, every layer", 8, True, 0.5, None, "max_prob"),
 ]
+PROBES = "exit_probes.safetensors"  # `helios train-exits --probes` output in each demo model's directory
 
 
 def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, threshold: float,
-              every: int | None, tokens: int = 48) -> tuple[float, float]:
+              every: int | None, measure: str = "max_prob", tokens: int = 48) -> tuple[float, float]:
     """(seconds per decode step, mean exit layer) with `batch` sequences decoding together."""
     num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     exit_layers = tuple(range(every, num_layers, every)) if every else None
+    heads = str(Path(model) / PROBES) if measure == "probe" else None
     engine = LLMEngine(EngineConfig(model=str(model), num_layers=layers, early_exit=early_exit,
                                     memory_budget=256 << 20, max_model_len=1024,
-                                    exit=ExitConfig(threshold=threshold, exit_layers=exit_layers)))
+                                    exit=ExitConfig(threshold=threshold, measure=measure, exit_layers=exit_layers,
+                                                    heads_path=heads)))
     for r in load_workload("mixed", batch):
         engine.add_request(r.prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
     while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
@@ -77,15 +87,21 @@ def main() -> None:
     ap.add_argument("--model", default="helios-demo-mixed-16l")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="run the decode-step table N times")
+    ap.add_argument("--no-policy", action="store_true", help="skip part 2 (the policy's profiled TPOT)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     step_time(ROOT / "models" / args.model, 1, None, False, 0.5, None, tokens=8)  # warm-up: first-call costs
-    print(f"## Decode step of {args.model} ({args.threads} thread(s))\n")
-    print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
-    print("|---|" + "---:|" * len(args.batches))
-    for label, *case in CASES:
-        cells = [step_time(ROOT / "models" / args.model, b, *case) for b in args.batches]
-        print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
+    for run in range(1, args.repeat + 1):
+        print(f"## Decode step of {args.model} ({args.threads} thread(s)), run {run} of {args.repeat}\n")
+        print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
+        print("|---|" + "---:|" * len(args.batches))
+        for label, *case in CASES:
+            cells = [step_time(ROOT / "models" / args.model, b, *case) for b in args.batches]
+            print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
+        print()
+    if args.no_policy:
+        return
     print("\n## The policy's profiled TPOT vs the decode step at batch 4, no exits\n")
     print("| model | layers | profiled TPOT ms | decode step ms |")
     print("|---|---:|---:|---:|")
