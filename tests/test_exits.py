@@ -293,3 +293,20 @@ def test_exit_config_validation():
         ExitConfig(exit_layers=(0, 2))
     assert ExitConfig(exit_layers=(4, 2, 2, 9)).exit_points(6) == (2, 4)
     assert ExitConfig().exit_points(4) == (1, 2, 3)
+
+
+def test_registry_measure_selects_the_probe(tiny_llama, tmp_path):
+    from helios_core.policy import Registry
+
+    model = engine(tiny_llama).model
+    probes = tmp_path / "probes.safetensors"
+    save_exit_heads(probes, ExitHeads(model, probes=constant_probes(model, 0.0)))
+    path = tmp_path / "registry.yaml"
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  exit_heads: {probes}\n  measure: probe\n")
+    entry = Registry.load(path)["tiny"]
+    assert entry.exit_config() == ExitConfig(threshold=0.8, measure="probe", heads_path=str(probes))
+    Registry.load(path).save(tmp_path / "again.yaml")
+    assert Registry.load(tmp_path / "again.yaml")["tiny"].measure == "probe"
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  measure: entropy\n")
+    with pytest.raises(ValueError, match="unknown confidence measure 'entropy'"):
+        Registry.load(path)
