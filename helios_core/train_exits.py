@@ -264,7 +264,7 @@ def train_exit_probes(
         probes[d].bias.data.copy_(bias[i : i + 1])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_exit_heads(out_path, ExitHeads(model, probes=probes))
-    del x, y
+    del x, y  # free the training features before the held-out pass collects its own
     report = probe_report(model, depths, weight, bias, eval_windows, batch_size)
     return {"out": str(out_path), "model": str(model_dir), "exit_layers": list(depths),
             "num_layers": model.config.num_layers, "steps": steps, "train_tokens": int(_positions(train_windows)),
