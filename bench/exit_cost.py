@@ -1,11 +1,14 @@
 """Where Helios' decode time goes on this machine: what exit checks cost, and what the policy measures.
 
-    python bench/exit_cost.py [--model helios-demo-mixed-16l] [--batches 4 8] [--threads 1]
+    python bench/exit_cost.py [--model helios-demo-mixed-16l] [--batches 4 8] [--threads 1] [--repeat 1]
+                              [--no-policy]
 
 1. Decode step time of one model (`LLMEngine` directly, prefill excluded, greedy, 48 tokens per
    sequence from the `mixed` prompts) for: no exits; exit checks at every layer that nobody passes
-   (threshold 2: the checks' cost alone); threshold 0.5 at every layer; threshold 0.5 every 4 layers;
-   and 8 layers loaded, with and without exits.
+   (threshold 2: the checks' cost alone); thresholds 0.5 and 0.9 at every layer; threshold 0.5 every
+   4 layers; the same with the exit probes (`exit_probes.safetensors`, measure `probe`: nobody exits,
+   0.9, 0.95); and 8 layers loaded, with and without exits. `--repeat N` runs the table N times
+   (timings on a shared machine are noisy: compare rows of one run).
 2. What the HELIOS policy measures while profiling each registry model (5 requests each, full
    depth) during the warm-up `helios bench` runs (24 `mixed` requests, all queued at once, the
    52 MiB budget of B0 = 4): the request-based TPOT, and the step-time fit's prediction for a step
@@ -34,20 +37,27 @@ from helios_core.exits import ExitConfig  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 
-CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K)
-    ("no exits", None, False, 0.5, None),
-    ("checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None),
-    ("threshold 0.5, every layer", None, True, 0.5, None),
-    ("threshold 0.5, every 4 layers", None, True, 0.5, 4),
-    ("8 layers loaded, no exits", 8, False, 0.5, None),
-    ("8 layers loaded, threshold 0.5, every layer", 8, True, 0.5, None),
+CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K, measure)
+    ("no exits", None, False, 0.5, None, "max_prob"),
+    ("checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None, "max_prob"),
+    ("threshold 0.5, every layer", None, True, 0.5, None, "max_prob"),
+    ("threshold 0.9, every layer", None, True, 0.9, None, "max_prob"),
+    ("threshold 0.5, every 4 layers", None, True, 0.5, 4, "max_prob"),
+    ("probe checks at every layer, nobody exits (threshold 2)", None, True, 2.0, None, "probe"),
+    ("probe threshold 0.9, every layer", None, True, 0.9, None, "probe"),
+    ("probe threshold 0.95, every layer", None, True, 0.95, None, "probe"),
+    ("8 layers loaded, no exits", 8, False, 0.5, None, "max_prob"),
+    ("8 layers loaded, threshold 0.5, every layer", 8, True, 0.5, None, "max_prob"),
 ]
+PROBES = "exit_probes.safetensors"  # `helios train-exits --probes` output in each demo model's directory
 
 
-def exits(model: Path, threshold: float, every: int | None) -> ExitConfig:
-    """Exit checks at `threshold` every `every` layers (None: at every layer)."""
+def exits(model: Path, threshold: float, every: int | None, measure: str = "max_prob") -> ExitConfig:
+    """Exit checks at `threshold` every `every` layers (None: at every layer); `probe` reads the model's probes."""
     num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
-    return ExitConfig(threshold=threshold, exit_layers=tuple(range(every, num_layers, every)) if every else None)
+    return ExitConfig(threshold=threshold, measure=measure,
+                      exit_layers=tuple(range(every, num_layers, every)) if every else None,
+                      heads_path=str(Path(model) / PROBES) if measure == "probe" else None)
 
 
 def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, exit: ExitConfig,
@@ -88,16 +98,23 @@ def main() -> None:
     ap.add_argument("--model", default="helios-demo-mixed-16l")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="run the decode-step table N times")
+    ap.add_argument("--no-policy", action="store_true", help="skip part 2 (the policy's profiled TPOT)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    step_time(ROOT / "models" / args.model, 1, None, False, ExitConfig(), tokens=8)  # warm-up: first-call costs
-    print(f"## Decode step of {args.model} ({args.threads} thread(s))\n")
-    print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
-    print("|---|" + "---:|" * len(args.batches))
     model = ROOT / "models" / args.model
-    for label, layers, early_exit, threshold, every in CASES:
-        cells = [step_time(model, b, layers, early_exit, exits(model, threshold, every)) for b in args.batches]
-        print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
+    step_time(model, 1, None, False, ExitConfig(), tokens=8)  # warm-up: first-call costs
+    for run in range(1, args.repeat + 1):
+        print(f"## Decode step of {args.model} ({args.threads} thread(s)), run {run} of {args.repeat}\n")
+        print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
+        print("|---|" + "---:|" * len(args.batches))
+        for label, layers, early_exit, threshold, every, measure in CASES:
+            cells = [step_time(model, b, layers, early_exit, exits(model, threshold, every, measure))
+                     for b in args.batches]
+            print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)
+        print()
+    if args.no_policy:
+        return
     print("\n## What the policy measured vs the decode step at batch 4\n")
     print("| model | layers | profiled TPOT ms | step fit, batch 4 ms | decode step, registry exits ms | "
           "decode step, no exits ms |")

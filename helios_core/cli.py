@@ -12,6 +12,9 @@ MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20
                 "g": 2**30, "gb": 10**9, "gib": 2**30}
 
 
+MEASURES = ("max_prob", "margin", "cosine", "probe")  # exits.MEASURES, without importing torch for --help
+
+
 def parse_bytes(text: str) -> int:
     """'512MiB', '2GB', '1048576' -> bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
@@ -40,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--threshold", type=float, default=None, help="exit confidence threshold (default 0.8)")
-    gen.add_argument("--measure", choices=("max_prob", "margin", "cosine"), default="max_prob")
+    gen.add_argument("--measure", choices=MEASURES, default="max_prob")
     gen.add_argument("--exit-layers", type=_exit_layers, default=None, help="exit depths, e.g. 2,4,6 (default: all)")
     gen.add_argument("--exit-heads", default=None, help="trained exit heads (.safetensors adapter)")
     gen.add_argument("--layers", type=int, default=None, help="load only the first K layers (greedy exit at K)")
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a text file with one prompt per line")
     what.add_argument("--text", help="file, directory, or 'stdlib' / 'pydoc' (their held-out files only)")
     ev.add_argument("--threshold", type=float, default=0.8)
-    ev.add_argument("--measure", choices=("max_prob", "margin", "cosine"), default="max_prob")
+    ev.add_argument("--measure", choices=MEASURES, default="max_prob")
     ev.add_argument("--exit-layers", type=_exit_layers, default=None, help="exit depths, e.g. 2,4,6 (default: all)")
     ev.add_argument("--exit-heads", default=None, help="trained exit heads (.safetensors adapter)")
     ev.add_argument("--layers", type=int, default=None, help="only the first K layers loaded (forced exit at K)")
@@ -90,11 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .train_exits import train_exit_heads
 
     defaults = {name: p.default for name, p in inspect.signature(train_exit_heads).parameters.items()}
-    for name in ("steps", "batch_size", "seq_len", "lr", "ce_weight", "eval_tokens", "seed", "device"):
+    for name in ("steps", "batch_size", "seq_len", "ce_weight", "eval_tokens", "seed", "device"):
         te.add_argument(f"--{name.replace('_', '-')}", type=type(defaults[name]), default=defaults[name],
                         help=f"default {defaults[name]}")
+    te.add_argument("--lr", type=float, default=None, help="default 3e-3 (heads), 3e-2 (--probes)")
     te.add_argument("--proj", action="store_true", help="also train a residual adapter h + proj(h) per head")
     te.add_argument("--lm-head", action="store_true", help="train an own LM head per depth (default: shared)")
+    te.add_argument("--probes", action="store_true",
+                    help="train exit probes for the shared head instead (for --measure probe); --steps are Adam "
+                         "steps over --train-tokens collected positions")
+    te.add_argument("--train-tokens", type=int, default=32768, help="--probes: positions to fit on (default 32768)")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = sub.add_parser("serve", help="start a local Ray cluster serving the registry's models over the OpenAI API")
@@ -201,11 +209,24 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def train_exits(args: argparse.Namespace) -> int:
-    from .train_exits import format_report, train_exit_heads
+    from .train_exits import format_probe_report, format_report, train_exit_heads, train_exit_probes
 
-    knobs = ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "lr", "proj", "lm_head", "ce_weight",
+    if args.probes:
+        if args.proj or args.lm_head or args.ce_weight:
+            raise ValueError("--probes trains probes for the shared head: drop --proj, --lm-head and --ce-weight")
+        knobs = ("corpus", "exit_layers", "steps", "train_tokens", "batch_size", "seq_len", "eval_tokens", "seed",
+                 "device")
+        lr = {} if args.lr is None else {"lr": args.lr}
+        result = train_exit_probes(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr,
+                                   progress=not args.quiet)
+        print(format_probe_report(result), file=sys.stderr)
+        print(json.dumps(result))
+        return 0
+    knobs = ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "proj", "lm_head", "ce_weight",
              "eval_tokens", "seed", "device")
-    result = train_exit_heads(args.model, args.out, **{k: getattr(args, k) for k in knobs}, progress=not args.quiet)
+    lr = {} if args.lr is None else {"lr": args.lr}
+    result = train_exit_heads(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr,
+                              progress=not args.quiet)
     print(format_report(result), file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -8,14 +8,22 @@ Exit heads turn a hidden state at depth d into logits:
 - shared (LayerSkip style): the model's final norm and LM head, for every depth;
 - trained (EE-LLM style): per-depth heads from an adapter file, in the format below.
 
+Exit probes (CALM's early-exit classifier) decide whether to leave without the LM head: at depth d,
+sigmoid(probe(final_norm(h))) estimates the probability that the exit's top-1 token equals the full
+model's. The `probe` measure computes logits only for the rows that leave, so a check costs a norm
+and a dot product per row instead of the LM head and a softmax over the vocabulary.
+
 Adapter format (`*.safetensors`, written by `save_exit_heads`):
-  metadata: format="helios-exit-heads", version="1", hidden_size, vocab_size, norm ("rms"|"layer")
+  metadata: format="helios-exit-heads", version="2", hidden_size, vocab_size, norm ("rms"|"layer")
   tensors per exit depth d (any subset of depths):
-    exit.{d}.norm.weight       (D,)     required: the head's own norm
+    exit.{d}.norm.weight       (D,)     the head's own norm; required when the depth has a trained head
     exit.{d}.norm.bias         (D,)     layer norm only
     exit.{d}.proj.weight       (D, D)   optional residual adapter: h + proj(h) before the norm
     exit.{d}.lm_head.weight    (V, D)   optional; the model's LM head is shared when absent
-Depths without a trained head use the shared head.
+    exit.{d}.probe.weight      (1, D)   optional exit probe (version 2), on the model's final norm of h
+    exit.{d}.probe.bias        (1,)     with probe.weight
+Depths without a trained head use the shared head; a file may hold probes only. Version 1 files
+(heads only) load unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from torch import Tensor, nn
 from .models.transformer import Transformer, make_norm
 
 ADAPTER_FORMAT = "helios-exit-heads"
-MEASURES = ("max_prob", "margin", "cosine")
+ADAPTER_VERSIONS = ("1", "2")  # 2 added exit probes
+MEASURES = ("max_prob", "margin", "cosine", "probe")
+LOGIT_FREE = ("cosine", "probe")  # measures that decide without the LM head
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class ExitConfig:
     """How tokens may leave early. Defaults: every layer is an exit point, max-softmax confidence."""
 
     threshold: float = 0.8
-    measure: str = "max_prob"  # max_prob | margin | cosine
+    measure: str = "max_prob"  # max_prob | margin | cosine | probe (needs probes in heads_path)
     exit_layers: tuple[int, ...] | None = None  # depths (1-based); None = every layer
     heads_path: str | None = None  # trained exit heads adapter; None = shared final norm + LM head
 
@@ -76,13 +86,28 @@ class ExitHead(nn.Module):
         return (self.lm_head or shared_lm_head)(self.norm(h))
 
 
-class ExitHeads(nn.Module):
-    """Logits at any depth: a trained head where one exists, else the model's final norm + LM head."""
+def make_probe(model: Transformer) -> nn.Linear:
+    return nn.Linear(model.config.hidden_size, 1)
 
-    def __init__(self, model: Transformer, trained: dict[int, ExitHead] | None = None):
+
+class ExitHeads(nn.Module):
+    """Logits at any depth: a trained head where one exists, else the model's final norm + LM head.
+    Also the exit probes, where trained."""
+
+    def __init__(self, model: Transformer, trained: dict[int, ExitHead] | None = None,
+                 probes: dict[int, nn.Linear] | None = None):
         super().__init__()
         self.model = [model]  # a list, so the model is not registered as a submodule of the heads
         self.trained = nn.ModuleDict({str(d): head for d, head in (trained or {}).items()})
+        self.probes = nn.ModuleDict({str(d): probe for d, probe in (probes or {}).items()})
+
+    def probe_depths(self) -> tuple[int, ...]:
+        return tuple(sorted(int(d) for d in self.probes))
+
+    def probe_logit(self, depth: int, h: Tensor) -> Tensor:
+        """(N, D) hidden state -> (N,) probe logit. The final norm makes the features scale-free across depths."""
+        model = self.model[0]
+        return self.probes[str(depth)](model.norm(h).float())[..., 0]  # probes stay fp32: tiny, and decide exits
 
     def logits(self, depth: int, h: Tensor) -> Tensor:
         model = self.model[0]
@@ -92,7 +117,7 @@ class ExitHeads(nn.Module):
         return head(h, model.lm_head)
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.trained.parameters())
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
 def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
@@ -105,36 +130,61 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
         meta = f.metadata() or {}
         if meta.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path} is not a Helios exit-heads file (metadata format={meta.get('format')!r})")
+        if meta.get("version") not in ADAPTER_VERSIONS:
+            raise ValueError(f"{path}: exit-heads version {meta.get('version')!r} is not supported "
+                             f"(this Helios reads {', '.join(ADAPTER_VERSIONS)})")
         if int(meta.get("hidden_size", -1)) != c.hidden_size or int(meta.get("vocab_size", -1)) != c.vocab_size:
             raise ValueError(
                 f"{path} was trained for hidden_size={meta.get('hidden_size')} vocab_size={meta.get('vocab_size')}, "
                 f"the model has {c.hidden_size} and {c.vocab_size}"
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    depths = sorted({int(k.split(".")[1]) for k in tensors})
+    depths = sorted({_depth(path, k, c.num_layers) for k in tensors})
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    trained = {}
+    trained, probes = {}, {}
     for d in depths:
         prefix = f"exit.{d}."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        head = ExitHead(model, proj="proj.weight" in own, lm_head="lm_head.weight" in own)
-        missing, unexpected = head.load_state_dict(own, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: exit head at depth {d}: missing {missing}, unexpected {unexpected}")
-        trained[d] = head.to(device=device, dtype=dtype)
-    return ExitHeads(model, trained)
+        probe = {k[len("probe.") :]: own.pop(k) for k in list(own) if k.startswith("probe.")}
+        if probe:
+            probes[d] = _load_module(path, f"exit probe at depth {d}", make_probe(model), probe).to(device)
+        if own:
+            head = ExitHead(model, proj="proj.weight" in own, lm_head="lm_head.weight" in own)
+            trained[d] = _load_module(path, f"exit head at depth {d}", head, own).to(device=device, dtype=dtype)
+    return ExitHeads(model, trained, probes)
+
+
+def _depth(path: Path, key: str, num_layers: int) -> int:
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "exit" or not parts[1].isdigit() or not 1 <= int(parts[1]) < num_layers:
+        raise ValueError(f"{path}: tensor {key!r} is not exit.{{depth}}.<name> with depth in 1..{num_layers - 1}")
+    return int(parts[1])
+
+
+def _load_module(path: Path, what: str, module: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """load_state_dict with the file and depth in the error, shapes included."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: {what}: missing {missing}, unexpected {unexpected}")
+    wrong = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if v.shape != expected[k].shape}
+    if wrong:
+        raise ValueError(f"{path}: {what}: wrong shapes (file, model) {wrong}")
+    module.load_state_dict(state)
+    return module
 
 
 def save_exit_heads(path: str | Path, heads: ExitHeads) -> None:
     model = heads.model[0]
     tensors = {
-        f"exit.{d}.{name}": p.detach().contiguous().cpu()
-        for d, head in heads.trained.items()
-        for name, p in head.state_dict().items()
+        f"exit.{d}.{prefix}{name}": p.detach().contiguous().cpu()
+        for prefix, modules in (("", heads.trained), ("probe.", heads.probes))
+        for d, module in modules.items()
+        for name, p in module.state_dict().items()
     }
     meta = {
         "format": ADAPTER_FORMAT,
-        "version": "1",
+        "version": ADAPTER_VERSIONS[-1],
         "hidden_size": str(model.config.hidden_size),
         "vocab_size": str(model.config.vocab_size),
         "norm": model.config.norm,
@@ -143,6 +193,38 @@ def save_exit_heads(path: str | Path, heads: ExitHeads) -> None:
 
 
 # --- confidence measures ----------------------------------------------------------------------------
+def check_probes(heads: ExitHeads, exit_config: ExitConfig) -> None:
+    """The probe measure needs a probe at every exit point the model can have."""
+    if exit_config.measure != "probe":
+        return
+    num_layers = heads.model[0].config.num_layers
+    missing = sorted(set(exit_config.exit_points(num_layers)) - set(heads.probe_depths()))
+    if missing:
+        where = f"the exit heads file {exit_config.heads_path}" if exit_config.heads_path else "no exit heads file"
+        raise ValueError(f"confidence measure 'probe' needs an exit probe at every exit point; {where} has none at "
+                         f"depth(s) {missing} (train them with `helios train-exits --probes`)")
+
+
+def exit_confidence(heads: ExitHeads, measure: str, depth: int, h: Tensor, previous: Tensor | None,
+                    logits: Tensor | None) -> Tensor:
+    """(N, D) hidden states at `depth` -> (N,) confidence in [0, 1].
+
+    logits: the depth's exit logits, needed by max_prob and margin (and by probe where a forced exit
+    lands on a depth without a probe: its max probability stands in). previous: the hidden state at
+    the previous exit point (cosine). With the probe measure the model's own last layer has
+    confidence 1: its token is the full model's by definition.
+    """
+    if measure == "cosine":
+        return cosine_saturation(h, previous)
+    if measure == "probe":
+        if depth == heads.model[0].config.num_layers:
+            return torch.ones(h.shape[0], device=h.device)
+        if str(depth) in heads.probes:
+            return torch.sigmoid(heads.probe_logit(depth, h))
+        measure = "max_prob"
+    return confidence_from_logits(logits, measure)
+
+
 def confidence_from_logits(logits: Tensor, measure: str) -> Tensor:
     """(N, V) logits -> (N,) confidence in [0, 1]."""
     probs = torch.softmax(logits.float(), dim=-1)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exits import ExitConfig, ExitHeads, confidence_from_logits, cosine_saturation
+from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_confidence
 from .models.transformer import NoCache, Transformer, causal_mask
 
 
@@ -87,8 +87,8 @@ def simulate_exits(
             continue
         rows = (may_exit & ~exited).nonzero(as_tuple=True)
         h = x[rows]
-        logits = heads.logits(depth, h) if measure != "cosine" else None
-        conf = confidence_from_logits(logits, measure) if logits is not None else cosine_saturation(h, previous[rows])
+        logits = None if measure in LOGIT_FREE else heads.logits(depth, h)
+        conf = exit_confidence(heads, measure, depth, h, previous[rows], logits)
         previous = x
         leave = conf >= threshold
         left = tuple(i[leave] for i in rows)
@@ -100,10 +100,7 @@ def simulate_exits(
     h = x[rest]
     logits = heads.logits(k, h)
     trace.logits[rest] = logits.float()
-    if measure == "cosine":
-        trace.confidence[rest] = cosine_saturation(h, previous[rest])
-    else:
-        trace.confidence[rest] = confidence_from_logits(logits, measure)
+    trace.confidence[rest] = exit_confidence(heads, measure, k, h, previous[rest], logits)
     trace.forced[rest] = k < model.config.num_layers
     return trace
 
@@ -143,8 +140,9 @@ def full_pass(model: Transformer, heads: ExitHeads, tokens: Tensor,
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
         top2 = logp.topk(2, dim=-1)  # one softmax serves NLL, top-1 and confidence (max_prob or margin)
         top1.append(top2.indices[:, 0])
-        if exit_config.measure == "cosine":
-            conf.append(cosine_saturation(h[:, :-1], previous[:, :-1]).reshape(-1))
+        if exit_config.measure in LOGIT_FREE:
+            conf.append(exit_confidence(heads, exit_config.measure, depth, h[:, :-1].reshape(-1, h.shape[-1]),
+                                        previous[:, :-1].reshape(-1, h.shape[-1]), logp))
         else:
             p = top2.values.exp()
             conf.append(p[:, 0] if exit_config.measure == "max_prob" else p[:, 0] - p[:, 1])
@@ -158,6 +156,7 @@ def token_table(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[
     """Both passes over every chunk (each chunk predicts its tokens 1..T-1), batched."""
     if model.num_loaded_layers != model.config.num_layers:
         raise ValueError("quality analysis needs every layer loaded (loaded_layers simulates partial loading)")
+    check_probes(heads, exit_config)
     device = model.embed.weight.device
     parts = []
     for batch in batches(chunks, batch_size):

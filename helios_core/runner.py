@@ -6,7 +6,8 @@ The decode step, per loaded layer:
      attend to every position at every layer they run);
   2. rows still running go through the full block;
   3. at an exit point, rows whose confidence reaches their threshold leave: their logits are kept,
-     and the running set is compacted so deeper layers compute only the rows still running.
+     and the running set is compacted so deeper layers compute only the rows still running. With a
+     logit-free measure (probe, cosine) only the leaving rows run the LM head.
 At the last loaded layer every remaining row leaves (greedy exit); on a partially loaded model
 that exit is *forced*.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .exits import ExitConfig, ExitHeads, confidence_from_logits, cosine_saturation
+from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
 
@@ -33,6 +34,7 @@ class DecodeOutput:
 
 class ModelRunner:
     def __init__(self, model: Transformer, heads: ExitHeads, exit_config: ExitConfig, cache: KVCache):
+        check_probes(heads, exit_config)
         self.model, self.heads, self.exit_config, self.cache = model, heads, exit_config, cache
 
     @torch.inference_mode()
@@ -87,8 +89,9 @@ class ModelRunner:
             x = layer(x, run_cos, run_sin, run_kv)
             if depth not in exit_points:
                 continue
-            logits = heads.logits(depth, x[:, 0]) if measure != "cosine" else None
-            conf = confidence_from_logits(logits, measure) if logits is not None else cosine_saturation(x[:, 0], previous[:, 0])
+            # cosine and probe decide without the LM head: only the rows that leave compute logits
+            logits = None if measure in LOGIT_FREE else heads.logits(depth, x[:, 0])
+            conf = exit_confidence(heads, measure, depth, x[:, 0], previous[:, 0], logits)
             previous = x
             leave = (conf >= run_thr) & run_ee
             if not bool(leave.any()):
@@ -111,10 +114,7 @@ class ModelRunner:
 
         if rows.numel():  # greedy exit: whatever still runs leaves at the last loaded layer
             logits = heads.logits(n_loaded, x[:, 0])
-            if measure == "cosine":
-                conf = cosine_saturation(x[:, 0], previous[:, 0])
-            else:
-                conf = confidence_from_logits(logits, measure)
+            conf = exit_confidence(heads, measure, n_loaded, x[:, 0], previous[:, 0], logits)
             out.logits[rows] = logits.float()
             out.confidence[rows] = conf
             out.forced[rows] = n_loaded < model.config.num_layers

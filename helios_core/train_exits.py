@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exits import ExitHead, ExitHeads, save_exit_heads
+from .exits import ExitHead, ExitHeads, make_probe, save_exit_heads
 from .models import Transformer, load_model
 from .train import is_held_out, parse_sources, resolve_device
 
@@ -64,27 +64,13 @@ def train_exit_heads(
     Returns the run's figures, with the held-out "before" and "after" tables (see `evaluate`).
     Deterministic for a seed on CPU (for a given thread count).
     """
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise ValueError(f"exit heads are written as a .safetensors file, got {out_path.name!r}")
+    out_path = _check_out(out_path)
     if steps < 0 or batch_size < 1 or seq_len < 2 or eval_tokens < seq_len:
         raise ValueError(f"need steps >= 0, batch_size >= 1, seq_len >= 2 and eval_tokens >= seq_len; got "
                          f"steps={steps} batch_size={batch_size} seq_len={seq_len} eval_tokens={eval_tokens}")
     dev = resolve_device(device)
-    model = load_model(model_dir, dtype="float32", device=dev, max_len=seq_len)
-    model.requires_grad_(False)
+    model, depths, tokenizer = _frozen_model(model_dir, exit_layers, seq_len, dev)
     num_layers = model.config.num_layers
-    if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
-    depths = tuple(range(1, num_layers)) if exit_layers is None else tuple(sorted(set(exit_layers)))
-    bad = [d for d in depths if not 1 <= d < num_layers]
-    if not depths or bad:
-        raise ValueError(f"exit layer(s) {bad or 'none'} out of range: this {num_layers}-layer model takes "
-                         f"exit heads at depths 1..{num_layers - 1} (the last layer uses the model's own head)")
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     train_data, eval_data = load_corpus(corpus, tokenizer, steps * batch_size * (seq_len + 1), eval_tokens,
                                         seq_len, seed)
 
@@ -128,6 +114,31 @@ def train_exit_heads(
         "before": before,
         "after": after,
     }
+
+
+def _check_out(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"exit heads are written as a .safetensors file, got {out_path.name!r}")
+    return out_path
+
+
+def _frozen_model(model_dir: str | Path, exit_layers, seq_len: int, dev: str) -> tuple[Transformer, tuple[int, ...], object]:
+    """The model (fp32, no grad), the exit depths to train (default every layer but the last) and its tokenizer."""
+    model = load_model(model_dir, dtype="float32", device=dev, max_len=seq_len)
+    model.requires_grad_(False)
+    num_layers = model.config.num_layers
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    depths = tuple(range(1, num_layers)) if exit_layers is None else tuple(sorted(set(exit_layers)))
+    bad = [d for d in depths if not 1 <= d < num_layers]
+    if not depths or bad:
+        raise ValueError(f"exit layer(s) {bad or 'none'} out of range: this {num_layers}-layer model takes "
+                         f"exit heads at depths 1..{num_layers - 1} (the last layer uses the model's own head)")
+
+    from transformers import AutoTokenizer
+
+    return model, depths, AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def make_head(model: Transformer, proj: bool, lm_head: bool) -> ExitHead:
@@ -202,6 +213,167 @@ def evaluate(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], wind
             for d in all_depths]
     return {"rows": rows, "threshold": threshold, "exit_agreement": exit_agree / n,
             "mean_exit_depth": sum(d * exits[d] for d in all_depths) / n}
+
+
+# --- exit probes -----------------------------------------------------------------------------------
+PROBE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95)  # the report's teacher-forced exit simulation
+
+
+def train_exit_probes(
+    model_dir: str | Path,
+    out_path: str | Path,
+    corpus: list[str] | None = None,
+    exit_layers: tuple[int, ...] | list[int] | None = None,
+    steps: int = 300,
+    train_tokens: int = 32768,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    lr: float = 3e-2,
+    eval_tokens: int = 16384,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train an exit probe per depth for the model's shared exit head and write them to `out_path`.
+
+    A probe is a logistic regression on the final-normed hidden state: label 1 when the depth's top-1
+    token equals the final layer's (teacher-forced on the corpus' training files). Features and labels
+    are collected once (`train_tokens` positions, frozen forwards of `batch_size` windows); then `steps`
+    full-batch Adam steps fit all depths together. Returns the held-out report (see `probe_report`).
+    """
+    out_path = _check_out(out_path)
+    if steps < 0 or batch_size < 1 or seq_len < 2 or train_tokens < seq_len or eval_tokens < seq_len:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, seq_len >= 2, train_tokens and eval_tokens >= "
+                         f"seq_len; got steps={steps} batch_size={batch_size} seq_len={seq_len} "
+                         f"train_tokens={train_tokens} eval_tokens={eval_tokens}")
+    dev = resolve_device(device)
+    model, depths, tokenizer = _frozen_model(model_dir, exit_layers, seq_len, dev)
+    train_data, eval_windows = load_corpus(corpus, tokenizer, train_tokens + seq_len + 1, eval_tokens, seq_len, seed)
+    n = min(len(train_data) // (seq_len + 1), math.ceil(train_tokens / seq_len))
+    train_windows = torch.from_numpy(train_data[: n * (seq_len + 1)].reshape(n, seq_len + 1))
+
+    started = time.perf_counter()
+    x, y, _ = probe_data(model, depths, train_windows, batch_size)
+    weight, bias = fit_probes(x, y, steps, lr, progress)
+    seconds = time.perf_counter() - started
+
+    probes = {}
+    for i, d in enumerate(depths):
+        probes[d] = make_probe(model)
+        probes[d].weight.data.copy_(weight[i][None])
+        probes[d].bias.data.copy_(bias[i : i + 1])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_exit_heads(out_path, ExitHeads(model, probes=probes))
+    del x, y  # free the training features before the held-out pass collects its own
+    report = probe_report(model, depths, weight, bias, eval_windows, batch_size)
+    return {"out": str(out_path), "model": str(model_dir), "exit_layers": list(depths),
+            "num_layers": model.config.num_layers, "steps": steps, "train_tokens": int(_positions(train_windows)),
+            "eval_tokens": int(_positions(eval_windows)), "seconds": round(seconds, 2),
+            "adapter_bytes": out_path.stat().st_size} | report
+
+
+def _positions(windows: Tensor) -> int:
+    return windows.shape[0] * (windows.shape[1] - 1)  # predicted positions
+
+
+@torch.no_grad()
+def probe_data(model: Transformer, depths: tuple[int, ...], windows: Tensor,
+               batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per depth, over every predicted position: features (L', N, D) = final norm of the hidden state,
+    labels (L', N) = depth top-1 == final top-1, and the shared head's max probability (L', N)."""
+    heads = ExitHeads(model)
+    xs, ys, ps = [], [], []
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size, :-1].to(model.embed.weight.device)
+        hidden, final = frozen_forward(model, batch, depths)
+        final_top = final.flatten(0, 1).argmax(-1)
+        h = torch.stack([hidden[d].flatten(0, 1) for d in depths])  # (L', n, D)
+        logits = torch.stack([heads.logits(d, h[j]) for j, d in enumerate(depths)]).float()
+        xs.append(model.norm(h).cpu())
+        ys.append((logits.argmax(-1) == final_top).cpu())
+        ps.append(torch.softmax(logits, -1).amax(-1).cpu())
+    return torch.cat(xs, 1), torch.cat(ys, 1), torch.cat(ps, 1)
+
+
+def fit_probes(x: Tensor, y: Tensor, steps: int, lr: float, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Logistic regressions, one per depth, fitted together: x (L', N, D), y (L', N) -> weight (L', D), bias (L',).
+
+    Full-batch Adam on the mean BCE, from the best constant (weight 0, bias = logit of the label rate):
+    no randomness, so deterministic for given data.
+    """
+    target = y.float()
+    rate = target.mean(1).clamp(1e-4, 1 - 1e-4)
+    weight = torch.zeros(x.shape[0], x.shape[2], requires_grad=True)
+    bias = torch.log(rate / (1 - rate)).requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+
+    from tqdm import tqdm
+
+    for step in tqdm(range(steps), disable=not progress, desc="train-probes", unit="step"):
+        for group in optimizer.param_groups:  # cosine decay to 10%, as for the heads
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        logit = torch.einsum("lnd,ld->ln", x, weight) + bias[:, None]
+        loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none").mean(1).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return weight.detach(), bias.detach()
+
+
+def auc(score: Tensor, label: Tensor) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U); None when one class is absent."""
+    pos = int(label.sum())
+    neg = label.numel() - pos
+    if not pos or not neg:
+        return None
+    ranks = torch.empty(score.numel(), dtype=torch.float64)
+    ranks[score.argsort()] = torch.arange(1, score.numel() + 1, dtype=torch.float64)
+    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def probe_report(model: Transformer, depths: tuple[int, ...], weight: Tensor, bias: Tensor, windows: Tensor,
+                 batch_size: int, thresholds: tuple[float, ...] = PROBE_THRESHOLDS) -> dict:
+    """Held-out: per depth, the label rate and how well each confidence ranks right from wrong (AUC,
+    probe vs max_prob); per threshold and measure, the teacher-forced exits (first depth whose confidence
+    reaches it, else the last layer): mean exit depth and share of exit tokens equal to the final layer's.
+    Teacher-forced from a full-depth forward, so it ignores the engine's K/V propagation: an estimate."""
+    x, y, max_prob = probe_data(model, depths, windows, batch_size)
+    probe = torch.sigmoid(torch.einsum("lnd,ld->ln", x, weight) + bias[:, None])
+    rows = [{"depth": d, "agreement": float(y[i].float().mean()), "auc_max_prob": auc(max_prob[i], y[i]),
+             "auc_probe": auc(probe[i], y[i]),
+             "probe_accuracy": float(((probe[i] >= 0.5) == y[i]).float().mean())} for i, d in enumerate(depths)]
+    num_layers = model.config.num_layers
+    simulated = []
+    for t in thresholds:
+        for measure, conf in (("max_prob", max_prob), ("probe", probe)):
+            leave = conf >= t
+            first = torch.where(leave.any(0), leave.float().argmax(0), len(depths))  # index of the exit depth
+            exit_depth = torch.tensor((*depths, num_layers))[first]
+            agree = torch.cat([y, torch.ones_like(y[:1])])[first, torch.arange(y.shape[1])]
+            simulated.append({"threshold": t, "measure": measure, "mean_exit_depth": float(exit_depth.float().mean()),
+                              "exit_agreement": float(agree.float().mean()),
+                              "early_share": float((exit_depth < num_layers).float().mean())})
+    return {"rows": rows, "simulated": simulated}
+
+
+def format_probe_report(result: dict) -> str:
+    """The table `helios train-exits --probes` prints."""
+    lines = [
+        (f"exit probes at depths {result['exit_layers']} of {result['num_layers']} layers, {result['steps']} steps "
+         f"on {result['train_tokens']} tokens, {result['seconds']:.0f} s -> {result['out']}"),
+        f"held-out: {result['eval_tokens']} tokens; AUC = how well the confidence ranks tokens equal to the final "
+        "layer's above the others",
+        f"{'depth':>5}  {'agreement w/ final':>18}  {'AUC max_prob':>12}  {'AUC probe':>9}  {'probe accuracy':>14}",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["rows"]:
+        lines.append(f"{r['depth']:>5}  {r['agreement']:>18.1%}  {fmt(r['auc_max_prob']):>12}  "
+                     f"{fmt(r['auc_probe']):>9}  {r['probe_accuracy']:>14.1%}")
+    lines.append("teacher-forced exits: threshold, measure -> mean exit depth, early share, tokens equal to final")
+    for s in result["simulated"]:
+        lines.append(f"{s['threshold']:>5} {s['measure']:>8}  {s['mean_exit_depth']:6.2f}  {s['early_share']:6.1%}  "
+                     f"{s['exit_agreement']:6.1%}")
+    return "\n".join(lines)
 
 
 # --- data ------------------------------------------------------------------------------------------

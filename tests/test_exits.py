@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helios_core.engine import EngineConfig, LLMEngine
-from helios_core.exits import ExitConfig, ExitHead, ExitHeads, load_exit_heads, save_exit_heads
+from helios_core.exits import ExitConfig, ExitHead, ExitHeads, load_exit_heads, make_probe, save_exit_heads
 from helios_core.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -173,6 +173,117 @@ def test_exit_heads_file_is_checked(tiny_llama, tmp_path):
         load_exit_heads(wrong, eng.model)
 
 
+def constant_probes(model, bias: float, depths=range(1, 6)) -> dict:
+    """Probes that ignore the hidden state: confidence sigmoid(bias) at every depth."""
+    probes = {d: make_probe(model) for d in depths}
+    for probe in probes.values():
+        torch.nn.init.zeros_(probe.weight)
+        torch.nn.init.constant_(probe.bias, bias)
+    return probes
+
+
+def test_exit_probes_roundtrip(tiny_llama, tmp_path):
+    model = engine(tiny_llama).model
+    torch.manual_seed(0)
+    probes = {d: make_probe(model) for d in (1, 3, 5)}
+    head = ExitHead(model, proj=False, lm_head=False)
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, {3: head}, probes))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["version"] == "2"
+        assert sorted(f.keys()) == ["exit.1.probe.bias", "exit.1.probe.weight", "exit.3.norm.weight",
+                                    "exit.3.probe.bias", "exit.3.probe.weight", "exit.5.probe.bias",
+                                    "exit.5.probe.weight"]
+    loaded = load_exit_heads(path, model)
+    assert loaded.probe_depths() == (1, 3, 5) and list(loaded.trained) == ["3"]  # probes alone add no head
+    h = torch.randn(4, model.config.hidden_size)
+    for d, probe in probes.items():
+        assert torch.equal(loaded.probe_logit(d, h), probe(model.norm(h))[:, 0].detach())
+
+
+def test_exit_probe_files_are_checked(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    model = engine(tiny_llama).model
+    c = model.config
+    meta = {"format": "helios-exit-heads", "version": "2", "hidden_size": str(c.hidden_size),
+            "vocab_size": str(c.vocab_size)}
+    good = {"exit.2.probe.weight": torch.zeros(1, c.hidden_size), "exit.2.probe.bias": torch.zeros(1)}
+    cases = [
+        ({"exit.2.probe.weight": torch.zeros(1, c.hidden_size + 1), "exit.2.probe.bias": torch.zeros(1)}, meta,
+         r"exit probe at depth 2: wrong shapes \(file, model\) \{'weight': \(\(1, 65\), \(1, 64\)\)\}"),
+        ({"exit.2.probe.weight": torch.zeros(1, c.hidden_size)}, meta, r"exit probe at depth 2: missing \['bias'\]"),
+        ({**good, "exit.2.probe.scale": torch.zeros(1)}, meta, r"unexpected \['scale'\]"),
+        ({"exit.6.probe.weight": torch.zeros(1, c.hidden_size), "exit.6.probe.bias": torch.zeros(1)}, meta,
+         r"'exit.6.probe.(weight|bias)' is not exit.\{depth\}.<name> with depth in 1..5"),
+        (good, meta | {"version": "3"}, r"version '3' is not supported \(this Helios reads 1, 2\)"),
+    ]
+    for i, (tensors, metadata, error) in enumerate(cases):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError, match=error):
+            load_exit_heads(path, model)
+
+
+def test_probe_measure_needs_probes_at_every_exit_point(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="'probe' needs an exit probe at every exit point; no exit heads file"):
+        engine(tiny_llama, measure="probe")
+    model = engine(tiny_llama).model
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, probes=constant_probes(model, 0.0, depths=(2, 4))))
+    with pytest.raises(ValueError, match=r"has none at depth\(s\) \[1, 3, 5\].*train-exits --probes"):
+        engine(tiny_llama, measure="probe", heads_path=str(path))
+    outs = engine(tiny_llama, measure="probe", threshold=0.4, exit_layers=(2, 4), heads_path=str(path)).generate(
+        PROMPTS, GREEDY)
+    assert all(set(o.exit_layers) == {2} for o in outs)  # sigmoid(0) = 0.5 >= 0.4 at the first exit point
+
+
+@pytest.mark.parametrize("bias, first", [(20.0, True), (-20.0, False)])
+def test_probe_decides_the_exit(tiny_llama, tmp_path, bias, first):
+    model = engine(tiny_llama).model
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, probes=constant_probes(model, bias)))
+    outs = engine(tiny_llama, measure="probe", threshold=0.5, heads_path=str(path)).generate(PROMPTS, GREEDY)
+    if first:  # every token leaves at depth 1, with the shared head's token there
+        shallow = engine(tiny_llama, threshold=0.0).generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in shallow]
+        assert all(set(o.exit_layers) == {1} for o in outs)
+        assert all(r.confidence == pytest.approx(1.0) for o in outs for r in o.records)
+    else:  # nobody leaves early: full depth, confidence 1 at the model's own last layer
+        full = engine(tiny_llama, early_exit=False).generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in full]
+        assert all(set(o.exit_layers) == {6} and not any(o.forced) for o in outs)
+        assert all(r.confidence == 1.0 for o in outs for r in o.records)
+
+
+def test_probe_confidence_of_forced_exits(tiny_llama, tmp_path):
+    model = engine(tiny_llama).model
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, probes=constant_probes(model, -1.0)))  # confidence 0.269 everywhere
+    eng = engine(tiny_llama, measure="probe", threshold=0.5, num_layers=3, heads_path=str(path))
+    records = [r for o in eng.generate(PROMPTS, GREEDY) for r in o.records]
+    assert all(r.exit_layer == 3 and r.forced and r.breach for r in records)
+    assert all(r.confidence == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item()) for r in records)
+
+
+def test_probe_exits_are_batch_invariant(tiny_llama, tmp_path):
+    model = engine(tiny_llama).model
+    torch.manual_seed(1)
+    probes = {d: make_probe(model) for d in range(1, 6)}
+    for probe in probes.values():
+        probe.weight.data.mul_(20.0)  # spread the confidences around 0.5
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, probes=probes))
+    eng = engine(tiny_llama, measure="probe", threshold=0.5, heads_path=str(path))
+    together = eng.generate(PROMPTS, GREEDY)
+    assert len({d for o in together for d in o.exit_layers}) > 2
+    for prompt, batched in zip(PROMPTS, together):
+        [alone] = eng.generate([prompt], GREEDY)
+        assert (alone.token_ids, alone.exit_layers) == (batched.token_ids, batched.exit_layers)
+
+
 def test_exit_config_validation():
     with pytest.raises(ValueError, match="confidence measure"):
         ExitConfig(measure="entropy")
@@ -182,3 +293,20 @@ def test_exit_config_validation():
         ExitConfig(exit_layers=(0, 2))
     assert ExitConfig(exit_layers=(4, 2, 2, 9)).exit_points(6) == (2, 4)
     assert ExitConfig().exit_points(4) == (1, 2, 3)
+
+
+def test_registry_measure_selects_the_probe(tiny_llama, tmp_path):
+    from helios_core.policy import Registry
+
+    model = engine(tiny_llama).model
+    probes = tmp_path / "probes.safetensors"
+    save_exit_heads(probes, ExitHeads(model, probes=constant_probes(model, 0.0)))
+    path = tmp_path / "registry.yaml"
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  exit_heads: {probes}\n  measure: probe\n")
+    entry = Registry.load(path)["tiny"]
+    assert entry.exit_config() == ExitConfig(threshold=0.8, measure="probe", heads_path=str(probes))
+    Registry.load(path).save(tmp_path / "again.yaml")
+    assert Registry.load(tmp_path / "again.yaml")["tiny"].measure == "probe"
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  measure: entropy\n")
+    with pytest.raises(ValueError, match="unknown confidence measure 'entropy'"):
+        Registry.load(path)

@@ -13,7 +13,7 @@ from helios_core.cli import main
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig, confidence_from_logits, load_exit_heads
 from helios_core.sampling import SamplingParams
-from helios_core.train_exits import train_exit_heads
+from helios_core.train_exits import fit_probes, train_exit_heads, train_exit_probes
 from tiny_models import _CORPUS, hf_greedy, make_pickle_checkpoint
 
 DEPTHS = (1, 2, 3)
@@ -103,6 +103,44 @@ def test_bad_inputs_raise_clear_errors(tiny_llama, corpus, tmp_path):
     assert not out.exists()
 
 
+PROBES_FAST = dict(steps=100, train_tokens=2048, batch_size=8, seq_len=64, eval_tokens=1024, progress=False)
+
+
+def test_fit_probes_separates_what_a_linear_probe_can():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4000, 16)
+    y = torch.stack([x[0, :, 3] > 0.5, x[1] @ torch.linspace(-1, 1, 16) < 0])  # one rule per depth
+    weight, bias = fit_probes(x, y, steps=300, lr=3e-2)
+    predicted = torch.einsum("lnd,ld->ln", x, weight) + bias[:, None] > 0
+    assert (predicted == y).float().mean(1).min() > 0.97
+    again = fit_probes(x, y, steps=300, lr=3e-2)
+    assert torch.equal(again[0], weight) and torch.equal(again[1], bias)  # no randomness
+
+
+def test_trained_probes_drive_the_engine(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "probes.safetensors"
+    result = train_exit_probes(tiny_llama, out, [corpus], **PROBES_FAST)
+    assert result["exit_layers"] == [1, 2, 3, 4, 5] and [r["depth"] for r in result["rows"]] == [1, 2, 3, 4, 5]
+    assert all(0 <= r["agreement"] <= 1 for r in result["rows"])
+    assert {(s["threshold"], s["measure"]) for s in result["simulated"]} >= {(0.9, "probe"), (0.9, "max_prob")}
+    assert sorted(load_file(str(out))) == sorted(f"exit.{d}.probe.{n}" for d in range(1, 6) for n in ("weight", "bias"))
+    again = tmp_path / "again.safetensors"
+    train_exit_probes(tiny_llama, again, [corpus], **PROBES_FAST)
+    a, b = load_file(str(out)), load_file(str(again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same probes
+
+    heads = load_exit_heads(out, LLMEngine(EngineConfig(model=str(tiny_llama))).model)
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(measure="probe", threshold=0.5,
+                                                                        heads_path=str(out))))
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    with torch.inference_mode():  # by hand: the first token leaves at the first depth whose probe says >= 0.5
+        for prompt, o in zip(PROMPTS, outs):
+            hidden = eng.model(torch.tensor([prompt]), output_hidden_states=True)[1]
+            conf = [float(torch.sigmoid(heads.probe_logit(d, hidden[d - 1][:, -1]))) for d in range(1, 6)]
+            assert o.exit_layers[0] == next((d for d, c in enumerate(conf, 1) if c >= 0.5), 6)
+            assert o.records[0].confidence == pytest.approx(conf[o.exit_layers[0] - 1] if o.exit_layers[0] < 6 else 1)
+
+
 def helios(*args: str) -> subprocess.CompletedProcess:
     # One thread: with two, OpenMP spin-waiting next to another busy process is many times slower.
     return subprocess.run([sys.executable, "-m", "helios_core.cli", *args], capture_output=True, text=True,
@@ -118,6 +156,24 @@ def test_cli_round_trip(tiny_llama, corpus, tmp_path):
     assert result["exit_layers"] == [2, 4] and result["steps"] == 5 and out.is_file()
     assert "agreement" in run.stderr and "->" in run.stderr and "train-exits:" not in run.stderr  # no bar
     assert sorted(load_file(str(out))) == ["exit.2.norm.weight", "exit.4.norm.weight"]
+
+
+def test_cli_trains_probes(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "probes.safetensors"
+    run = helios("train-exits", "--probes", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus,
+                 "--exit-layers", "2,4", "--steps", "20", "--train-tokens", "512", "--seq-len", "32",
+                 "--eval-tokens", "256", "--quiet")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["exit_layers"] == [2, 4] and "AUC probe" in run.stderr
+    assert sorted(load_file(str(out))) == ["exit.2.probe.bias", "exit.2.probe.weight", "exit.4.probe.bias",
+                                           "exit.4.probe.weight"]
+    gen = helios("generate", "--model", str(tiny_llama), "--prompt", "def f", "--max-tokens", "4", "--measure",
+                 "probe", "--exit-layers", "2,4", "--exit-heads", str(out), "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert set(json.loads(gen.stdout)["exit_layers"]) <= {2, 4, 6}
+    bad = helios("train-exits", "--probes", "--proj", "--model", str(tiny_llama), "--out", str(out))
+    assert bad.returncode == 2 and "--probes trains probes for the shared head" in bad.stderr
 
 
 def test_cli_errors_are_one_clear_line(tiny_llama, tmp_path, capsys):

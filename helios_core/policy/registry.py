@@ -8,6 +8,7 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
         threshold: 0.8                     # exit confidence threshold (default 0.8)
         exit_layers: null                  # exit depths, null = every layer
         exit_heads: null                   # trained exit-head adapter (.safetensors), optional
+        measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
         profile: {...}                     # offline telemetry, written by `helios profile`
 
 The sizes the policy reasons with (layers, weight bytes of the fixed part and of one layer, KV bytes
@@ -73,6 +74,7 @@ class ModelEntry:
     fixed_weight_bytes: int = 0  # embeddings, final norm, LM head (and exit heads)
     layer_weight_bytes: int = 0  # one transformer block
     profile: OfflineProfile | None = None
+    measure: str = "max_prob"
 
     @property
     def num_layers(self) -> int:
@@ -90,7 +92,7 @@ class ModelEntry:
         return self.fixed_weight_bytes + depth * self.layer_weight_bytes
 
     def exit_config(self) -> ExitConfig:
-        return ExitConfig(threshold=self.threshold, exit_layers=self.exit_layers,
+        return ExitConfig(threshold=self.threshold, measure=self.measure, exit_layers=self.exit_layers,
                           heads_path=str(self.exit_heads) if self.exit_heads else None)
 
     def plan(self, depth: int, budget_bytes: int, max_model_len: int, max_num_seqs: int = 256,
@@ -166,6 +168,7 @@ class Registry:
                 "threshold": e.threshold,
                 "exit_layers": list(e.exit_layers) if e.exit_layers else None,
                 "exit_heads": _relative(e.exit_heads, path.parent) if e.exit_heads else None,
+                **({"measure": e.measure} if e.measure != "max_prob" else {}),
                 "layers": e.num_layers,
                 "weight_bytes_fixed": e.fixed_weight_bytes,
                 "weight_bytes_per_layer": e.layer_weight_bytes,
@@ -187,7 +190,7 @@ def _relative(p: Path, base: Path) -> str:
         return str(p)
 
 
-KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "profile", "layers", "weight_bytes_fixed",
+KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "measure", "profile", "layers", "weight_bytes_fixed",
               "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
 
 
@@ -210,8 +213,8 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
         raise RegistryError(f"{where}: exit_heads file {heads} does not exist")
     dtype = raw.get("dtype", dtype)
     try:
-        exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), exit_layers=tuple(raw["exit_layers"])
-                              if raw.get("exit_layers") else None)
+        exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), measure=raw.get("measure", "max_prob"),
+                              exit_layers=tuple(raw["exit_layers"]) if raw.get("exit_layers") else None)
         if exit_cfg.exit_layers and max(exit_cfg.exit_layers) > config.num_layers:
             raise ValueError(f"exit_layers {list(exit_cfg.exit_layers)} go deeper than the model's "
                              f"{config.num_layers} layers")
@@ -219,7 +222,7 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     except (TypeError, ValueError) as err:
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
-                       _profile(where, raw.get("profile")))
+                       _profile(where, raw.get("profile")), exit_cfg.measure)
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
                 "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
