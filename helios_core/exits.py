@@ -37,9 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .models.checkpoint import ADAPTER_FORMAT
 from .models.transformer import Transformer, make_norm
 
-ADAPTER_FORMAT = "helios-exit-heads"
 ADAPTER_VERSIONS = ("1", "2")  # 2 added exit probes
 MEASURES = ("max_prob", "margin", "cosine", "probe")
 LOGIT_FREE = ("cosine", "probe")  # measures that decide without the LM head

@@ -156,6 +156,22 @@ def test_trained_exit_heads_roundtrip(tiny_llama, tmp_path):
     assert {t for o in shared for t in o.token_ids} != {0}
 
 
+def test_exit_heads_beside_the_weights_are_not_read_as_weights(tiny_llama, tmp_path):
+    import shutil
+
+    from helios_core.models.checkpoint import Checkpoint
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama, model_dir)
+    model = engine(tiny_llama).model
+    head = ExitHead(model, proj=False, lm_head=True)  # its lm_head.weight must not shadow the model's
+    torch.nn.init.zeros_(head.lm_head.weight)
+    save_exit_heads(model_dir / "exit_heads.safetensors", ExitHeads(model, {2: head}))
+    assert {f.name for f in Checkpoint(model_dir)._file_of.values()} == {"model.safetensors"}
+    inside = engine(model_dir, early_exit=False).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in inside] == [o.token_ids for o in engine(tiny_llama, early_exit=False).generate(PROMPTS, GREEDY)]
+
+
 def test_exit_heads_file_is_checked(tiny_llama, tmp_path):
     from safetensors.torch import save_file
 

@@ -27,6 +27,8 @@ _PREFIXES = ("model.decoder.", "model.", "decoder.", "transformer.", "")
 class CheckpointError(ValueError):
     """The model directory is missing files or tensors, or holds a format we refuse to load."""
 
+ADAPTER_FORMAT = "helios-exit-heads"  # metadata "format" of exit-head adapters (helios_core/exits.py)
+
 
 class Checkpoint:
     """Index of the tensors in a directory of `*.safetensors` files (single file or sharded)."""
@@ -56,6 +58,8 @@ class Checkpoint:
         file_of = {}
         for file in files:
             with safe_open(file, framework="pt") as f:
+                if (f.metadata() or {}).get("format") == ADAPTER_FORMAT:
+                    continue  # exit heads or probes shipped beside the weights are not weights
                 file_of.update({name: file for name in f.keys()})
         return file_of
 
