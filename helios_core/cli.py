@@ -214,20 +214,13 @@ def train_exits(args: argparse.Namespace) -> int:
     if args.probes:
         if args.proj or args.lm_head or args.ce_weight:
             raise ValueError("--probes trains probes for the shared head: drop --proj, --lm-head and --ce-weight")
-        knobs = ("corpus", "exit_layers", "steps", "train_tokens", "batch_size", "seq_len", "eval_tokens", "seed",
-                 "device")
-        lr = {} if args.lr is None else {"lr": args.lr}
-        result = train_exit_probes(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr,
-                                   progress=not args.quiet)
-        print(format_probe_report(result), file=sys.stderr)
-        print(json.dumps(result))
-        return 0
-    knobs = ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "proj", "lm_head", "ce_weight",
-             "eval_tokens", "seed", "device")
+        train, report, knobs = train_exit_probes, format_probe_report, ("train_tokens",)
+    else:
+        train, report, knobs = train_exit_heads, format_report, ("proj", "lm_head", "ce_weight")
+    knobs += ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "eval_tokens", "seed", "device")
     lr = {} if args.lr is None else {"lr": args.lr}
-    result = train_exit_heads(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr,
-                              progress=not args.quiet)
-    print(format_report(result), file=sys.stderr)
+    result = train(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr, progress=not args.quiet)
+    print(report(result), file=sys.stderr)
     print(json.dumps(result))
     return 0
 
