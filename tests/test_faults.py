@@ -240,12 +240,13 @@ def test_the_router_saves_the_state_of_every_report(serve_cluster):
     args, key = (str(ROOT / "models" / "registry.yaml"), 64 << 20, 1024, {"profile_requests": 10**6}), "test/faults"
     router = Router.func_or_class(*args, state_key=key)  # the class itself, in this Ray-connected process
     records = [TokenRecord(2, 0.9, False, False, -0.1)] * 4
+    [(model, target)] = router.policy.targets.items()  # the candidate profiled first, at full depth
     try:
         for i in range(3):  # the first report saves the "profile" event; the next two change only statistics
-            summary = RequestSummary.from_records(f"r{i}", CODE, 4, records, "length", 0.0, 0.0, 0.1)
-            router.report(CODE, 6, records, [(summary, 6, None)], (1, 0, 8))
+            summary = RequestSummary.from_records(f"r{i}", model, 4, records, "length", 0.0, 0.0, 0.1)
+            router.report(model, target.depth, records, [(summary, target.depth, None)], (1, 0, 8))
         restarted = Router.func_or_class(*args, state_key=key).snapshot()
         assert restarted == router.snapshot() and restarted["requests"] == 3 and restarted["tokens"] == 12
-        assert restarted["pht"][CODE]["exit_histogram"] == {2: 12}
+        assert restarted["pht"][model]["exit_histogram"] == {2: 12}
     finally:
         internal_kv._internal_kv_del(key.encode())
