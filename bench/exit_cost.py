@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="run the decode-step table N times")
-    ap.add_argument("--no-policy", action="store_true", help="skip part 2 (the policy's profiled TPOT)")
+    ap.add_argument("--no-policy", action="store_true", help="skip part 2 (what the policy measures while profiling)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = ROOT / "models" / args.model
