@@ -84,9 +84,12 @@ def test_completion_matches_the_in_process_engine(client):
     assert helios["model"] == CODE and sum(helios["exit_histogram"].values()) == 16
 
 
-def test_auto_model_is_routed_by_the_policy(client):
+def test_auto_model_is_routed_by_the_policy(base_url, client):
+    req = urllib.request.Request(base_url + "/v1/helios/stats", headers={"authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        [profiled] = json.loads(r.read())["policy"]["targets"]  # the candidate being profiled
     out = client.completions.create(model="helios", prompt="import os\n", max_tokens=4, temperature=0)
-    assert out.model_extra["helios"]["model"] == CODE  # the candidate being profiled
+    assert out.model_extra["helios"]["model"] == profiled
 
 
 def test_streaming_equals_the_whole_response(client):
@@ -291,13 +294,15 @@ def test_router_state_survives_a_restart(base_url):
 
     cls = Router.func_or_class  # the class itself, in this (Ray-connected) process: its own state key
     first = cls(str(REGISTRY), 64 << 20, 1024, {"profile_requests": 2}, state_key="test/router")
+    [(model, target)] = first.policy.targets.items()  # the candidate profiled first, at full depth
+    depth = target.depth
     records = [TokenRecord(2, 0.9, False, False, -0.1)] * 8
-    summary = RequestSummary.from_records("r", CODE, 4, records, "length", 0.0, 0.0, 0.1)
-    steps = [StepRecord(6e-3 + 1e-3 * n, n, 6, 6 * n) for n in (1, 2, 4, 8)]
-    targets = [first.report(CODE, 6, records, [(summary, 6, "code")], (1, 0, 12), steps) for _ in range(2)]
-    assert targets == [6, None]  # profiled at full depth for N = 2 requests, then the next candidate's turn
-    assert first.snapshot()["pht"][CODE]["requests"] == 2
-    assert first.snapshot()["pht"][CODE]["step_fit"] is not None  # fitted on the replica's step times
+    summary = RequestSummary.from_records("r", model, 4, records, "length", 0.0, 0.0, 0.1)
+    steps = [StepRecord(6e-3 + 1e-3 * n, n, depth, depth * n) for n in (1, 2, 4, 8)]
+    targets = [first.report(model, depth, records, [(summary, depth, "code")], (1, 0, 12), steps) for _ in range(2)]
+    assert targets == [depth, None]  # profiled at full depth for N = 2 requests, then the next candidate's turn
+    assert first.snapshot()["pht"][model]["requests"] == 2
+    assert first.snapshot()["pht"][model]["step_fit"] is not None  # fitted on the replica's step times
     events = first.snapshot()["events"]
     assert [e["kind"] for e in events] == ["profile", "profile"]  # moved on to the next candidate
 
