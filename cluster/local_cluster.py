@@ -59,7 +59,9 @@ def _launch(root: Path, name: str, args: list[str]) -> int:
     # Ray 2.60's head turns token auth on by default but a joining node does not: say it to every
     # node (the token is the user's ~/.ray/auth_token, which the head creates if missing).
     # `stop` takes the whole cluster down: no point in Ray's 30 s drain of each node on SIGTERM.
-    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, "RAY_AUTH_MODE": auth_mode()}
+    # Serve's throughput-optimised mode, as `helios serve` runs it (deployments/launch.py).
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **os.environ,
+           "RAY_AUTH_MODE": auth_mode()}
     # Own session: a Ctrl-C in the user's shell does not reach the cluster; `stop` does.
     with open(root / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
