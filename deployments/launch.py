@@ -5,6 +5,7 @@ Equivalent to `serve run serve_config.yaml`, with progress lines a first-time us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,16 +56,24 @@ def serve_from_config(config: str = "serve_config.yaml", host: str | None = None
     return url
 
 
-# Serve's throughput-optimised mode: direct ingress and gRPC between Serve's processes, user code on the
-# replica's event loop. It raised the Serve path's tokens/s 1.3-1.7x at closed:64 here (docs/benchmarks.md).
-# Serve reads it when its processes start, so it must be in the environment of whoever starts Ray.
+# Serve's throughput-optimised mode: direct ingress and gRPC between Serve's processes, user code and
+# handle routers on the caller's event loop. It raised the Serve path's tokens/s 1.3-1.7x at closed:64
+# here (docs/benchmarks.md). Serve reads it when its processes start.
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def use_throughput_mode() -> None:
-    """Set THROUGHPUT_MODE for a Ray cluster this process starts (a value already set wins)."""
-    for name, value in THROUGHPUT_MODE.items():
-        os.environ.setdefault(name, value)
+@contextlib.contextmanager
+def throughput_mode():
+    """THROUGHPUT_MODE in the environment while a Ray cluster starts, so Serve's processes inherit it
+    (a value the user set wins). This process and its later children keep Serve's defaults: in the
+    mode a DeploymentHandle needs a running event loop, which a plain Python driver does not have."""
+    added = [name for name in THROUGHPUT_MODE if name not in os.environ]
+    os.environ.update({name: THROUGHPUT_MODE[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            del os.environ[name]
 
 
 def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name: str = "helios",
@@ -80,8 +89,8 @@ def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    use_throughput_mode()  # a cluster joined with RAY_ADDRESS keeps the mode it was started with
-    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    with throughput_mode():  # a cluster joined with RAY_ADDRESS keeps the mode it was started with
+        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"

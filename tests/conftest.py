@@ -63,11 +63,11 @@ def serve_cluster() -> ServeCluster:
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from deployments.launch import use_throughput_mode
+    from deployments.launch import throughput_mode
 
-    use_throughput_mode()  # as `helios serve` runs it
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    with throughput_mode():  # as `helios serve` runs it
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     yield ServeCluster(f"http://127.0.0.1:{http_port}", metrics_port)
     serve.shutdown()

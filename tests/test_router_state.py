@@ -1,5 +1,6 @@
-"""The router's saved policy state: restored when this version wrote it, ignored (fresh profiling) otherwise."""
+"""The router's saved policy state (restored when this version wrote it, else ignored) and the launcher's Serve mode."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -25,3 +26,17 @@ def test_state_of_another_version_or_shape_is_ignored():
     assert _restore(pickle.dumps(_policy())) is None  # the pre-versioned format: a bare policy
     assert _restore(pickle.dumps((STATE_VERSION - 1, _policy()))) is None
     assert _restore(b"not a pickle") is None
+
+
+def test_throughput_mode_is_set_only_while_ray_starts(monkeypatch):
+    from deployments.launch import THROUGHPUT_MODE, throughput_mode
+
+    [(name, value)] = THROUGHPUT_MODE.items()
+    monkeypatch.delenv(name, raising=False)
+    with throughput_mode():
+        assert os.environ[name] == value  # what ray.init's processes inherit
+    assert name not in os.environ  # this process and its children keep Serve's defaults
+    monkeypatch.setenv(name, "0")
+    with throughput_mode():
+        assert os.environ[name] == "0"  # the user's choice wins
+    assert os.environ[name] == "0"
