@@ -276,13 +276,7 @@ class LLMEngine:
         seqs = plan.decodes  # row i is in slot i
         positions = [len(s.token_ids) - 1 for s in seqs]
         early = [self.config.early_exit and s.params.early_exit for s in seqs]
-        kv = DecodeKV.for_rows(
-            self.cache,
-            torch.arange(len(seqs), device=self.device),
-            torch.tensor(positions, device=self.device),
-            max(positions),
-            contiguous=True,
-        )
+        kv = DecodeKV.for_rows(self.cache, torch.tensor(positions, device=self.device), max(positions))
         out = self.runner.decode(
             torch.tensor([s.token_ids[-1] for s in seqs], device=self.device),
             kv,

@@ -10,8 +10,7 @@ for the largest capacity. Slots are fixed-size (one per running sequence), so ca
 f(budget, loaded layers, max_model_len).
 
 Decode rows live in slots [0, B) in row order (the engine keeps them there), so the attention of a
-full decode batch reads a view of the pool with no copy; subsets of rows (tokens still running after
-some exited) gather their slots.
+decode batch reads a view of the pool with no copy.
 """
 
 from __future__ import annotations
@@ -133,26 +132,23 @@ class KVCache:
 
 
 class DecodeKV:
-    """KV access for a decode step: one new token per row, each row in its own slot."""
+    """KV access for a decode step: one new token per row, row i in slot i."""
 
-    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, mask: Tensor, contiguous: bool):
+    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, mask: Tensor):
         self.cache, self.slots, self.positions, self.mask = cache, slots, positions, mask
-        self.contiguous = contiguous  # slots == 0..B-1: read the pool through a view, no copy
         self.length = mask.shape[-1]
 
     @staticmethod
-    def for_rows(cache: KVCache, slots: Tensor, positions: Tensor, max_position: int, contiguous: bool) -> "DecodeKV":
-        """`max_position` is positions.max() (known on the host, so no device sync here)."""
+    def for_rows(cache: KVCache, positions: Tensor, max_position: int) -> "DecodeKV":
+        """Row i in slot i; `max_position` is positions.max() (known on the host, so no device sync here)."""
+        slots = torch.arange(positions.shape[0], device=positions.device)
         length = max_position + 1
         k_pos = torch.arange(length, device=positions.device)[None, :]
         allowed = k_pos <= positions[:, None]
         window = cache.config.sliding_window
         if window is not None:
             allowed &= positions[:, None] - k_pos < window
-        return DecodeKV(cache, slots, positions, allowed[:, None, None, :], contiguous)  # (B, 1, 1, S)
-
-    def select(self, rows: Tensor) -> "DecodeKV":
-        return DecodeKV(self.cache, self.slots[rows], self.positions[rows], self.mask[rows], contiguous=False)
+        return DecodeKV(cache, slots, positions, allowed[:, None, None, :])  # (B, 1, 1, S)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         self.cache.k[layer][self.slots, :, self.positions] = k[:, 0]  # k: (N, 1, KV, D)
@@ -160,11 +156,8 @@ class DecodeKV:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.write(layer, k, v)
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.contiguous:
-            n = self.slots.shape[0]
-            return kc[:n, :, : self.length], vc[:n, :, : self.length], self.mask
-        return kc[:, :, : self.length][self.slots], vc[:, :, : self.length][self.slots], self.mask
+        n = self.slots.shape[0]
+        return self.cache.k[layer][:n, :, : self.length], self.cache.v[layer][:n, :, : self.length], self.mask
 
 
 class PrefillKV:

@@ -1,13 +1,16 @@
 """Executes prefill chunks and early-exit decode steps on the model and the KV pool.
 
-The decode step, per loaded layer:
-  1. rows that already exited get this layer's K/V from their frozen exit hidden state
-     (the layer's norm + K/V projections only — the CALM/DREX choice: cheap, and later tokens
-     attend to every position at every layer they run);
-  2. rows still running go through the full block;
-  3. at an exit point, rows whose confidence reaches their threshold leave: their logits are kept,
-     and the running set is compacted so deeper layers compute only the rows still running. With a
-     logit-free measure (probe, cosine) only the leaving rows run the LM head.
+The decode step keeps every row of the batch in one (B, 1, D) hidden state and, per loaded layer:
+  1. every row runs the attention half of the block, so K/V is written for every row from one
+     projection: rows that already exited write it from their frozen exit hidden state (the
+     CALM/DREX choice: later tokens attend to every position at every layer they run);
+  2. only the rows still running take the residual and the MLP (`Block.forward(rows=...)`);
+  3. at an exit point, the running rows whose confidence reaches their threshold leave with their
+     logits; with a logit-free measure (probe, cosine) only the leaving rows run the LM head;
+  4. once every row has left, the remaining layers only project K/V from the frozen states.
+Attention runs for exited rows too rather than on a compacted batch: gathering the running rows'
+K/V at every deeper layer, plus a separate K/V projection for the exited rows, cost more than the
+discarded rows (bench/decode_ab.py measures the two side by side).
 At the last loaded layer every remaining row leaves (greedy exit); on a partially loaded model
 that exit is *forced*.
 """
@@ -66,56 +69,49 @@ class ModelRunner:
 
         x = model.embed_tokens(tokens[:, None], kv.positions[:, None])  # (B, 1, D)
         cos, sin = model.rope(kv.positions[:, None])
-        rows = torch.arange(n_rows, device=device)  # rows still running
-        run_kv, run_cos, run_sin, run_thr, run_ee = kv, cos, sin, thresholds, early_exit
         previous = x  # hidden state at the previous exit point (cosine measure)
-
         out = DecodeOutput(
             logits=torch.empty(n_rows, model.config.vocab_size, device=device),
             depth=torch.full((n_rows,), n_loaded, dtype=torch.long, device=device),
             confidence=torch.empty(n_rows, device=device),
             forced=torch.zeros(n_rows, dtype=torch.bool, device=device),
         )
-        gone_rows: list[Tensor] = []  # rows that left early, and their exit hidden states
-        gone_h: list[Tensor] = []
-        gone = None  # (hidden, cos, sin, kv) of all rows gone so far, rebuilt when rows leave
+        running: Tensor | None = None  # (B,) bool once some row has left; None while all run
+        run: Tensor | None = None  # indices of the running rows, once some row has left
+        all_gone = False
 
         for layer in model.layers:
             depth = layer.index + 1
-            if gone is not None:
-                layer.fill_kv(*gone)
-            if rows.numel() == 0:
+            if all_gone:
+                layer.fill_kv(x, cos, sin, kv)
                 continue
-            x = layer(x, run_cos, run_sin, run_kv)
+            x = layer(x, cos, sin, kv, run)
             if depth not in exit_points:
                 continue
+            rows = slice(None) if run is None else run  # confidence of the running rows only
+            h = x[rows, 0]
             # cosine and probe decide without the LM head: only the rows that leave compute logits
-            logits = None if measure in LOGIT_FREE else heads.logits(depth, x[:, 0])
-            conf = exit_confidence(heads, measure, depth, x[:, 0], previous[:, 0], logits)
+            logits = None if measure in LOGIT_FREE else heads.logits(depth, h)
+            conf = exit_confidence(heads, measure, depth, h, previous[rows, 0], logits)
             previous = x
-            leave = (conf >= run_thr) & run_ee
+            leave = (conf >= thresholds[rows]) & early_exit[rows]
             if not bool(leave.any()):
                 continue
-            left = rows[leave]
-            h_left = x[leave]
-            out.logits[left] = (logits[leave] if logits is not None else heads.logits(depth, h_left[:, 0])).float()
+            sel = leave.nonzero()[:, 0]
+            left = sel if run is None else run[sel]
+            out.logits[left] = (logits[sel] if logits is not None else heads.logits(depth, h[sel])).float()
             out.depth[left] = depth
-            out.confidence[left] = conf[leave]
-            gone_rows.append(left)
-            gone_h.append(h_left)
-            all_gone = torch.cat(gone_rows)
-            gone = (torch.cat(gone_h), cos[all_gone] if cos is not None else None,
-                    sin[all_gone] if sin is not None else None, kv.select(all_gone))
-            stay = ~leave
-            rows, x, previous = rows[stay], x[stay], previous[stay]
-            run_thr, run_ee, run_kv = run_thr[stay], run_ee[stay], kv.select(rows)
-            if cos is not None:
-                run_cos, run_sin = cos[rows], sin[rows]
+            out.confidence[left] = conf[sel]
+            if running is None:
+                running = torch.ones(n_rows, dtype=torch.bool, device=device)
+            running[left] = False
+            run = running.nonzero()[:, 0]
+            all_gone = run.numel() == 0
 
-        if rows.numel():  # greedy exit: whatever still runs leaves at the last loaded layer
-            logits = heads.logits(n_loaded, x[:, 0])
-            conf = exit_confidence(heads, measure, n_loaded, x[:, 0], previous[:, 0], logits)
+        if not all_gone:  # greedy exit: whatever still runs leaves at the last loaded layer
+            rows = slice(None) if run is None else run
+            logits = heads.logits(n_loaded, x[rows, 0])
             out.logits[rows] = logits.float()
-            out.confidence[rows] = conf
+            out.confidence[rows] = exit_confidence(heads, measure, n_loaded, x[rows, 0], previous[rows, 0], logits)
             out.forced[rows] = n_loaded < model.config.num_layers
         return out

@@ -30,7 +30,7 @@ class StepRecord:
     seconds: float  # decode wall time: inputs, every loaded layer, exit checks, sampling (prefill excluded)
     rows: int  # sequences in the decode batch (0: the step only prefilled)
     depth: int  # loaded layers
-    layer_rows: int  # blocks run: sum over rows of the exit depth (the runner compacts rows that exit)
+    layer_rows: int  # blocks run: sum over rows of the exit depth (rows that left skip deeper MLPs)
     prefill_tokens: int = 0  # prompt tokens prefilled in this step, before the decode
     prefill_seconds: float = 0.0
 

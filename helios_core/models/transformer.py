@@ -169,9 +169,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv, self.index)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess,
+                rows: Tensor | None = None) -> Tensor:
+        """rows: indices of the rows that advance (None = all). The others are exited tokens: they
+        still write this layer's K/V from their frozen state, and come back unchanged."""
+        a = self.attn(self.attn_norm(x), cos, sin, kv, self.index)
+        if rows is None:
+            x = x + a
+            return x + self.mlp(self.mlp_norm(x))
+        h = x[rows] + a[rows]
+        return x.index_copy(0, rows, h + self.mlp(self.mlp_norm(h)))
 
     def fill_kv(self, h: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess) -> None:
         """Write this layer's K/V for hidden states that skip it (an exited token's frozen state)."""

@@ -1,0 +1,102 @@
+"""Decode step time of this checkout against another git revision, side by side in one process.
+
+    python bench/decode_ab.py --rev 0461053 [--repeat 3] [--cases code-6l:7 mixed-16l:8]
+
+The other revision's `helios_core` is extracted (`git archive`) and imported under another name, so
+both engines live in one process. Per case, both decode the same `mixed` prompts at the same batch
+(40 greedy tokens per sequence, prefill excluded) and their steps alternate A, B, A, B: each pair of
+steps sees the same machine, which on a shared VM matters more than anything (identical runs a few
+seconds apart differ by ±25%). The figure is the median over step pairs of B's time ÷ A's, with
+each side's median step time. Cases: no exits; checks at every layer that nobody passes (threshold
+2); thresholds 0.5 and 0.9 at every layer; and both every 4 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from helios_core.benchmark.workload import load_workload  # noqa: E402
+CASES = [(False, 0.5, None), (True, 2.0, None), (True, 0.5, None), (True, 0.9, None), (True, 0.5, 4), (True, 0.9, 4)]
+
+
+def import_revision(rev: str, into: Path):
+    """The package `helios_core` as of `rev`, importable as `helios_rev`."""
+    archive = subprocess.run(["git", "archive", rev, "helios_core"], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    (into / "helios_core").rename(into / "helios_rev")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("helios_rev")
+
+
+def engine(pkg, model: Path, batch: int, early_exit: bool, threshold: float, every: int | None):
+    engine_mod = importlib.import_module(f"{pkg.__name__}.engine")
+    exits = importlib.import_module(f"{pkg.__name__}.exits")
+    sampling = importlib.import_module(f"{pkg.__name__}.sampling")
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    exit = exits.ExitConfig(threshold=threshold, exit_layers=tuple(range(every, layers, every)) if every else None)
+    e = engine_mod.LLMEngine(engine_mod.EngineConfig(model=str(model), early_exit=early_exit, exit=exit,
+                                                     memory_budget=256 << 20, max_model_len=1024))
+    for r in load_workload("mixed", batch):  # this checkout's prompt files
+        e.add_request(r.prompt, sampling.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    while e.scheduler.waiting or any(s.needs_prefill for s in e.scheduler.running):
+        e.step()  # prefill, untimed
+    return e
+
+
+def timed(e) -> float:
+    start = time.perf_counter()
+    e.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rev", required=True, help="the git revision to compare against (A); B is this checkout")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh engine pairs per case")
+    ap.add_argument("--cases", nargs="+", default=["code-6l:7", "mixed-16l:8"], help="MODEL:BATCH (demo model suffix)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import helios_core as current
+
+    with tempfile.TemporaryDirectory() as tmp:
+        other = import_revision(args.rev, Path(tmp))
+        print(f"| model | batch | exits | A {args.rev} ms/step | B working tree ms/step | B/A (median of pairs) "
+              f"| mean exit A / B |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        for spec in args.cases:
+            name, batch = spec.rsplit(":", 1)
+            model = ROOT / "models" / f"helios-demo-{name}"
+            for early_exit, threshold, every in CASES:
+                a_times, b_times, ratios = [], [], []
+                for _ in range(args.repeat):
+                    a = engine(other, model, int(batch), early_exit, threshold, every)
+                    b = engine(current, model, int(batch), early_exit, threshold, every)
+                    timed(a), timed(b)  # first-call costs
+                    while a.has_unfinished() and b.has_unfinished():
+                        ta, tb = timed(a), timed(b)
+                        a_times.append(ta), b_times.append(tb), ratios.append(tb / ta)
+                mean_exit = [sum(d * n for d, n in e.stats.histogram.items()) / sum(e.stats.histogram.values())
+                             for e in (a, b)]
+                label = "none" if not early_exit else f"{threshold} every {every or 1}"
+                print(f"| {name} | {batch} | {label} | {statistics.median(a_times) * 1e3:.2f} | "
+                      f"{statistics.median(b_times) * 1e3:.2f} | {statistics.median(ratios):.2f} | "
+                      f"{mean_exit[0]:.2f} / {mean_exit[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
