@@ -123,8 +123,13 @@ def test_concurrent_requests_and_a_layer_load_during_traffic(client):
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, p) for p in prompts]
         assert replica.set_num_layers.remote(3).result() == 3  # unload while requests run
+        peaks = []  # the replica's largest batch of the last second, sampled while the requests run
+        while not all(f.done() for f in futures):
+            peaks.append(replica.stats.remote().result()["peak_batch"])
+            time.sleep(0.2)
         results = [f.result() for f in futures]
     assert all(r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length" for r in results)
+    assert 2 <= max(peaks) <= len(prompts)
     after = replica.stats.remote().result()
     assert after["loaded_layers"] == 3 and after["capacity"] > before["capacity"]  # memory became batch
     assert after["weight_bytes"] < before["weight_bytes"]

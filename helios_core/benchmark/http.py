@@ -5,8 +5,8 @@ each load on /v1/completions, streaming: the same requests as the in-process sys
 exactly max_tokens long (ignore_eos), model "helios" (the policy's choice). A token's time is when
 its SSE chunk reached the client; its id comes with the chunk (`return_token_ids`, as the text cannot
 be re-tokenized exactly); the exit histogram and the serving (model, loaded depth) come with the
-last chunk. The batch and memory figures are sampled from /v1/helios/stats every STATS_INTERVAL_S
-(so a batch that lasts less than that may be missed).
+last chunk. The batch and memory figures are sampled from /v1/helios/stats every STATS_INTERVAL_S;
+each replica reports its largest step batch over that window, so no peak is missed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .systems import RunResult
 from .traces import Trace
 from .workload import BenchRequest, poisson_arrivals
 
-STATS_INTERVAL_S = 0.25
+STATS_INTERVAL_S = 1.0  # the replicas' PEAK_WINDOW_S; each poll costs a call to the router and every replica
 QUEUE_LIMIT = 1024  # per replica: far above any load here, so Serve's admission control never refuses
 READ_TIMEOUT_S = 600  # longest silence on a stream (a queued request's wait for its first token included)
 WARMUP_ROUNDS = 4  # the warm-up set is served again (up to this many times) while the policy still profiles
@@ -93,11 +93,12 @@ class _Client:
 
 
 def _in_use(stats: dict) -> tuple[int, int, int]:
-    """(running sequences, weight bytes, KV bytes) summed over the replicas that run something or
-    hold one of the policy's current models (the others are idle copies Serve keeps loaded)."""
+    """(peak batch, weight bytes, KV bytes) summed over the replicas that run something or hold one
+    of the policy's current models (the others are idle copies Serve keeps loaded). Each replica's
+    peak is its largest step batch of the last second."""
     current = stats["policy"].get("targets", {})
-    live = [s for name, s in stats["models"].items() if "error" not in s and (s["running"] or name in current)]
-    return sum(s["running"] for s in live), sum(s["weight_bytes"] for s in live), sum(s["kv_bytes"] for s in live)
+    live = [s for name, s in stats["models"].items() if "error" not in s and (s["peak_batch"] or name in current)]
+    return sum(s["peak_batch"] for s in live), sum(s["weight_bytes"] for s in live), sum(s["kv_bytes"] for s in live)
 
 
 def _profiling(stats: dict | None) -> bool:
