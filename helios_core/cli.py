@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--measure", choices=MEASURES, default="max_prob")
     gen.add_argument("--exit-layers", type=_exit_layers, default=None, help="exit depths, e.g. 2,4,6 (default: all)")
     gen.add_argument("--exit-heads", default=None, help="trained exit heads (.safetensors adapter)")
+    gen.add_argument("--probe-gate", type=float, default=None,
+                     help="max_prob/margin: run the LM head only for rows whose exit probe (in --exit-heads) reaches this")
     gen.add_argument("--layers", type=int, default=None, help="load only the first K layers (greedy exit at K)")
     gen.add_argument("--no-early-exit", action="store_true", help="run every loaded layer for every token")
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -135,6 +137,7 @@ def generate(args: argparse.Namespace) -> int:
         measure=args.measure,
         exit_layers=args.exit_layers,
         heads_path=args.exit_heads,
+        probe_gate=args.probe_gate,
     )
     engine = LLMEngine(EngineConfig(
         model=args.model, num_layers=args.layers, dtype=args.dtype, device=args.device,

@@ -11,7 +11,9 @@ Exit heads turn a hidden state at depth d into logits:
 Exit probes (CALM's early-exit classifier) decide whether to leave without the LM head: at depth d,
 sigmoid(probe(final_norm(h))) estimates the probability that the exit's top-1 token equals the full
 model's. The `probe` measure computes logits only for the rows that leave, so a check costs a norm
-and a dot product per row instead of the LM head and a softmax over the vocabulary.
+and a dot product per row instead of the LM head and a softmax over the vocabulary. A probe can
+also *gate* max_prob or margin (`probe_gate`): only the rows whose probe reaches the gate pay for
+the LM head, and the logit measure still makes the decision, so a gate only ever delays an exit.
 
 Adapter format (`*.safetensors`, written by `save_exit_heads`):
   metadata: format="helios-exit-heads", version="2", hidden_size, vocab_size, norm ("rms"|"layer")
@@ -53,12 +55,18 @@ class ExitConfig:
     measure: str = "max_prob"  # max_prob | margin | cosine | probe (needs probes in heads_path)
     exit_layers: tuple[int, ...] | None = None  # depths (1-based); None = every layer
     heads_path: str | None = None  # trained exit heads adapter; None = shared final norm + LM head
+    probe_gate: float | None = None  # max_prob/margin: the LM head only for rows whose probe reaches this
 
     def __post_init__(self):
         if self.measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {self.measure!r}; use one of {', '.join(MEASURES)}")
         if not self.threshold >= 0:
             raise ValueError(f"exit threshold must be >= 0, got {self.threshold}")
+        if self.probe_gate is not None:
+            if not 0 <= self.probe_gate <= 1:
+                raise ValueError(f"probe_gate is a probability in [0, 1], got {self.probe_gate}")
+            if self.measure in LOGIT_FREE:
+                raise ValueError(f"probe_gate saves LM-head checks of max_prob or margin; {self.measure!r} has none")
         if self.exit_layers is not None:
             object.__setattr__(self, "exit_layers", tuple(sorted(set(int(d) for d in self.exit_layers))))
             if any(d < 1 for d in self.exit_layers):
@@ -194,15 +202,41 @@ def save_exit_heads(path: str | Path, heads: ExitHeads) -> None:
 
 # --- confidence measures ----------------------------------------------------------------------------
 def check_probes(heads: ExitHeads, exit_config: ExitConfig) -> None:
-    """The probe measure needs a probe at every exit point the model can have."""
-    if exit_config.measure != "probe":
+    """The probe measure and a probe gate need a probe at every exit point the model can have."""
+    if exit_config.measure != "probe" and exit_config.probe_gate is None:
         return
     num_layers = heads.model[0].config.num_layers
     missing = sorted(set(exit_config.exit_points(num_layers)) - set(heads.probe_depths()))
     if missing:
+        what = "confidence measure 'probe'" if exit_config.measure == "probe" else "probe_gate"
         where = f"the exit heads file {exit_config.heads_path}" if exit_config.heads_path else "no exit heads file"
-        raise ValueError(f"confidence measure 'probe' needs an exit probe at every exit point; {where} has none at "
+        raise ValueError(f"{what} needs an exit probe at every exit point; {where} has none at "
                          f"depth(s) {missing} (train them with `helios train-exits --probes`)")
+
+
+def exit_check(heads: ExitHeads, exit_config: ExitConfig, depth: int, h: Tensor, previous: Tensor,
+               thresholds: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The rows of h (N, D) that leave at exit point `depth`: (their indices in h, their confidence,
+    their fp32 logits), or None. thresholds (N,): inf for a row that may not leave.
+
+    Logits are computed for as few rows as the measure allows: the probe gate's candidates for
+    max_prob and margin, the leaving rows only for the logit-free measures."""
+    measure, gate = exit_config.measure, exit_config.probe_gate
+    candidates = None
+    if gate is not None:
+        keep = torch.sigmoid(heads.probe_logit(depth, h)) >= gate
+        if not bool(keep.any()):
+            return None
+        candidates = keep.nonzero()[:, 0]
+        h, previous, thresholds = h[candidates], previous[candidates], thresholds[candidates]
+    logits = None if measure in LOGIT_FREE else heads.logits(depth, h)
+    conf = exit_confidence(heads, measure, depth, h, previous, logits)
+    leave = conf >= thresholds
+    if not bool(leave.any()):
+        return None
+    rows = leave.nonzero()[:, 0]
+    logits = logits[rows] if logits is not None else heads.logits(depth, h[rows])
+    return (rows if candidates is None else candidates[rows]), conf[rows], logits.float()
 
 
 def exit_confidence(heads: ExitHeads, measure: str, depth: int, h: Tensor, previous: Tensor | None,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_confidence
+from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .models.transformer import NoCache, Transformer, causal_mask
 
 
@@ -87,14 +87,15 @@ def simulate_exits(
             continue
         rows = (may_exit & ~exited).nonzero(as_tuple=True)
         h = x[rows]
-        logits = None if measure in LOGIT_FREE else heads.logits(depth, h)
-        conf = exit_confidence(heads, measure, depth, h, previous[rows], logits)
+        found = exit_check(heads, exit_config, depth, h, previous[rows], torch.full((h.shape[0],), threshold, device=device))
         previous = x
-        leave = conf >= threshold
-        left = tuple(i[leave] for i in rows)
+        if found is None:
+            continue
+        sel, conf, logits = found
+        left = tuple(i[sel] for i in rows)
         trace.depth[left] = depth
-        trace.confidence[left] = conf[leave]
-        trace.logits[left] = (logits[leave] if logits is not None else heads.logits(depth, h[leave])).float()
+        trace.confidence[left] = conf
+        trace.logits[left] = logits
         exited[left] = True
     rest = (may_exit & ~exited).nonzero(as_tuple=True)  # greedy exit at the last loaded layer
     h = x[rest]

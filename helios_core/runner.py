@@ -6,7 +6,8 @@ The decode step keeps every row of the batch in one (B, 1, D) hidden state and, 
      CALM/DREX choice: later tokens attend to every position at every layer they run);
   2. only the rows still running take the residual and the MLP (`Block.forward(rows=...)`);
   3. at an exit point, the running rows whose confidence reaches their threshold leave with their
-     logits; with a logit-free measure (probe, cosine) only the leaving rows run the LM head;
+     logits (`exits.exit_check`: with a probe gate or a logit-free measure, the LM head runs on
+     fewer rows than are running);
   4. once every row has left, the remaining layers only project K/V from the frozen states.
 Attention runs for exited rows too rather than on a compacted batch: gathering the running rows'
 K/V at every deeper layer, plus a separate K/V projection for the exited rows, cost more than the
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_confidence
+from .exits import ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
 
@@ -66,6 +67,7 @@ class ModelRunner:
         device = tokens.device
         measure = self.exit_config.measure
         exit_points = set(self.exit_config.exit_points(n_loaded)) if any_early_exit else set()
+        limits = torch.where(early_exit, thresholds, torch.inf)  # a row that may not exit never reaches inf
 
         x = model.embed_tokens(tokens[:, None], kv.positions[:, None])  # (B, 1, D)
         cos, sin = model.rope(kv.positions[:, None])
@@ -88,20 +90,16 @@ class ModelRunner:
             x = layer(x, cos, sin, kv, run)
             if depth not in exit_points:
                 continue
-            rows = slice(None) if run is None else run  # confidence of the running rows only
-            h = x[rows, 0]
-            # cosine and probe decide without the LM head: only the rows that leave compute logits
-            logits = None if measure in LOGIT_FREE else heads.logits(depth, h)
-            conf = exit_confidence(heads, measure, depth, h, previous[rows, 0], logits)
+            rows = slice(None) if run is None else run  # only the running rows are checked
+            found = exit_check(heads, self.exit_config, depth, x[rows, 0], previous[rows, 0], limits[rows])
             previous = x
-            leave = (conf >= thresholds[rows]) & early_exit[rows]
-            if not bool(leave.any()):
+            if found is None:
                 continue
-            sel = leave.nonzero()[:, 0]
+            sel, conf, logits = found
             left = sel if run is None else run[sel]
-            out.logits[left] = (logits[sel] if logits is not None else heads.logits(depth, h[sel])).float()
+            out.logits[left] = logits
             out.depth[left] = depth
-            out.confidence[left] = conf[sel]
+            out.confidence[left] = conf
             if running is None:
                 running = torch.ones(n_rows, dtype=torch.bool, device=device)
             running[left] = False

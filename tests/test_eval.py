@@ -71,10 +71,13 @@ def test_prompt_files(tmp_path):
 
 
 # --- the simulated exit decision is the engine's -------------------------------------------------------
-@pytest.mark.parametrize("num_layers, measure, threshold", [(None, "max_prob", 0.5), (4, "max_prob", 0.5),
-                                                            (None, "cosine", 0.95)])
-def test_teacher_forced_exits_match_the_engine(num_layers, measure, threshold):
-    exit_config = ExitConfig(threshold=threshold, measure=measure)
+@pytest.mark.parametrize("num_layers, measure, threshold, gate", [(None, "max_prob", 0.5, None),
+                                                                  (4, "max_prob", 0.5, None),
+                                                                  (None, "cosine", 0.95, None),
+                                                                  (None, "max_prob", 0.5, 0.3)])
+def test_teacher_forced_exits_match_the_engine(num_layers, measure, threshold, gate):
+    heads = str(CODE / "exit_probes.safetensors") if gate is not None else None
+    exit_config = ExitConfig(threshold=threshold, measure=measure, probe_gate=gate, heads_path=heads)
     engine = LLMEngine(EngineConfig(model=str(CODE), num_layers=num_layers, exit=exit_config))
     outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     depths = set()

@@ -12,7 +12,7 @@ PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [1
 
 
 def engine(path, **kw) -> LLMEngine:
-    exit_kw = {k: kw.pop(k) for k in ("threshold", "measure", "exit_layers", "heads_path") if k in kw}
+    exit_kw = {k: kw.pop(k) for k in ("threshold", "measure", "exit_layers", "heads_path", "probe_gate") if k in kw}
     return LLMEngine(EngineConfig(model=str(path), exit=ExitConfig(**exit_kw), **kw))
 
 
@@ -325,4 +325,62 @@ def test_registry_measure_selects_the_probe(tiny_llama, tmp_path):
     assert Registry.load(tmp_path / "again.yaml")["tiny"].measure == "probe"
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  measure: entropy\n")
     with pytest.raises(ValueError, match="unknown confidence measure 'entropy'"):
+        Registry.load(path)
+
+
+def random_probes(model, scale: float = 20.0, seed: int = 1) -> dict:
+    torch.manual_seed(seed)
+    probes = {d: make_probe(model) for d in range(1, model.config.num_layers)}
+    for probe in probes.values():
+        probe.weight.data.mul_(scale)  # spread the probe's outputs around 0.5
+    return probes
+
+
+def test_probe_gate_only_delays_max_prob_exits(tiny_llama, tmp_path):
+    model = engine(tiny_llama).model
+    path = tmp_path / "probes.safetensors"
+    save_exit_heads(path, ExitHeads(model, probes=random_probes(model)))
+    plain = engine(tiny_llama, threshold=0.3).generate(PROMPTS, GREEDY)
+    # Gate 0: every row is a candidate, so the gate changes nothing.
+    open_gate = engine(tiny_llama, threshold=0.3, heads_path=str(path), probe_gate=0.0).generate(PROMPTS, GREEDY)
+    assert [(o.token_ids, o.exit_layers) for o in open_gate] == [(o.token_ids, o.exit_layers) for o in plain]
+    # A probe that never reaches the gate: nobody leaves before the last layer.
+    never = tmp_path / "never.safetensors"
+    save_exit_heads(never, ExitHeads(model, probes=constant_probes(model, -20.0)))
+    shut = engine(tiny_llama, threshold=0.3, heads_path=str(never), probe_gate=0.5).generate(PROMPTS, GREEDY)
+    full = engine(tiny_llama, early_exit=False).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in shut] == [o.token_ids for o in full]
+    assert all(set(o.exit_layers) == {6} for o in shut)
+    # A gate in between: max_prob still decides, so every exit is a max_prob exit...
+    eng = engine(tiny_llama, threshold=0.3, heads_path=str(path), probe_gate=0.5)
+    gated = eng.generate(PROMPTS, GREEDY)
+    records = [r for o in gated for r in o.records]
+    assert all(r.confidence >= 0.3 for r in records if r.exit_layer < 6)
+    assert len({r.exit_layer for r in records}) > 1
+    # ...and batch invariant.
+    for prompt, batched in zip(PROMPTS, gated):
+        [alone] = eng.generate([prompt], GREEDY)
+        assert (alone.token_ids, alone.exit_layers) == (batched.token_ids, batched.exit_layers)
+
+
+def test_probe_gate_validation(tiny_llama, tmp_path):
+    from helios_core.policy import Registry
+
+    with pytest.raises(ValueError, match=r"probe_gate is a probability in \[0, 1\], got 1.5"):
+        ExitConfig(probe_gate=1.5)
+    with pytest.raises(ValueError, match="probe_gate saves LM-head checks of max_prob or margin; 'probe' has none"):
+        ExitConfig(measure="probe", probe_gate=0.5)
+    with pytest.raises(ValueError, match="probe_gate needs an exit probe at every exit point; no exit heads file"):
+        engine(tiny_llama, probe_gate=0.5)
+    model = engine(tiny_llama).model
+    probes = tmp_path / "probes.safetensors"
+    save_exit_heads(probes, ExitHeads(model, probes=random_probes(model)))
+    path = tmp_path / "registry.yaml"
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  exit_heads: {probes}\n  probe_gate: 0.4\n")
+    entry = Registry.load(path)["tiny"]
+    assert entry.exit_config() == ExitConfig(threshold=0.8, heads_path=str(probes), probe_gate=0.4)
+    Registry.load(path).save(tmp_path / "again.yaml")
+    assert Registry.load(tmp_path / "again.yaml")["tiny"].probe_gate == 0.4
+    path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  probe_gate: 0.4\n")
+    with pytest.raises(ValueError, match="probe_gate need exit_heads"):
         Registry.load(path)

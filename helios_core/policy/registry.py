@@ -9,6 +9,7 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
         exit_layers: null                  # exit depths, null = every layer
         exit_heads: null                   # trained exit-head adapter (.safetensors), optional
         measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
+        probe_gate: null                   # max_prob/margin: LM head only where exit_heads' probe reaches this
         profile: {...}                     # offline telemetry, written by `helios profile`
 
 The sizes the policy reasons with (layers, weight bytes of the fixed part and of one layer, KV bytes
@@ -75,6 +76,7 @@ class ModelEntry:
     layer_weight_bytes: int = 0  # one transformer block
     profile: OfflineProfile | None = None
     measure: str = "max_prob"
+    probe_gate: float | None = None
 
     @property
     def num_layers(self) -> int:
@@ -93,7 +95,7 @@ class ModelEntry:
 
     def exit_config(self) -> ExitConfig:
         return ExitConfig(threshold=self.threshold, measure=self.measure, exit_layers=self.exit_layers,
-                          heads_path=str(self.exit_heads) if self.exit_heads else None)
+                          heads_path=str(self.exit_heads) if self.exit_heads else None, probe_gate=self.probe_gate)
 
     def plan(self, depth: int, budget_bytes: int, max_model_len: int, max_num_seqs: int = 256,
              max_prefill_tokens: int = 256) -> MemoryPlan:
@@ -169,6 +171,7 @@ class Registry:
                 "exit_layers": list(e.exit_layers) if e.exit_layers else None,
                 "exit_heads": _relative(e.exit_heads, path.parent) if e.exit_heads else None,
                 **({"measure": e.measure} if e.measure != "max_prob" else {}),
+                **({"probe_gate": e.probe_gate} if e.probe_gate is not None else {}),
                 "layers": e.num_layers,
                 "weight_bytes_fixed": e.fixed_weight_bytes,
                 "weight_bytes_per_layer": e.layer_weight_bytes,
@@ -190,8 +193,8 @@ def _relative(p: Path, base: Path) -> str:
         return str(p)
 
 
-KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "measure", "profile", "layers", "weight_bytes_fixed",
-              "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
+KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile", "layers",
+              "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
 
 
 def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
@@ -214,7 +217,10 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     dtype = raw.get("dtype", dtype)
     try:
         exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), measure=raw.get("measure", "max_prob"),
-                              exit_layers=tuple(raw["exit_layers"]) if raw.get("exit_layers") else None)
+                              exit_layers=tuple(raw["exit_layers"]) if raw.get("exit_layers") else None,
+                              probe_gate=raw.get("probe_gate"))
+        if (exit_cfg.measure == "probe" or exit_cfg.probe_gate is not None) and heads is None:
+            raise ValueError("measure 'probe' and probe_gate need exit_heads: a file with exit probes")
         if exit_cfg.exit_layers and max(exit_cfg.exit_layers) > config.num_layers:
             raise ValueError(f"exit_layers {list(exit_cfg.exit_layers)} go deeper than the model's "
                              f"{config.num_layers} layers")
@@ -222,7 +228,7 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     except (TypeError, ValueError) as err:
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
-                       _profile(where, raw.get("profile")), exit_cfg.measure)
+                       _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate)
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
                 "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
