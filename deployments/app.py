@@ -16,6 +16,9 @@
     max_ongoing_requests, max_queued_requests
                       per model replica (default 256 / 512): streams a replica serves at once, and
                       requests that may wait for it; beyond that the client gets 503 + Retry-After
+    stream_max_hold_s the longest a busy replica holds a stream's tokens to send them together
+                      (default 0.1; 0 sends every token at once): fewer stream items, less CPU per
+                      token, burstier inter-token times (docs/serving.md)
     autoscaling       Serve autoscaling_config for each model deployment, e.g. {"min_replicas": 1,
                       "max_replicas": 4}; target_ongoing_requests defaults to the batch capacity a
                       replica has at full depth (from the registry's memory plan), so replicas are
@@ -32,7 +35,7 @@ from helios_core.cli import parse_bytes
 from helios_core.policy import Registry
 
 from .ingress import Ingress
-from .replica import ModelReplica
+from .replica import MAX_HOLD_S, ModelReplica
 from .router import Router
 
 
@@ -45,6 +48,9 @@ def build_app(args: dict | None = None) -> Application:
     max_tokens = int(args.pop("max_tokens", 512))
     device, dtype = args.pop("device", "auto"), args.pop("dtype", "float32")
     threads = int(args.pop("threads", 1))
+    hold = float(args.pop("stream_max_hold_s", MAX_HOLD_S))
+    if hold < 0:
+        raise ValueError(f"stream_max_hold_s must be >= 0, got {hold}")
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
@@ -63,5 +69,5 @@ def build_app(args: dict | None = None) -> Application:
             full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
-            entry.name, registry, budget, max_model_len, router, device, dtype, threads)
+            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key)

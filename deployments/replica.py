@@ -41,7 +41,7 @@ from .metrics import ReplicaMetrics
 logger = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 1.0
 STREAM_ITEMS_PER_S = 50  # each costs ~3.5 ms of CPU on the whole path: a sixth of a core at this rate
-MAX_HOLD_S = 0.1  # a token waits at most this long for the next ones
+MAX_HOLD_S = 0.1  # default stream_max_hold_s: a token waits at most this long for the next ones
 PEAK_WINDOW_S = 1.0  # stats report the largest batch of the last second: a reader polling that often sees every peak
 
 
@@ -92,7 +92,8 @@ class _Outbox:
                   health_check_period_s=5)
 class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
-                 device: str = "auto", dtype: str = "float32", threads: int = 1):
+                 device: str = "auto", dtype: str = "float32", threads: int = 1,
+                 stream_max_hold_s: float = MAX_HOLD_S):
         # Several replicas share a CPU node: OpenMP spin-waiting across them costs far more than it gains.
         torch.set_num_threads(threads)
         entry = Registry.load(registry, dtype)[model]
@@ -101,6 +102,7 @@ class ModelReplica:
             model=str(entry.path), name=model, dtype=dtype, device=device,
             memory_budget=memory_budget, max_model_len=max_model_len, exit=entry.exit_config()))
         self.router = router
+        self.max_hold_s = stream_max_hold_s
         self.metrics = ReplicaMetrics(model)
         self.metrics.shape(self.engine)
         self._adds: list[tuple[str, list[int] | str, SamplingParams]] = []
@@ -221,7 +223,7 @@ class ModelReplica:
     def _send_interval(self) -> float:
         """Seconds between a stream's items: 0 for a lone stream, then the item budget shared out
         over the batch (waiting requests send nothing)."""
-        return min(MAX_HOLD_S, (len(self.engine.scheduler.running) - 1) / STREAM_ITEMS_PER_S)
+        return min(self.max_hold_s, (len(self.engine.scheduler.running) - 1) / STREAM_ITEMS_PER_S)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: {"threshold": 0.6, "memory_budget": "96MiB"} (either may be left out)."""

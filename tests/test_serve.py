@@ -174,6 +174,13 @@ def test_a_busy_replica_coalesces_tokens_and_loses_none(base_url, client):
     assert max(len(c["choices"][0]["token_ids"]) for chunks in streams for c in chunks) > 1
 
 
+def test_build_app_checks_its_arguments():
+    with pytest.raises(ValueError, match="stream_max_hold_s must be >= 0, got -1.0"):
+        build_app({"registry": str(REGISTRY), "stream_max_hold_s": -1})
+    with pytest.raises(ValueError, match=r"unknown build_app arguments: \['stream_hold'\]"):
+        build_app({"registry": str(REGISTRY), "stream_hold": 0.2})
+
+
 def test_a_lone_stream_gets_every_token_at_once_and_the_last_is_never_held():
     from deployments.replica import _Outbox
 

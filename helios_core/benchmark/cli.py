@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
     b.add_argument("--sweep-exit-every", type=int, nargs="+", default=[1, 4],
                    help="exit points every K layers (a check costs about a layer on the demo models)")
     b.add_argument("--device", default="cpu")
+    b.add_argument("--stream-max-hold", type=float, default=BenchConfig.stream_max_hold_s,
+                   help="helios_serve: the longest a busy replica holds a stream's tokens, s")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
@@ -65,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         fields["loads"] = tuple(args.loads)
     return BenchConfig(registry=args.registry, baseline=args.baseline, workload=args.workload, b0=args.b0,
                        budget=args.budget, threshold=args.threshold, exit_every=args.exit_every, policy=args.policy,
-                       slo=SLO(args.slo_ttft, args.slo_tpot), device=args.device, **fields)
+                       slo=SLO(args.slo_ttft, args.slo_tpot), device=args.device,
+                       stream_max_hold_s=args.stream_max_hold, **fields)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def app_args(cfg: BenchConfig, budget: int) -> dict:
     return {"registry": cfg.registry, "memory_budget": budget, "max_model_len": cfg.max_model_len,
             "max_tokens": cfg.max_tokens, "policy": cfg.policy, "device": cfg.device, "threshold": cfg.threshold,
             "threads": torch.get_num_threads(), "max_ongoing_requests": QUEUE_LIMIT,
-            "max_queued_requests": QUEUE_LIMIT}
+            "max_queued_requests": QUEUE_LIMIT, "stream_max_hold_s": cfg.stream_max_hold_s}
 
 
 class _Client:

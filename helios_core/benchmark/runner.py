@@ -51,6 +51,7 @@ class BenchConfig:
     slo: SLO = field(default_factory=SLO)
     seed: int = 0
     device: str = "cpu"
+    stream_max_hold_s: float = 0.1  # helios_serve: build_app's stream_max_hold_s
 
 
 def parse_load(spec: str) -> tuple[str, float]:
