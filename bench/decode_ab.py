@@ -29,7 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from helios_core.benchmark.workload import load_workload  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from exit_cost import prefilled  # noqa: E402
+
 CASES = [(False, 0.5, None), (True, 2.0, None), (True, 0.5, None), (True, 0.9, None), (True, 0.5, 4), (True, 0.9, 4)]
 
 
@@ -51,17 +53,23 @@ def engine(pkg, model: Path, batch: int, early_exit: bool, threshold: float, eve
     exit = exits.ExitConfig(threshold=threshold, exit_layers=tuple(range(every, layers, every)) if every else None)
     e = engine_mod.LLMEngine(engine_mod.EngineConfig(model=str(model), early_exit=early_exit, exit=exit,
                                                      memory_budget=256 << 20, max_model_len=1024))
-    for r in load_workload("mixed", batch):  # this checkout's prompt files
-        e.add_request(r.prompt, sampling.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-    while e.scheduler.waiting or any(s.needs_prefill for s in e.scheduler.running):
-        e.step()  # prefill, untimed
-    return e
+    return prefilled(e, batch, sampling.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
 
 
 def timed(e) -> float:
     start = time.perf_counter()
     e.step()
     return time.perf_counter() - start
+
+
+def alternate(a, b) -> tuple[list[float], list[float]]:
+    """Step two prefilled engines in turn until one finishes: each one's step times (first calls untimed)."""
+    timed(a), timed(b)
+    a_times, b_times = [], []
+    while a.has_unfinished() and b.has_unfinished():
+        a_times.append(timed(a))
+        b_times.append(timed(b))
+    return a_times, b_times
 
 
 def main() -> None:
@@ -86,10 +94,10 @@ def main() -> None:
                 for _ in range(args.repeat):
                     a = engine(other, model, int(batch), early_exit, threshold, every)
                     b = engine(current, model, int(batch), early_exit, threshold, every)
-                    timed(a), timed(b)  # first-call costs
-                    while a.has_unfinished() and b.has_unfinished():
-                        ta, tb = timed(a), timed(b)
-                        a_times.append(ta), b_times.append(tb), ratios.append(tb / ta)
+                    ta, tb = alternate(a, b)
+                    a_times += ta
+                    b_times += tb
+                    ratios += [y / x for x, y in zip(ta, tb)]
                 mean_exit = [sum(d * n for d, n in e.stats.histogram.items()) / sum(e.stats.histogram.values())
                              for e in (a, b)]
                 label = "none" if not early_exit else f"{threshold} every {every or 1}"

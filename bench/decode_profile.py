@@ -16,9 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from exit_cost import exits  # noqa: E402
+from exit_cost import exits, prefilled  # noqa: E402
 
-from helios_core.benchmark.workload import load_workload  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 
@@ -32,12 +31,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model = ROOT / "models" / args.model
     for label, early_exit in (("full depth", False), (f"threshold {args.threshold}, every layer", True)):
-        engine = LLMEngine(EngineConfig(model=str(model), memory_budget=256 << 20, max_model_len=1024,
-                                        early_exit=early_exit, exit=exits(model, args.threshold, None)))
-        for r in load_workload("mixed", args.batch):
-            engine.add_request(r.prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-        while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
-            engine.step()
+        engine = prefilled(LLMEngine(EngineConfig(model=str(model), memory_budget=256 << 20, max_model_len=1024,
+                                                  early_exit=early_exit, exit=exits(model, args.threshold, None))),
+                           args.batch, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
         for _ in range(3):  # warm-up: first-call costs
             engine.step()
         with torch.profiler.profile() as prof:

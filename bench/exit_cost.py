@@ -60,15 +60,22 @@ def exits(model: Path, threshold: float, every: int | None, measure: str = "max_
                       heads_path=str(Path(model) / PROBES) if measure == "probe" else None)
 
 
+def prefilled(engine, batch: int, params):
+    """`engine` with the first `batch` `mixed` prompts queued and prefilled: the next steps decode them all.
+    `params`: greedy SamplingParams (of the engine's own package, for bench/decode_ab.py)."""
+    for r in load_workload("mixed", batch):
+        engine.add_request(r.prompt, params)
+    while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
+        engine.step()
+    return engine
+
+
 def step_time(model: Path, batch: int, layers: int | None, early_exit: bool, exit: ExitConfig,
               tokens: int = 48) -> tuple[float, float]:
     """(seconds per decode step, mean exit layer) with `batch` sequences decoding together."""
-    engine = LLMEngine(EngineConfig(model=str(model), num_layers=layers, early_exit=early_exit,
-                                    memory_budget=256 << 20, max_model_len=1024, exit=exit))
-    for r in load_workload("mixed", batch):
-        engine.add_request(r.prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-    while engine.scheduler.waiting or any(s.needs_prefill for s in engine.scheduler.running):
-        engine.step()  # prefill, untimed
+    engine = prefilled(LLMEngine(EngineConfig(model=str(model), num_layers=layers, early_exit=early_exit,
+                                              memory_budget=256 << 20, max_model_len=1024, exit=exit)),
+                       batch, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
     steps, start = 0, time.perf_counter()
     while engine.has_unfinished():
         engine.step()

@@ -21,21 +21,21 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from helios_core.benchmark.workload import load_workload  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from decode_ab import alternate  # noqa: E402
+from exit_cost import PROBES, prefilled  # noqa: E402
+
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.exits import ExitConfig  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.quality import evaluate_text  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
-
-PROBES = "exit_probes.safetensors"
 
 
 def quality(model: Path, exit: ExitConfig, tokens: int) -> dict[str, float]:
@@ -46,24 +46,12 @@ def quality(model: Path, exit: ExitConfig, tokens: int) -> dict[str, float]:
 
 def speed_ratio(model: Path, base: ExitConfig, gated: ExitConfig, batch: int) -> float:
     """Median over alternating step pairs of the gated step's time over the ungated one's."""
-    engines = []
-    for exit in (base, gated):
-        e = LLMEngine(EngineConfig(model=str(model), exit=exit, memory_budget=256 << 20, max_model_len=1024))
-        for r in load_workload("mixed", batch):
-            e.add_request(r.prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-        while e.scheduler.waiting or any(s.needs_prefill for s in e.scheduler.running):
-            e.step()
-        e.step()  # first-call costs
-        engines.append(e)
-    ratios = []
-    while all(e.has_unfinished() for e in engines):
-        times = []
-        for e in engines:
-            start = time.perf_counter()
-            e.step()
-            times.append(time.perf_counter() - start)
-        ratios.append(times[1] / times[0])
-    return statistics.median(ratios)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ungated, with_gate = (prefilled(LLMEngine(EngineConfig(model=str(model), exit=exit, memory_budget=256 << 20,
+                                                            max_model_len=1024)), batch, params)
+                          for exit in (base, gated))
+    a, b = alternate(ungated, with_gate)
+    return statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:

@@ -53,6 +53,27 @@ class _Telemetry:
     finished: list[tuple] = field(default_factory=list)  # (summary, depth, task)
 
 
+class _RecentMax:
+    """The largest value added in the last `window_s` seconds; older values are dropped as new ones come."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._values: deque[tuple[float, int]] = deque()  # (monotonic time, value)
+
+    def add(self, value: int) -> None:
+        self._values.append((time.monotonic(), value))
+        self._drop_old()
+
+    def max(self, default: int) -> int:
+        self._drop_old()
+        return max((v for _, v in self._values), default=default)
+
+    def _drop_old(self) -> None:
+        since = time.monotonic() - self.window_s
+        while self._values and self._values[0][0] < since:
+            self._values.popleft()
+
+
 def _merge(item: dict, later: dict) -> dict:
     """Two consecutive stream items of one request as one: the deltas joined, the rest the later's."""
     return {**later, "text": item["text"] + later["text"], "token_ids": item["token_ids"] + later["token_ids"],
@@ -117,7 +138,7 @@ class ModelReplica:
         self._loop_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
         self._ids = 0
-        self._batches: deque[tuple[float, int]] = deque()  # (monotonic time, rows) of recent steps
+        self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
 
     # --- the loop -------------------------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -135,7 +156,7 @@ class ModelReplica:
                 await self._wake.wait()
                 continue
             outputs = await asyncio.to_thread(engine.step)
-            self._batches.append((time.monotonic(), len(engine.scheduler.running) + sum(o.finished for o in outputs)))
+            self._peak.add(len(engine.scheduler.running) + sum(o.finished for o in outputs))
             self._dispatch(outputs)
             self.metrics.step(outputs, engine)
 
@@ -250,13 +271,6 @@ class ModelReplica:
         self._wake.set()
         return num_layers
 
-    def _peak_batch(self) -> int:
-        """The largest step batch (running plus just finished) of the last PEAK_WINDOW_S."""
-        since = time.monotonic() - PEAK_WINDOW_S
-        while self._batches and self._batches[0][0] < since:
-            self._batches.popleft()
-        return max((rows for _, rows in self._batches), default=len(self.engine.scheduler.running))
-
     async def stats(self) -> dict:
         # Here, not at the top: Ray vendors psutil (ray/thirdparty_files), importable once ray is.
         import psutil
@@ -264,7 +278,7 @@ class ModelReplica:
         e = self.engine
         return {"model": self.name, "loaded_layers": e.num_layers, "num_layers": e.model_config.num_layers,
                 "capacity": e.capacity, "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                "peak_batch": self._peak_batch(),
+                "peak_batch": self._peak.max(default=len(e.scheduler.running)),
                 "weight_bytes": e.memory.weight_bytes, "kv_bytes": e.memory.kv_bytes,
                 "memory_budget": e.memory.budget_bytes, "exit_histogram": dict(e.stats.histogram),
                 "tokens": e.stats.tokens, "forced": e.stats.forced, "breaches": e.stats.breaches,

@@ -78,8 +78,7 @@ class ModelRunner:
             confidence=torch.empty(n_rows, device=device),
             forced=torch.zeros(n_rows, dtype=torch.bool, device=device),
         )
-        running: Tensor | None = None  # (B,) bool once some row has left; None while all run
-        run: Tensor | None = None  # indices of the running rows, once some row has left
+        run: Tensor | None = None  # indices of the running rows once some row has left; None while all run
         all_gone = False
 
         for layer in model.layers:
@@ -100,10 +99,9 @@ class ModelRunner:
             out.logits[left] = logits
             out.depth[left] = depth
             out.confidence[left] = conf
-            if running is None:
-                running = torch.ones(n_rows, dtype=torch.bool, device=device)
-            running[left] = False
-            run = running.nonzero()[:, 0]
+            stay = torch.ones(n_rows if run is None else run.numel(), dtype=torch.bool, device=device)
+            stay[sel] = False
+            run = (torch.arange(n_rows, device=device) if run is None else run)[stay]
             all_gone = run.numel() == 0
 
         if not all_gone:  # greedy exit: whatever still runs leaves at the last loaded layer
