@@ -7,8 +7,8 @@
    sequence from the `mixed` prompts) for: no exits; exit checks at every layer that nobody passes
    (threshold 2: the checks' cost alone); thresholds 0.5 and 0.9 at every layer; threshold 0.5 every
    4 layers; the same with the exit probes (`exit_probes.safetensors`, measure `probe`: nobody exits,
-   0.9, 0.95); and 8 layers loaded, with and without exits. `--repeat N` runs the table N times
-   (timings on a shared machine are noisy: compare rows of one run).
+   0.9, 0.95); and 8 layers loaded (models deeper than 8), with and without exits. `--repeat N`
+   runs the table N times (timings on a shared machine are noisy: compare rows of one run).
 2. What the HELIOS policy measures while profiling each registry model (5 requests each, full
    depth) during the warm-up `helios bench` runs (24 `mixed` requests, all queued at once, the
    52 MiB budget of B0 = 4): the request-based TPOT, and the step-time fit's prediction for a step
@@ -110,12 +110,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = ROOT / "models" / args.model
+    depth = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    cases = [c for c in CASES if c[1] is None or c[1] < depth]  # partial loading needs a deeper model
     step_time(model, 1, None, False, ExitConfig(), tokens=8)  # warm-up: first-call costs
     for run in range(1, args.repeat + 1):
         print(f"## Decode step of {args.model} ({args.threads} thread(s)), run {run} of {args.repeat}\n")
         print("| case | " + " | ".join(f"batch {b}: ms/step (mean exit layer)" for b in args.batches) + " |")
         print("|---|" + "---:|" * len(args.batches))
-        for label, layers, early_exit, threshold, every, measure in CASES:
+        for label, layers, early_exit, threshold, every, measure in cases:
             cells = [step_time(model, b, layers, early_exit, exits(model, threshold, every, measure))
                      for b in args.batches]
             print(f"| {label} | " + " | ".join(f"{s * 1e3:.1f} ({m:.2f})" for s, m in cells) + " |", flush=True)

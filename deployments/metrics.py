@@ -10,6 +10,7 @@ from collections import Counter as Tally
 
 from ray.serve import metrics
 
+from helios_core.engine_process import EngineState
 from helios_core.request import RequestOutput
 
 _LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -30,7 +31,7 @@ class ReplicaMetrics:
         self.ttft = metrics.Histogram("helios_ttft_seconds", "time to first token", _LATENCY_BOUNDS, ("model",))
         self.tpot = metrics.Histogram("helios_tpot_seconds", "time per output token", _LATENCY_BOUNDS, ("model",))
 
-    def step(self, outputs: list[RequestOutput], engine) -> None:
+    def step(self, outputs: list[RequestOutput], state: EngineState) -> None:
         records = [r for out in outputs for r in out.new_records]
         for depth, n in Tally(r.exit_layer for r in records).items():
             self.tokens.inc(n, {**self.tags, "exit_layer": str(depth)})
@@ -47,15 +48,14 @@ class ReplicaMetrics:
                     self.ttft.observe(s.time_to_first_token_s, self.tags)
                 if s.time_per_output_token_s is not None:
                     self.tpot.observe(s.time_per_output_token_s, self.tags)
-        self.shape(engine)
+        self.shape(state)
 
-    def shape(self, engine) -> None:
-        running = len(engine.scheduler.running)
-        self.loaded_layers.set(engine.num_layers, self.tags)
-        self.capacity.set(engine.capacity, self.tags)
-        self.batch.set(running, self.tags)
-        self.kv_used.set(running * engine.memory.kv_bytes_per_seq, self.tags)
+    def shape(self, state: EngineState) -> None:
+        self.loaded_layers.set(state.num_layers, self.tags)
+        self.capacity.set(state.capacity, self.tags)
+        self.batch.set(state.running, self.tags)
+        self.kv_used.set(state.running * state.kv_bytes_per_seq, self.tags)
 
-    def layer_change(self, kind: str, engine) -> None:
+    def layer_change(self, kind: str, state: EngineState) -> None:
         self.layer_loads.inc(1, {**self.tags, "kind": kind})
-        self.shape(engine)
+        self.shape(state)

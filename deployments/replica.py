@@ -1,10 +1,10 @@
-"""Model replica: one early-exit model (one registry entry) with its continuous-batching loop.
+"""Model replica: one early-exit model (one registry entry), its engine in a child process.
 
-The engine is single-threaded. Its loop runs as one asyncio task in the replica: between steps it
-applies queued requests, aborts and depth changes; each step runs in a worker thread
-(`asyncio.to_thread`) so the replica keeps accepting calls. Outputs go to per-request outboxes that
-`generate` streams from. Telemetry (token breach flags, finished-request summaries, load) goes to
-the router in batches about once a second; the router's reply is this model's target depth.
+The engine steps back to back in a process of its own (`helios_core.engine_process`): requests,
+aborts and depth changes go to it as commands, applied between steps; each step's outputs come back
+on a socket the replica's event loop watches, and go to per-request outboxes that `generate` streams
+from. Telemetry (token breach flags, finished-request summaries, step records, load) goes to the
+router in batches about once a second; the router's reply is this model's target depth.
 
 Every stream item costs several Ray and HTTP hops (replica -> ingress -> proxy -> client), more CPU
 than a decode step's share of a token. So a busy replica sends fewer, larger items: a request's
@@ -26,15 +26,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import ray
-import torch
 from ray import serve
 
 from helios_core.cli import parse_bytes
-from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.engine import STEP_LOG, EngineConfig
+from helios_core.engine_process import EngineProcess, EngineState
 from helios_core.policy import Registry
 from helios_core.request import RequestOutput
 from helios_core.sampling import SamplingParams
-from helios_core.telemetry import TokenRecord
+from helios_core.telemetry import StepRecord, TokenRecord
 
 from .metrics import ReplicaMetrics
 
@@ -51,6 +51,7 @@ class _Telemetry:
 
     records: list[TokenRecord] = field(default_factory=list)
     finished: list[tuple] = field(default_factory=list)  # (summary, depth, task)
+    steps: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=STEP_LOG))
 
 
 class _RecentMax:
@@ -115,105 +116,105 @@ class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
                  device: str = "auto", dtype: str = "float32", threads: int = 1,
                  stream_max_hold_s: float = MAX_HOLD_S):
-        # Several replicas share a CPU node: OpenMP spin-waiting across them costs far more than it gains.
-        torch.set_num_threads(threads)
-        entry = Registry.load(registry, dtype)[model]
-        self.name = model
-        self.engine = LLMEngine(EngineConfig(
-            model=str(entry.path), name=model, dtype=dtype, device=device,
-            memory_budget=memory_budget, max_model_len=max_model_len, exit=entry.exit_config()))
+        self.entry = Registry.load(registry, dtype)[model]
+        self.name, self.max_model_len = model, max_model_len
+        # threads: torch's in the engine process. Several replicas share a CPU node, and OpenMP
+        # spin-waiting across them costs far more than it gains.
+        self.engine = EngineProcess(EngineConfig(
+            model=str(self.entry.path), name=model, dtype=dtype, device=device, memory_budget=memory_budget,
+            max_model_len=max_model_len, exit=self.entry.exit_config()), threads)
         self.router = router
         self.max_hold_s = stream_max_hold_s
         self.metrics = ReplicaMetrics(model)
-        self.metrics.shape(self.engine)
-        self._adds: list[tuple[str, list[int] | str, SamplingParams]] = []
-        self._aborts: list[str] = []
-        self._target_depth: int | None = None
-        self._budget: int | None = None  # a new memory budget from reconfigure, applied between steps
+        self.metrics.shape(self.engine.state)
+        self._asked_depth: int | None = None  # sent to the engine, not confirmed yet
         self.threshold: float | None = None  # default exit threshold from reconfigure (requests may override)
         self._outboxes: dict[str, _Outbox] = {}
         self._tasks: dict[str, str | None] = {}
         self._telemetry = _Telemetry()
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._reading = False
         self._report_task: asyncio.Task | None = None
         self._ids = 0
         self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
 
-    # --- the loop -------------------------------------------------------------------------------
+    def __del__(self):  # Serve calls it when the replica shuts down
+        if hasattr(self, "engine"):  # not when the engine failed to start
+            self.engine.close()
+
+    # --- the engine's messages ------------------------------------------------------------------
     def _ensure_running(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if not self._reading:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self.engine.fileno(), self._on_engine_messages)
+            self._reading = True
             if self.router is not None:
-                self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+                self._report_task = loop.create_task(self._report_forever())
 
-    async def _run(self) -> None:
-        engine = self.engine
-        while True:
-            self._apply_between_steps()
-            if not engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            outputs = await asyncio.to_thread(engine.step)
-            self._peak.add(len(engine.scheduler.running) + sum(o.finished for o in outputs))
-            self._dispatch(outputs)
-            self.metrics.step(outputs, engine)
+    def _on_engine_messages(self) -> None:
+        try:
+            messages = self.engine.receive()
+        except (EOFError, OSError):
+            # The engine process died (killed, out of memory): so does the replica, so that Serve
+            # starts a new one and the ingress retries the requests that were here.
+            logger.error("%s: the engine process exited (code %s); stopping the replica", self.name,
+                         self.engine.process.poll())
+            os._exit(1)
+        for kind, *body in messages:
+            if kind == "step":
+                outputs, state, steps = body
+                self._peak.add(state.running + sum(o.finished for o in outputs))
+                self._telemetry.steps.extend(steps)
+                self._dispatch(outputs, state)
+                self.metrics.step(outputs, state)
+            elif kind == "refused":  # a bad prompt: it fails alone, the batch goes on
+                request_id, message = body
+                if request_id in self._outboxes:
+                    self._outboxes[request_id].put({"error": message})
+            elif kind == "layers":
+                event, state = body
+                self._asked_depth = None
+                if event.to_layers != event.from_layers:
+                    self.metrics.layer_change("load" if event.to_layers > event.from_layers else "unload", state)
+                    logger.info("%s: %d -> %d layers, capacity %d", self.name, event.from_layers, event.to_layers,
+                                event.capacity_after)
+            elif kind == "budget":
+                capacity, state = body
+                logger.info("%s: memory budget %d bytes, capacity %d", self.name, state.memory_budget, capacity)
+                self.metrics.shape(state)
+            elif kind == "command_failed":
+                command, message = body
+                self._asked_depth = None
+                logger.error("%s: the engine refused %r: %s", self.name, command, message)
 
-    def _apply_between_steps(self) -> None:
-        engine = self.engine
-        if self._target_depth is not None and self._target_depth != engine.num_layers:
-            event = engine.set_num_layers(self._target_depth)
-            self.metrics.layer_change("load" if event.to_layers > event.from_layers else "unload", engine)
-            logger.info("%s: %d -> %d layers, capacity %d", self.name, event.from_layers, event.to_layers,
-                        event.capacity_after)
-        if self._budget is not None:
-            capacity = engine.set_memory_budget(self._budget)
-            logger.info("%s: memory budget %d bytes, capacity %d", self.name, self._budget, capacity)
-            self._budget = None
-            self.metrics.shape(engine)
-        for request_id in self._aborts:
-            engine.abort(request_id)
-        self._aborts.clear()
-        for request_id, prompt, params in self._adds:
-            try:
-                engine.add_request(prompt, params, request_id)
-            except Exception as err:  # a bad prompt fails alone (a tokenizer error too), the batch goes on
-                self._outboxes[request_id].put({"error": str(err)})
-        self._adds.clear()
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], state: EngineState) -> None:
         for out in outputs:
             self._telemetry.records += out.new_records
             if out.finished and out.summary is not None and out.finish_reason != "abort":
-                self._telemetry.finished.append((out.summary, self.engine.num_layers,
-                                                 self._tasks.get(out.request_id)))
+                self._telemetry.finished.append((out.summary, state.num_layers, self._tasks.get(out.request_id)))
             outbox = self._outboxes.get(out.request_id)
             if outbox is not None:
                 outbox.put({
                     "text": out.new_text, "token_ids": out.new_token_ids,
                     "logprobs": [r.logprob for r in out.new_records], "finished": out.finished,
                     "finish_reason": out.finish_reason, "summary": out.summary,
-                    "loaded_layers": self.engine.num_layers,
+                    "loaded_layers": state.num_layers,
                 })
 
     async def _report_forever(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             batch, self._telemetry = self._telemetry, _Telemetry()
-            running = len(self.engine.scheduler.running)
-            waiting = len(self.engine.scheduler.waiting) + len(self._adds)
-            context = sum(len(s.token_ids) for s in self.engine.scheduler.running)
+            state = self.engine.state
             try:
-                target = await self.router.report.remote(self.name, self.engine.num_layers, batch.records,
-                                                         batch.finished, (running, waiting, context),
-                                                         self.engine.drain_steps())
+                target = await self.router.report.remote(self.name, state.num_layers, batch.records,
+                                                         batch.finished,
+                                                         (state.running, state.waiting, state.context_tokens),
+                                                         list(batch.steps))
             except Exception:  # the router restarts: keep serving at the current depth
                 logger.exception("%s: telemetry report failed", self.name)
                 continue
-            if target is not None and target != self.engine.num_layers:
-                self._target_depth = target
-                self._wake.set()
+            if target is not None and target not in (self.engine.state.num_layers, self._asked_depth):
+                self._set_depth(target)
 
     # --- calls ----------------------------------------------------------------------------------
     async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None):
@@ -226,8 +227,7 @@ class ModelReplica:
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
         outbox = _Outbox()
         self._outboxes[request_id], self._tasks[request_id] = outbox, task
-        self._adds.append((request_id, prompt, params))
-        self._wake.set()
+        self.engine.add(request_id, prompt, params)
         finished, sent = False, -math.inf
         try:
             while not finished:
@@ -236,15 +236,14 @@ class ModelReplica:
                 yield item
         finally:
             if not finished:  # the client went away: free the slot
-                self._aborts.append(request_id)
-                self._wake.set()
+                self.engine.abort(request_id)
             self._outboxes.pop(request_id, None)
             self._tasks.pop(request_id, None)
 
     def _send_interval(self) -> float:
         """Seconds between a stream's items: 0 for a lone stream, then the item budget shared out
         over the batch (waiting requests send nothing)."""
-        return min(self.max_hold_s, (len(self.engine.scheduler.running) - 1) / STREAM_ITEMS_PER_S)
+        return min(self.max_hold_s, (self.engine.state.running - 1) / STREAM_ITEMS_PER_S)
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's user_config: {"threshold": 0.6, "memory_budget": "96MiB"} (either may be left out)."""
@@ -258,34 +257,41 @@ class ModelReplica:
             self.threshold = threshold
         if user_config.get("memory_budget") is not None:
             budget = user_config["memory_budget"]
-            self._budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-            self.engine._plan(self.engine.num_layers, self._budget)  # refuse a budget that cannot work now
-            self._wake.set()
+            budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+            # Refuse a budget that cannot work now (the registry's plan is the engine's, exactly).
+            self.entry.plan(self.engine.state.num_layers, budget, self.max_model_len)
+            self.engine.set_memory_budget(budget)
 
     async def set_num_layers(self, num_layers: int) -> int:
         """Ask for a depth; it is applied between steps. Returns the depth asked for."""
-        if not 1 <= num_layers <= self.engine.model_config.num_layers:
-            raise ValueError(f"num_layers must be in [1, {self.engine.model_config.num_layers}]")
+        if not 1 <= num_layers <= self.entry.num_layers:
+            raise ValueError(f"num_layers must be in [1, {self.entry.num_layers}]")
         self._ensure_running()
-        self._target_depth = num_layers
-        self._wake.set()
+        self._set_depth(num_layers)
         return num_layers
+
+    def _set_depth(self, num_layers: int) -> None:
+        self._asked_depth = num_layers
+        self.engine.set_num_layers(num_layers)
 
     async def stats(self) -> dict:
         # Here, not at the top: Ray vendors psutil (ray/thirdparty_files), importable once ray is.
         import psutil
 
-        e = self.engine
-        return {"model": self.name, "loaded_layers": e.num_layers, "num_layers": e.model_config.num_layers,
-                "capacity": e.capacity, "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                "peak_batch": self._peak.max(default=len(e.scheduler.running)),
-                "weight_bytes": e.memory.weight_bytes, "kv_bytes": e.memory.kv_bytes,
-                "memory_budget": e.memory.budget_bytes, "exit_histogram": dict(e.stats.histogram),
-                "tokens": e.stats.tokens, "forced": e.stats.forced, "breaches": e.stats.breaches,
-                # where the replica runs and its resident memory: placement checks, leak watching
+        self._ensure_running()  # read what the engine sent, even before the first request
+        s = self.engine.state
+        return {"model": self.name, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
+                "capacity": s.capacity, "running": s.running, "waiting": s.waiting,
+                "peak_batch": self._peak.max(default=s.running),
+                "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes,
+                "memory_budget": s.memory_budget, "exit_histogram": dict(s.histogram),
+                "tokens": s.tokens, "forced": s.forced, "breaches": s.breaches,
+                # where the replica runs and its resident memory (with its engine process's):
+                # placement checks, leak watching
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "rss_bytes": psutil.Process().memory_info().rss}
+                "engine_pid": self.engine.pid,
+                "rss_bytes": sum(psutil.Process(p).memory_info().rss for p in (os.getpid(), self.engine.pid))}
 
     def check_health(self) -> None:
-        if self._loop_task is not None and self._loop_task.done():
-            raise RuntimeError(f"{self.name}: the engine loop stopped: {self._loop_task.exception()!r}")
+        if self.engine.process.poll() is not None:
+            raise RuntimeError(f"{self.name}: the engine process exited (code {self.engine.process.returncode})")

@@ -229,7 +229,12 @@ def test_router_kill_keeps_traffic_and_state(client):
 
     # The restarted router resumed from the saved state, not from a fresh policy.
     assert after["events"][:len(before["events"])] == before["events"]
-    assert after["pht"] == before["pht"]  # the profiled row changes only in a new profiling round
+    # The profiled rows change only in a new profiling round; the step-time fit beside them takes
+    # every report's steps, so it moves with the traffic between the two snapshots.
+    def rows(snapshot: dict) -> dict:
+        return {m: {k: v for k, v in row.items() if k != "step_fit"} for m, row in snapshot["pht"].items()}
+
+    assert rows(after) == rows(before)
     assert after["requests"] >= before["requests"] and after["tokens"] >= before["tokens"]
 
 

@@ -90,9 +90,9 @@ def test_replicas_spread_over_the_worker_nodes_and_serve():
             out = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=8,
                                             temperature=0, extra_body={"ignore_eos": True})
             assert out.usage.completion_tokens == 8 and out.model_extra["helios"]["model"] == model
-        replica_pids = [s["pid"] for s in result["replicas"].values()]
+        replica_pids = [s[k] for s in result["replicas"].values() for k in ("pid", "engine_pid")]
         assert all(local_cluster.alive(pid) for pid in replica_pids)
-        pids += replica_pids
+        pids += replica_pids  # stopping the cluster leaves no engine process behind either
     finally:
         killed = local_cluster.stop(root) if (root / local_cluster.STATE).exists() else []
         leftovers = local_cluster.processes_of(root)

@@ -1,0 +1,196 @@
+"""The engine in a process of its own, driven over a socket (vLLM V1's engine-core split).
+
+A Serve replica streams tokens from an asyncio event loop. With the engine in the same process,
+the loop's Python (Ray's streaming, the stream items) takes the GIL from the decode step between
+torch ops, and each step waits for the loop to hand out its outputs before the next one starts.
+Here the engine steps back to back in a child process; the replica only sends commands and reads
+outputs. Measured in docs/benchmarks.md ("Engine process").
+
+The child runs `python -m helios_core.engine_process FD` on its end of a socket pair. Both ends
+speak `multiprocessing.connection` (pickled tuples between our own two processes, never a file):
+
+  to the engine    ("add", request_id, prompt, params) | ("abort", request_id)
+                   | ("layers", num_layers) | ("budget", bytes)
+  from the engine  ("ready", state) once loaded, or ("failed", error, traceback) instead
+                   ("step", outputs, state, step_records) after every step
+                   ("refused", request_id, message)  a bad prompt; the other requests go on
+                   ("layers", LayerEvent, state) | ("budget", capacity, state)
+                   ("command_failed", command, message)  a depth or budget that cannot apply
+
+Commands are applied between steps, in the order sent. The child exits when the parent's end
+closes (the replica stopped or died), so it never outlives its replica.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import torch
+
+from .engine import EngineConfig, LLMEngine
+from .request import RequestOutput
+from .telemetry import StepRecord
+
+START_TIMEOUT_S = 300.0  # loading a large checkpoint onto a GPU can take minutes
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the replica reads of the engine: its shape, load and running totals, as of the last message."""
+
+    name: str
+    num_layers: int  # loaded
+    model_num_layers: int  # in the checkpoint
+    capacity: int
+    running: int
+    waiting: int
+    context_tokens: int  # prompt + output tokens of the running sequences
+    weight_bytes: int
+    kv_bytes: int
+    kv_bytes_per_seq: int
+    memory_budget: int
+    histogram: dict[int, int] = field(default_factory=dict)  # exit depth -> tokens, since start
+    tokens: int = 0
+    forced: int = 0
+    breaches: int = 0
+
+    @staticmethod
+    def of(engine: LLMEngine) -> "EngineState":
+        running, m, s = engine.scheduler.running, engine.memory, engine.stats
+        return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
+                           len(running), len(engine.scheduler.waiting), sum(len(q.token_ids) for q in running),
+                           m.weight_bytes, m.kv_bytes, m.kv_bytes_per_seq, m.budget_bytes, dict(s.histogram),
+                           s.tokens, s.forced, s.breaches)
+
+
+class EngineProcess:
+    """The parent's side: start the child, send it commands, read what it sends back.
+
+    `fileno()` becomes readable when messages arrive (for an event loop's `add_reader`); `receive()`
+    returns those already there without blocking."""
+
+    def __init__(self, config: EngineConfig, threads: int = 1):
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(child.fileno())],
+                                        pass_fds=(child.fileno(),))
+        child.close()
+        self._conn = Connection(parent.detach())
+        self._conn.send((config, threads))
+        if not self._conn.poll(START_TIMEOUT_S):
+            self.close()
+            raise RuntimeError(f"the engine process did not load {config.model} within {START_TIMEOUT_S:.0f} s")
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"the engine process exited while loading {config.model} "
+                               f"(exit code {self.process.wait()})") from None
+        if message[0] == "failed":
+            self.close()
+            _, error, trace = message
+            raise error from RuntimeError(f"in the engine process:\n{trace}")
+        self.state: EngineState = message[1]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def add(self, request_id: str, prompt: list[int] | str, params) -> None:
+        self._conn.send(("add", request_id, prompt, params))
+
+    def abort(self, request_id: str) -> None:
+        self._conn.send(("abort", request_id))
+
+    def set_num_layers(self, num_layers: int) -> None:
+        self._conn.send(("layers", num_layers))
+
+    def set_memory_budget(self, budget: int) -> None:
+        self._conn.send(("budget", budget))
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def receive(self) -> list[tuple]:
+        """The messages waiting (none blocks); raises EOFError once the engine process has gone."""
+        messages = []
+        while self._conn.poll():
+            message = self._conn.recv()
+            if message[0] in ("step", "layers", "budget"):
+                self.state = message[2]
+            messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        self._conn.close()  # the child sees EOF and exits
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
+    kind, *args = command
+    if kind == "add":
+        request_id, prompt, params = args
+        try:
+            engine.add_request(prompt, params, request_id)
+        except Exception as err:  # a bad prompt (a tokenizer error too) fails alone
+            conn.send(("refused", request_id, str(err)))
+    elif kind == "abort":
+        engine.abort(*args)
+    elif kind in ("layers", "budget"):
+        try:
+            result = engine.set_num_layers(*args) if kind == "layers" else engine.set_memory_budget(*args)
+        except Exception as err:  # e.g. a depth whose weights no longer fit: keep serving as before
+            conn.send(("command_failed", command, f"{type(err).__name__}: {err}"))
+        else:
+            conn.send((kind, result, EngineState.of(engine)))
+    else:
+        raise ValueError(f"unknown engine command {kind!r}")
+
+
+def serve(conn: Connection) -> None:
+    """The child's loop: load, then step while there is work, applying commands between steps."""
+    config, threads = conn.recv()
+    torch.set_num_threads(threads)
+    try:
+        engine = LLMEngine(config)
+    except Exception as err:
+        conn.send(("failed", err, traceback.format_exc()))
+        return
+    conn.send(("ready", EngineState.of(engine)))
+    while True:
+        timeout = 0 if engine.has_unfinished() else None  # idle: block until a command comes
+        while conn.poll(timeout):
+            _apply(engine, conn, conn.recv())
+            timeout = 0
+        if engine.has_unfinished():
+            outputs: list[RequestOutput] = engine.step()
+            steps: list[StepRecord] = engine.drain_steps()
+            conn.send(("step", outputs, EngineState.of(engine), steps))
+
+
+def main(fd: int) -> None:
+    try:
+        serve(Connection(fd))
+    except EOFError:  # the replica closed its end: it stopped or died
+        pass
+    except BaseException:
+        traceback.print_exc()  # to the replica's log: the child inherits its stderr
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown (torch's thread pools): nothing here needs flushing
+
+
+if __name__ == "__main__":
+    # The module imported under its own name, not this __main__ copy: what the child pickles must
+    # name helios_core.engine_process's classes.
+    from helios_core.engine_process import main as imported_main
+
+    imported_main(int(sys.argv[1]))

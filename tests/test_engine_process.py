@@ -1,0 +1,91 @@
+"""The engine in a child process (what a Serve replica runs): same tokens as in-process, commands
+applied between steps, bad input failing alone, and a child that never outlives its parent."""
+
+import time
+
+import pytest
+
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.engine_process import EngineProcess
+from helios_core.exits import ExitConfig
+from helios_core.kv_cache import MemoryBudgetError
+from helios_core.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = {"a": [5, 17, 33, 2, 9], "b": [40], "c": [100, 101, 102, 7]}
+
+
+def collect(proc: EngineProcess, want: set[str], timeout_s: float = 60) -> tuple[dict, list[tuple]]:
+    """Token ids per request until every request in `want` finished, and the other messages."""
+    tokens, others, done = {}, [], set()
+    deadline = time.monotonic() + timeout_s
+    while done < want:
+        assert time.monotonic() < deadline, f"timed out; finished {done} of {want}"
+        for message in proc.receive():
+            if message[0] != "step":
+                others.append(message)
+                if message[0] == "refused":
+                    done.add(message[1])
+                continue
+            for out in message[1]:
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finished:
+                    done.add(out.request_id)
+        time.sleep(0.005)
+    return tokens, others
+
+
+@pytest.fixture(scope="module")
+def config(tiny_llama) -> EngineConfig:
+    return EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5), max_prefill_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def proc(config):
+    p = EngineProcess(config)
+    yield p
+    p.close()
+
+
+def test_same_tokens_as_the_engine_in_process(config, proc):
+    expected = {rid: c.token_ids for rid, c in zip(PROMPTS, LLMEngine(config).generate(list(PROMPTS.values()), GREEDY))}
+    assert proc.state.num_layers == proc.state.model_num_layers == 6 and proc.state.running == 0
+    for rid, prompt in PROMPTS.items():
+        proc.add(rid, prompt, GREEDY)
+    tokens, _ = collect(proc, set(PROMPTS))
+    assert tokens == expected
+    assert proc.state.running == 0 and proc.state.tokens == 3 * GREEDY.max_tokens
+
+
+def test_bad_prompt_fails_alone_and_depth_changes_apply(proc):
+    proc.add("good", [5, 17, 33], GREEDY)
+    proc.add("bad", [10**6], GREEDY)
+    proc.set_num_layers(3)
+    proc.add("shallow", [5, 17, 33], GREEDY)
+    tokens, others = collect(proc, {"good", "bad", "shallow"})
+    assert len(tokens["good"]) == len(tokens["shallow"]) == GREEDY.max_tokens and "bad" not in tokens
+    [refused] = [m for m in others if m[0] == "refused"]
+    assert refused[1] == "bad" and "token ids must be ints" in refused[2]
+    [(_, event, state)] = [m for m in others if m[0] == "layers"]
+    assert (event.from_layers, event.to_layers) == (6, 3) and state.num_layers == proc.state.num_layers == 3
+    assert state.capacity > event.capacity_before  # the unloaded layers' memory became KV slots
+
+    proc.set_num_layers(6)
+    proc.set_memory_budget(1)  # cannot hold the weights: refused, the engine keeps serving
+    proc.add("after", [40], GREEDY)
+    tokens, others = collect(proc, {"after"})
+    assert len(tokens["after"]) == GREEDY.max_tokens and proc.state.num_layers == 6
+    [failed] = [m for m in others if m[0] == "command_failed"]
+    assert failed[1] == ("budget", 1) and MemoryBudgetError.__name__ in failed[2]
+
+
+def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):  # the child's own error
+        EngineProcess(EngineConfig(model=str(tmp_path / "missing")))
+
+
+def test_the_child_exits_when_the_parent_end_closes(config):
+    p = EngineProcess(config)
+    p.add("x", [5, 17], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    p._conn.close()  # what the replica's death does to the socket, without waiting for the child
+    assert p.process.wait(timeout=30) == 0
