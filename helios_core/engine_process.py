@@ -24,6 +24,7 @@ closes (the replica stopped or died), so it never outlives its replica.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +78,11 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig, threads: int = 1):
         parent, child = socket.socketpair()
+        # The parent's import path, so the child runs the same helios_core (a Ray runtime_env's
+        # working_dir or py_modules are on sys.path, not in the environment).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen([sys.executable, "-m", __name__, str(child.fileno())],
-                                        pass_fds=(child.fileno(),))
+                                        pass_fds=(child.fileno(),), env=env)
         child.close()
         self._conn = Connection(parent.detach())
         self._conn.send((config, threads))
@@ -178,6 +182,9 @@ def serve(conn: Connection) -> None:
 
 
 def main(fd: int) -> None:
+    # Ctrl-C in `serve run`'s terminal reaches the whole process group; the replica decides when
+    # its engine stops (by closing the socket).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         serve(Connection(fd))
     except EOFError:  # the replica closed its end: it stopped or died

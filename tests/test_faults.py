@@ -1,7 +1,8 @@
 """Faults on a real local Ray cluster: a model replica killed under load (non-streaming requests are
 retried by the ingress, a started stream ends with an error event, Serve brings the replica back),
-and the router killed under traffic (requests go on with the last routing table; the restarted
-router has its policy state back).
+its engine process killed (the replica goes with it, and the same holds), and the router killed
+under traffic (requests go on with the last routing table; the restarted router has its policy
+state back).
 
 One app with two models. Its policy shortlists one candidate (top_k=1: the code model) and profiles
 it on two requests, so the router has events, a PHT row and exit statistics to remember. The prose
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +147,25 @@ def test_non_streaming_requests_survive_a_model_replica_kill(client):
     # The requests cut by the kill ran again, from scratch, on the new replica.
     assert replica.stats.remote().result()["tokens"] >= TOKENS
     assert complete(client, PROMPTS[0]).choices[0].text == before[0]  # and it serves as before
+
+
+def test_requests_survive_the_engine_process_dying(client):
+    """The engine's child process killed (as the OOM killer would): its replica exits with it, Serve
+    starts a new one, and the ingress runs the cut requests again there."""
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        before = [r.choices[0].text for r in pool.map(lambda p: complete(client, p), PROMPTS)]
+    replica = serve.get_deployment_handle(f"model-{PROSE}", APP)
+    [old] = replicas(APP, f"model-{PROSE}")
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(complete, client, p) for p in PROMPTS]
+        stats = wait_until(lambda: (s := replica.stats.remote().result())["running"] >= len(PROMPTS) // 2 and s,
+                           60, "requests running")
+        os.kill(stats["engine_pid"], signal.SIGKILL)
+        results = [f.result() for f in futures]  # none may fail: the ingress retries them
+    assert [r.choices[0].text for r in results] == before
+    assert wait_until(lambda: [n for n in replicas(APP, f"model-{PROSE}") if n != old], 60, "a new model replica")
+    after = replica.stats.remote().result()
+    assert after["engine_pid"] != stats["engine_pid"] and after["pid"] != stats["pid"]
 
 
 def sse_events(response: http.client.HTTPResponse):
