@@ -154,11 +154,7 @@ class ModelReplica:
         try:
             messages = self.engine.receive()
         except (EOFError, OSError):
-            # The engine process died (killed, out of memory): so does the replica, so that Serve
-            # starts a new one and the ingress retries the requests that were here.
-            logger.error("%s: the engine process exited (code %s); stopping the replica", self.name,
-                         self.engine.process.poll())
-            os._exit(1)
+            self._engine_lost()
         for kind, *body in messages:
             if kind == "step":
                 outputs, state, steps = body
@@ -185,6 +181,13 @@ class ModelReplica:
                 command, message = body
                 self._asked_depth = None
                 logger.error("%s: the engine refused %r: %s", self.name, command, message)
+
+    def _engine_lost(self) -> None:
+        # The engine process died (killed, out of memory): so does the replica, so that Serve
+        # starts a new one and the ingress retries the requests that were here.
+        logger.error("%s: the engine process exited (code %s); stopping the replica", self.name,
+                     self.engine.process.poll())
+        os._exit(1)
 
     def _dispatch(self, outputs: list[RequestOutput], state: EngineState) -> None:
         for out in outputs:
@@ -227,7 +230,10 @@ class ModelReplica:
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
         outbox = _Outbox()
         self._outboxes[request_id], self._tasks[request_id] = outbox, task
-        self.engine.add(request_id, prompt, params)
+        try:
+            self.engine.add(request_id, prompt, params)
+        except OSError:  # the socket is closed: the engine died before the reader saw it
+            self._engine_lost()
         finished, sent = False, -math.inf
         try:
             while not finished:

@@ -4,7 +4,7 @@ A Serve replica streams tokens from an asyncio event loop. With the engine in th
 the loop's Python (Ray's streaming, the stream items) takes the GIL from the decode step between
 torch ops, and each step waits for the loop to hand out its outputs before the next one starts.
 Here the engine steps back to back in a child process; the replica only sends commands and reads
-outputs. Measured in docs/benchmarks.md ("Engine process").
+outputs. Measured in docs/benchmarks.md (where the time goes, Serve).
 
 The child runs `python -m helios_core.engine_process FD` on its end of a socket pair. Both ends
 speak `multiprocessing.connection` (pickled tuples between our own two processes, never a file):
@@ -24,10 +24,12 @@ closes (the replica stopped or died), so it never outlives its replica.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -36,6 +38,7 @@ import torch
 
 from .engine import EngineConfig, LLMEngine
 from .request import RequestOutput
+from .sampling import SamplingParams
 from .telemetry import StepRecord
 
 START_TIMEOUT_S = 300.0  # loading a large checkpoint onto a GPU can take minutes
@@ -105,7 +108,7 @@ class EngineProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def add(self, request_id: str, prompt: list[int] | str, params) -> None:
+    def add(self, request_id: str, prompt: list[int] | str, params: SamplingParams) -> None:
         self._conn.send(("add", request_id, prompt, params))
 
     def abort(self, request_id: str) -> None:
@@ -160,6 +163,16 @@ def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
         raise ValueError(f"unknown engine command {kind!r}")
 
 
+def _read_commands(conn: Connection, commands: queue.SimpleQueue) -> None:
+    """Take commands off the socket as they come, so that the replica's sends never wait for a step
+    (both ends blocked in a send, each buffer full, would be a deadlock). None: the replica is gone."""
+    try:
+        while True:
+            commands.put(conn.recv())
+    except (EOFError, OSError):
+        commands.put(None)
+
+
 def serve(conn: Connection) -> None:
     """The child's loop: load, then step while there is work, applying commands between steps."""
     config, threads = conn.recv()
@@ -169,12 +182,17 @@ def serve(conn: Connection) -> None:
     except Exception as err:
         conn.send(("failed", err, traceback.format_exc()))
         return
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_commands, args=(conn, commands), daemon=True).start()
     conn.send(("ready", EngineState.of(engine)))
     while True:
-        timeout = 0 if engine.has_unfinished() else None  # idle: block until a command comes
-        while conn.poll(timeout):
-            _apply(engine, conn, conn.recv())
-            timeout = 0
+        block = not engine.has_unfinished()  # idle: wait for a command
+        while block or not commands.empty():
+            command = commands.get()
+            if command is None:
+                return
+            _apply(engine, conn, command)
+            block = False
         if engine.has_unfinished():
             outputs: list[RequestOutput] = engine.step()
             steps: list[StepRecord] = engine.drain_steps()
@@ -187,7 +205,7 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         serve(Connection(fd))
-    except EOFError:  # the replica closed its end: it stopped or died
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the replica stopped or died
         pass
     except BaseException:
         traceback.print_exc()  # to the replica's log: the child inherits its stderr

@@ -1,6 +1,7 @@
 """The engine in a child process (what a Serve replica runs): same tokens as in-process, commands
 applied between steps, bad input failing alone, and a child that never outlives its parent."""
 
+import threading
 import time
 
 import pytest
@@ -89,3 +90,22 @@ def test_the_child_exits_when_the_parent_end_closes(config):
     p.add("x", [5, 17], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     p._conn.close()  # what the replica's death does to the socket, without waiting for the child
     assert p.process.wait(timeout=30) == 0
+
+
+def test_commands_flow_while_the_parent_is_not_reading(config):
+    """The parent sends megabytes of commands while its own receive buffer is full of step outputs
+    (the child then blocks in its send): the child still takes them in, so neither side deadlocks."""
+    p = EngineProcess(config)
+    try:
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        for i in range(8):
+            p.add(f"long-{i}", [5, 17, i], long)
+        time.sleep(2)  # steps pile up unread: the socket fills and the child waits to send
+        sender = threading.Thread(target=lambda: [p.abort("x" * 10_000 + str(i)) for i in range(300)])
+        sender.start()
+        sender.join(timeout=60)
+        assert not sender.is_alive(), "the parent's sends blocked"
+        tokens, _ = collect(p, {f"long-{i}" for i in range(8)}, timeout_s=120)
+        assert all(len(t) == 200 for t in tokens.values())
+    finally:
+        p.close()
