@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from helios_core.benchmark.systems import drive  # noqa: E402
 from helios_core.benchmark.workload import load_workload  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.exits import ExitConfig  # noqa: E402
+from helios_core.models import ModelConfig  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 
@@ -54,7 +54,7 @@ PROBES = "exit_probes.safetensors"  # `helios train-exits --probes` output in ea
 
 def exits(model: Path, threshold: float, every: int | None, measure: str = "max_prob") -> ExitConfig:
     """Exit checks at `threshold` every `every` layers (None: at every layer); `probe` reads the model's probes."""
-    num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    num_layers = ModelConfig.from_pretrained(model).num_layers
     return ExitConfig(threshold=threshold, measure=measure,
                       exit_layers=tuple(range(every, num_layers, every)) if every else None,
                       heads_path=str(Path(model) / PROBES) if measure == "probe" else None)
@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = ROOT / "models" / args.model
-    depth = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    depth = ModelConfig.from_pretrained(model).num_layers
     cases = [c for c in CASES if c[1] is None or c[1] < depth]  # partial loading needs a deeper model
     step_time(model, 1, None, False, ExitConfig(), tokens=8)  # warm-up: first-call costs
     for run in range(1, args.repeat + 1):
