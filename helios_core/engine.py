@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 
@@ -244,6 +244,17 @@ class LLMEngine:
             self.scheduler.finish(seq)
             seq.finish_reason = "abort"
             self._aborted.append(seq)
+
+    def release_waiting(self, request_ids: Collection[str] | None = None) -> list[Sequence]:
+        """Hand back the queued requests that have not started (no slot, no output yet), in queue
+        order, so that another model can serve them after a switch; with `request_ids`, only those.
+        They leave without an output: to their caller they were never here."""
+        released = [s for s in self.scheduler.waiting
+                    if not s.output_ids and (request_ids is None or s.request_id in request_ids)]
+        for seq in released:
+            self.scheduler.waiting.remove(seq)
+            del self._requests[seq.request_id]
+        return released
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)

@@ -11,11 +11,13 @@ speak `multiprocessing.connection` (pickled tuples between our own two processes
 
   to the engine    ("add", request_id, prompt, params) | ("abort", request_id)
                    | ("layers", num_layers) | ("budget", bytes)
+                   | ("release", request_ids)  hand back those of them not started yet
   from the engine  ("ready", state) once loaded, or ("failed", error, traceback) instead
                    ("step", outputs, state, step_records) after every step
                    ("refused", request_id, message)  a bad prompt; the other requests go on
                    ("layers", LayerEvent, state) | ("budget", capacity, state)
                    ("command_failed", command, message)  a depth or budget that cannot apply
+                   ("released", request_ids)  they left the queue without an output
 
 Commands are applied between steps, in the order sent. The child exits when the parent's end
 closes (the replica stopped or died), so it never outlives its replica.
@@ -117,6 +119,9 @@ class EngineProcess:
     def set_num_layers(self, num_layers: int) -> None:
         self._conn.send(("layers", num_layers))
 
+    def release(self, request_ids: list[str]) -> None:
+        self._conn.send(("release", request_ids))
+
     def set_memory_budget(self, budget: int) -> None:
         self._conn.send(("budget", budget))
 
@@ -152,6 +157,9 @@ def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
             conn.send(("refused", request_id, str(err)))
     elif kind == "abort":
         engine.abort(*args)
+    elif kind == "release":
+        released = engine.release_waiting(set(*args))
+        conn.send(("released", [s.request_id for s in released]))
     elif kind in ("layers", "budget"):
         try:
             result = engine.set_num_layers(*args) if kind == "layers" else engine.set_memory_budget(*args)

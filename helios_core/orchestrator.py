@@ -4,8 +4,8 @@ One `step()`:
   1. reconcile  make the loaded engines match the policy's targets: load/unload layers of a live
                 engine (`set_num_layers`, which re-plans the KV pool: the new capacity applies at
                 once), or switch models in global mode: the old engine stops taking requests,
-                finishes the ones it has (drain), is released, and the new one loads with the
-                whole budget;
+                hands the queued ones it has not started back to the queue, finishes the rest
+                (drain), is released, and the new one loads with the whole budget;
   2. assign     queued requests go to the model the policy picks (held while it says so);
   3. run        one step of every engine with work; outputs go back to the caller;
   4. observe    step times, token records, finished requests, the queue and layer loads go to the policy.
@@ -172,7 +172,14 @@ class Orchestrator:
     def _reconcile(self) -> None:
         """Make the engines match the policy's targets (between steps)."""
         for name in list(self.engines):
-            if name not in self.policy.targets and not self.engines[name].has_unfinished():
+            if name in self.policy.targets:
+                continue
+            # Draining: what it has not started goes back to the queue, for the model chosen now.
+            for seq in reversed(self.engines[name].release_waiting()):
+                self.model_of.pop(seq.request_id)
+                self._pending.appendleft(_Pending(seq.request_id, seq.token_ids, seq.params,
+                                                  self._task_of.pop(seq.request_id), seq.arrival_time))
+            if not self.engines[name].has_unfinished():
                 self._release(name)
         for name, target in self.policy.targets.items():
             engine = self.engines.get(name)

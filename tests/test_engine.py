@@ -224,3 +224,22 @@ def test_memory_budget_changes_keep_running_requests(tiny_llama):
     with pytest.raises(MemoryBudgetError):
         eng.set_memory_budget(1 << 10)
     assert eng.capacity == big  # a refused budget changes nothing
+
+
+def test_release_waiting_hands_back_the_queue_and_the_rest_runs_on(tiny_llama):
+    eng = make(tiny_llama, early_exit=False, max_num_seqs=2)
+    ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
+    got: dict[str, list[int]] = {}
+    eng.step()  # the first two hold the slots; three wait
+    eng.abort(ids[0])
+    for out in eng.step():  # the abort frees a slot: the third starts
+        got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    released = eng.release_waiting({ids[1], ids[3]})  # ids[1] is running: it stays
+    assert [s.request_id for s in released] == [ids[3]] and released[0].token_ids == PROMPTS[3]
+    assert [s.request_id for s in eng.release_waiting()] == [ids[4]]
+    for rid, tokens in run_to_completion(eng).items():
+        got.setdefault(rid, []).extend(tokens)
+    assert set(got) == {ids[0], ids[1], ids[2]}  # the released ones leave without an output
+    ref = make(tiny_llama, early_exit=False)
+    assert got[ids[2]] == ref.generate([PROMPTS[2]], GREEDY)[0].token_ids
+    assert not eng.has_unfinished()

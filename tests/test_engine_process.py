@@ -1,6 +1,7 @@
 """The engine in a child process (what a Serve replica runs): same tokens as in-process, commands
 applied between steps, bad input failing alone, and a child that never outlives its parent."""
 
+import dataclasses
 import threading
 import time
 
@@ -78,6 +79,22 @@ def test_bad_prompt_fails_alone_and_depth_changes_apply(proc):
     assert len(tokens["after"]) == GREEDY.max_tokens and proc.state.num_layers == 6
     [failed] = [m for m in others if m[0] == "command_failed"]
     assert failed[1] == ("budget", 1) and MemoryBudgetError.__name__ in failed[2]
+
+
+def test_release_hands_back_only_what_has_not_started(config):
+    proc = EngineProcess(dataclasses.replace(config, max_num_seqs=1))  # one slot: b and c queue behind a
+    try:
+        for rid, prompt in PROMPTS.items():
+            proc.add(rid, prompt, GREEDY)
+        while not any(m[0] == "step" and m[1] for m in proc.receive()):  # a has started
+            time.sleep(0.005)
+        proc.release(["a", "b"])  # a is running: it stays; c was not asked for
+        tokens, others = collect(proc, {"a", "c"})
+        assert ("released", ["b"]) in others
+        assert "b" not in tokens and len(tokens["c"]) == GREEDY.max_tokens
+        assert proc.state.running == proc.state.waiting == 0
+    finally:
+        proc.close()
 
 
 def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path):

@@ -173,3 +173,38 @@ def test_bad_prompts_are_refused_before_queueing(registry):
     with pytest.raises(ValueError, match="token ids"):
         orch.add_request([10**6])
     assert not orch.has_unfinished()
+
+
+def test_a_switch_hands_the_queue_not_started_to_the_next_model(registry):
+    """A profiling round begins while the serving model has a queue (3 slots, 20 requests at once):
+    the requests it has not started go back to the orchestrator's queue for the model profiled now,
+    instead of waiting for the old model; every request still completes in full."""
+    orch = Orchestrator(OrchestratorConfig(registry=registry, memory_budget=BUDGET, max_model_len=1024,
+                                           max_num_seqs=3,
+                                           policy=PolicyConfig(slo="energy", profile_requests=2,
+                                                               reprofile_every=6)))
+    ids = [orch.add_request(p["prompt"], PARAMS) for p in load_prompts("code")[:20]]
+    served_by, handed_back = {}, None
+
+    def step():
+        for out in orch.step():
+            if out.finished:
+                assert out.summary.output_tokens == PARAMS.max_tokens
+                served_by[out.request_id] = out.summary.model
+
+    while orch.has_unfinished():
+        events_before = len(orch.policy.events)
+        step()
+        reprofiled = any(e.kind == "profile" for e in orch.policy.events[events_before:])
+        if handed_back is None and reprofiled and orch.policy.requests > 2 * len(MODELS):
+            serving = next(e.model for e in reversed(orch.policy.events) if e.kind in ("serve", "load", "switch"))
+            waiting = orch.stats()["models"][serving]["waiting"]
+            assert waiting > 0  # the re-profile found the serving model with a queue
+            step()  # its reconcile hands the queue back
+            stats = orch.stats()
+            assert stats["models"].get(serving, {"waiting": 0})["waiting"] == 0
+            assert stats["queued"] >= waiting
+            handed_back = serving
+    assert handed_back is not None
+    assert set(served_by) == set(ids)
+    assert len(set(served_by.values())) >= 2
