@@ -8,6 +8,10 @@ router is down (Serve restarts it) the last table is used.
 Faults: a request whose model replica dies (Serve replaces it) is sent again from scratch to the
 same model, for up to RETRY_WINDOW_S, then refused with 503. A stream is retried only while nothing
 was sent; once tokens went out, a cut stream ends with an error event and `[DONE]`.
+
+Switches: when the router switches models (global mode), the old model's replica hands back the
+requests the policy routed there that have not started, and they go to the new model, as queued
+requests do in process. A request that names a model stays with it.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
@@ -84,6 +88,7 @@ class Ingress:
         self.created = int(time.time())
         self._table: dict | None = None
         self._table_time = 0.0
+        self._profile_sent = 0  # requests sent to a profiling candidate since the table was read
 
     # --- helpers --------------------------------------------------------------------------------
     def _check_key(self, request: Request) -> None:
@@ -100,10 +105,17 @@ class Ingress:
         if self._table is None or time.monotonic() - self._table_time > ROUTING_TTL_S:
             try:
                 self._table = await asyncio.wait_for(self.router.routing_table.remote(), ROUTER_TIMEOUT_S)
+                self._profile_sent = 0
             except Exception:  # router down or restarting: keep the last table (or the first model)
                 if self._table is None:
                     return self.models[0]
             self._table_time = time.monotonic()  # either way, ask again in a second, not per request
+        profile = self._table.get("profile")
+        if profile is not None and self._profile_sent < profile["needed"]:
+            # The round's live requests (at least N in all: each ingress replica sends what the
+            # table says is needed, and the table lags the candidate by up to a report).
+            self._profile_sent += 1
+            return profile["model"]
         return self._table["tasks"].get(task, self._table["default"]) if task else self._table["default"]
 
     async def _body(self, request: Request, chat: bool):
@@ -112,14 +124,24 @@ class Ingress:
         validate = oa.validate_chat if chat else oa.validate_completion
         return validate(payload, self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
 
-    async def _stream(self, model: str, prompt, params, task):
-        """The replica's stream, with the first item already taken (a refused prompt -> 400)."""
-        stream = self.replicas[model].options(stream=True).generate.remote(prompt, params, task)
-        try:
-            first = await stream.__anext__()
-        except BackPressureError:
-            raise oa.ProtocolError(f"model {model} is overloaded; retry later", status=503, type="server_error",
-                                   code="overloaded") from None
+    async def _stream(self, model: str, prompt, params, task, routed: bool):
+        """The replica's stream, with the first item already taken (a refused prompt -> 400).
+
+        A `routed` request (the policy chose its model) that a switch hands back before it started
+        goes to the model the router now serves; at most once per model and once more (a profiling
+        round visits every model, then the choice), then it stays where it is."""
+        for moves_left in range(len(self.models) + 1, -1, -1):
+            stream = self.replicas[model].options(stream=True).generate.remote(prompt, params, task,
+                                                                               routed and moves_left > 0)
+            try:
+                first = await stream.__anext__()
+            except BackPressureError:
+                raise oa.ProtocolError(f"model {model} is overloaded; retry later", status=503,
+                                       type="server_error", code="overloaded") from None
+            if "moved" not in first:
+                break
+            model = first["moved"]
+            self._table_time = 0.0  # the router switched: new requests follow at once
         if "error" in first:
             raise oa.ProtocolError(first["error"], param="prompt" if "prompt" in first["error"] else None)
         return first, stream
@@ -171,10 +193,11 @@ class Ingress:
         return await retrying(functools.partial(self._collect, call, chat, rid, created, req))
 
     async def _call(self, req, chat: bool) -> tuple:
-        """(model, prompt, params, task): the model is chosen once, so a retry goes to the same model."""
+        """(model, prompt, params, task, routed): the model is chosen once, so a retry after a lost
+        replica goes to the same model; only a switch moves a routed request (`_stream`)."""
         params = oa.to_sampling_params(req, self.max_tokens_limit)
         prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
-        return await self._model_for(req.model, req.task), prompt, params, req.task
+        return await self._model_for(req.model, req.task), prompt, params, req.task, req.model == AUTO_MODEL
 
     async def _collect(self, call: tuple, chat: bool, rid: str, created: int, req) -> dict:
         first, stream = await self._stream(*call)

@@ -131,6 +131,8 @@ class ModelReplica:
         self.threshold: float | None = None  # default exit threshold from reconfigure (requests may override)
         self._outboxes: dict[str, _Outbox] = {}
         self._tasks: dict[str, str | None] = {}
+        self._movable: set[str] = set()  # routed by the policy (not pinned): a switch may move them
+        self._move_to: str | None = None  # where handed-back requests go
         self._telemetry = _Telemetry()
         self._reading = False
         self._report_task: asyncio.Task | None = None
@@ -177,6 +179,10 @@ class ModelReplica:
                 capacity, state = body
                 logger.info("%s: memory budget %d bytes, capacity %d", self.name, state.memory_budget, capacity)
                 self.metrics.shape(state)
+            elif kind == "released":  # a switch: these had not started, another model takes them
+                for request_id in body[0]:
+                    if request_id in self._outboxes:
+                        self._outboxes[request_id].put({"moved": self._move_to})
             elif kind == "command_failed":
                 command, message = body
                 self._asked_depth = None
@@ -209,20 +215,25 @@ class ModelReplica:
             batch, self._telemetry = self._telemetry, _Telemetry()
             state = self.engine.state
             try:
-                target = await self.router.report.remote(self.name, state.num_layers, batch.records,
-                                                         batch.finished,
-                                                         (state.running, state.waiting, state.context_tokens),
-                                                         list(batch.steps))
+                target, move_to = await self.router.report.remote(
+                    self.name, state.num_layers, batch.records, batch.finished,
+                    (state.running, state.waiting, state.context_tokens), list(batch.steps))
             except Exception:  # the router restarts: keep serving at the current depth
                 logger.exception("%s: telemetry report failed", self.name)
                 continue
             if target is not None and target not in (self.engine.state.num_layers, self._asked_depth):
                 self._set_depth(target)
+            if move_to not in (None, self.name) and self._movable:
+                self._move_to = move_to
+                self.engine.release(sorted(self._movable))
 
     # --- calls ----------------------------------------------------------------------------------
-    async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None):
+    async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None,
+                       movable: bool = False):
         """Stream one request: dicts with the new text, token ids, logprobs; the last has the summary.
-        A prompt the engine refuses yields one {"error": message}."""
+        A prompt the engine refuses yields one {"error": message}. A `movable` request that the
+        router's switch to another model finds not started yields one {"moved": model}: the
+        caller sends it there."""
         self._ensure_running()
         if params.threshold is None and self.threshold is not None:
             params = dataclasses.replace(params, threshold=self.threshold)
@@ -230,6 +241,8 @@ class ModelReplica:
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
         outbox = _Outbox()
         self._outboxes[request_id], self._tasks[request_id] = outbox, task
+        if movable:
+            self._movable.add(request_id)
         try:
             self.engine.add(request_id, prompt, params)
         except OSError:  # the socket is closed: the engine died before the reader saw it
@@ -245,6 +258,7 @@ class ModelReplica:
                 self.engine.abort(request_id)
             self._outboxes.pop(request_id, None)
             self._tasks.pop(request_id, None)
+            self._movable.discard(request_id)
 
     def _send_interval(self) -> float:
         """Seconds between a stream's items: 0 for a lone stream, then the item budget shared out

@@ -2,7 +2,12 @@
 
 Replicas report about once a second (token breach flags, finished-request summaries, engine step
 times, their load) and get their model's target depth back. The ingress reads the routing table
-(task -> model) from a cache it refreshes about once a second, never per request. The policy's
+(task -> model) from a cache it refreshes about once a second, never per request.
+
+Global mode over live replicas: while a candidate profiles, the ingress sends it the round's N
+requests and the rest to the model serving before the round (not held, as in process, where only
+one model is loaded). A replica whose model neither serves nor profiles hands its requests not
+started yet to the model that serves, so a switch moves the queue. The policy's
 state (PHT, events) is saved in Ray's internal key-value store after every change and restored
 when the router restarts.
 """
@@ -58,15 +63,19 @@ class Router:
         else:
             self.policy = HeliosPolicy(Registry.load(registry), Limits(memory_budget, max_model_len), config)
         self._events_counted = len(self.policy.events)
+        self._in_flight: dict[str, int] = {}  # model -> running + waiting at its last report
         self._event_metric = metrics.Counter("helios_policy_events", "profiles, loads, switches of the policy",
                                              ("kind", "model"))
 
     def report(self, model: str, depth: int, records: list[TokenRecord],
                finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int],
-               steps: list[StepRecord] = ()) -> int | None:
-        """A replica's telemetry since its last report; returns that model's target depth."""
+               steps: list[StepRecord] = ()) -> tuple[int | None, str | None]:
+        """A replica's telemetry since its last report. Returns that model's target depth (None:
+        keep it), and None while the model serves or profiles, else the model its requests not
+        started yet should go to."""
         p = self.policy
         p.observe_load(*load)
+        self._in_flight[model] = load[0] + load[1]
         p.observe_steps(model, steps)
         p.observe_tokens(model, records)
         for summary, served_depth, task in finished:
@@ -78,15 +87,36 @@ class Router:
         if records or finished:  # the state moved (a few KB, <1 ms): a restarted router resumes from here
             self._save()
         target = p.targets.get(model)
-        return target.depth if target is not None else None
+        depth = target.depth if target is not None else None
+        keeps_its_queue = p.config.mode != "global" or target is not None or model == p.serving
+        return depth, None if keeps_its_queue else self._default()
 
     def routing_table(self) -> dict:
         """Which model serves a task: the policy's current choice for each task seen, and a default."""
         p = self.policy
         tasks = {task for (_, task) in p.task_rows} | {None}
-        return {"mode": p.config.mode, "default": p.choose(None) or next(iter(p.targets)),
+        return {"mode": p.config.mode, "default": self._default(),
                 "tasks": {t: p.choose(t) for t in tasks if t is not None},
-                "targets": {m: t.depth for m, t in p.targets.items()}}
+                "targets": {m: t.depth for m, t in p.targets.items()}, "profile": self._profile()}
+
+    def _default(self) -> str:
+        """The model for a request without a task: the serving one while a global round profiles
+        another (before the first choice, or when the policy says hold: the target)."""
+        p = self.policy
+        return p.serving or p.choose(None) or next(iter(p.targets))
+
+    def _profile(self) -> dict | None:
+        """Global mode, while a round profiles a candidate other than the serving model: the
+        candidate, and how many more requests it needs (not finished, not in flight there as of
+        its last report); the ingress sends it up to that many per table it reads."""
+        p = self.policy
+        if p.config.mode != "global" or p.serving is None:
+            return None
+        [(model, target)] = p.targets.items()
+        if not target.profiling or model == p.serving:
+            return None
+        needed = p.config.profile_requests - p.pht.get(model).requests - self._in_flight.get(model, 0)
+        return {"model": model, "needed": max(needed, 0)}
 
     def snapshot(self) -> dict:
         return self.policy.snapshot()

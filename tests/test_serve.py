@@ -311,8 +311,11 @@ def test_router_state_survives_a_restart(base_url):
     records = [TokenRecord(2, 0.9, False, False, -0.1)] * 8
     summary = RequestSummary.from_records("r", model, 4, records, "length", 0.0, 0.0, 0.1)
     steps = [StepRecord(6e-3 + 1e-3 * n, n, depth, depth * n) for n in (1, 2, 4, 8)]
-    targets = [first.report(model, depth, records, [(summary, depth, "code")], (1, 0, 12), steps) for _ in range(2)]
-    assert targets == [depth, None]  # profiled at full depth for N = 2 requests, then the next candidate's turn
+    replies = [first.report(model, depth, records, [(summary, depth, "code")], (1, 0, 12), steps) for _ in range(2)]
+    # Profiled at full depth for N = 2 requests, then the next candidate's turn: the replica is told
+    # to hand its queue to that model.
+    following = first.routing_table()["default"]
+    assert replies == [(depth, None), (None, following)] and following != model
     assert first.snapshot()["pht"][model]["requests"] == 2
     assert first.snapshot()["pht"][model]["step_fit"] is not None  # fitted on the replica's step times
     events = first.snapshot()["events"]
@@ -322,3 +325,48 @@ def test_router_state_survives_a_restart(base_url):
     again = restarted.snapshot()
     assert again["events"] == events and again["pht"] == first.snapshot()["pht"]
     assert again["tokens"] == 16 and again["requests"] == 2
+
+
+def test_while_a_round_profiles_the_serving_model_takes_the_rest(serve_cluster):
+    """Global mode over live replicas: a re-profiling round sends its candidate only the requests it
+    still needs; the rest go to the model that served before, which keeps its queue; a candidate
+    whose turn is over hands its queue to that model."""
+    from ray.experimental import internal_kv
+
+    from deployments.router import Router
+    from helios_core.telemetry import RequestSummary, TokenRecord
+
+    router = Router.func_or_class(str(REGISTRY), 64 << 20, 1024, {"profile_requests": 2, "reprofile_every": 4},
+                                  state_key="test/router-surplus")
+    policy, records = router.policy, [TokenRecord(2, 0.9, False, False, -0.1)] * 8
+
+    def finish(model: str, n: int = 1) -> tuple:
+        depth = policy.targets[model].depth if model in policy.targets else policy.registry[model].num_layers
+        summary = RequestSummary.from_records("r", model, 4, records, "length", 0.0, 0.0, 0.1)
+        return router.report(model, depth, records, [(summary, depth, None)] * n, (0, 0, 0))
+
+    def profiled() -> str | None:
+        [(model, target)] = policy.targets.items()
+        return model if target.profiling else None
+
+    try:
+        while profiled():  # the first round: nothing serves yet, so everything goes to the candidate
+            table = router.routing_table()
+            assert table["default"] == profiled() and table["profile"] is None
+            finish(profiled(), 2)
+        serving = policy.serving
+        assert router.routing_table()["default"] == serving
+        while profiled() in (None, serving):  # serve until a re-profile is on another candidate's turn
+            finish(profiled() or serving)
+        candidate = profiled()
+        table = router.routing_table()
+        assert table["default"] == serving and table["profile"] == {"model": candidate, "needed": 2}
+        router.report(candidate, policy.registry[candidate].num_layers, [], [], (1, 1, 0))
+        assert router.routing_table()["profile"]["needed"] == 0  # two in flight there already
+        assert router.report(serving, 1, [], [], (3, 5, 0)) == (None, None)  # keeps its depth and queue
+        finish(candidate, 2)  # its turn is over
+        assert candidate not in policy.targets and policy.serving == serving  # the next candidate's turn
+        assert router.report(candidate, policy.registry[candidate].num_layers, [], [], (0, 3, 0)) == \
+            (None, serving)  # neither serving nor profiling: its queue goes to the serving model
+    finally:
+        internal_kv._internal_kv_del(b"test/router-surplus")

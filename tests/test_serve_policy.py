@@ -1,5 +1,6 @@
-"""The HELIOS policy driving the Serve app under HTTP traffic: profiling moves traffic from model to
-model, then the chosen model is partially loaded while requests keep arriving; none fails."""
+"""The HELIOS policy driving the Serve app under HTTP traffic: profiling moves traffic (and a queued
+burst) from model to model, then the chosen model is partially loaded while requests keep arriving;
+none fails."""
 
 from __future__ import annotations
 
@@ -38,7 +39,13 @@ def test_policy_switches_and_loads_during_traffic_without_failures(client):
         return client.completions.create(model="helios", prompt=prompt, max_tokens=32, temperature=0,
                                          extra_body={"ignore_eos": True})
 
-    served, deadline = [], time.monotonic() + 240
+    # A burst at once: the ingress routes it all to the first candidate. When that one's turn is
+    # over, its replica hands back what it has not started, and the queue follows the round.
+    with ThreadPoolExecutor(40) as pool:
+        served = list(pool.map(one, [prompts[i % len(prompts)] for i in range(40)]))
+    assert len({r.model_extra["helios"]["model"] for r in served}) >= 2
+
+    deadline = time.monotonic() + 240
     with ThreadPoolExecutor(4) as pool:
         while time.monotonic() < deadline:
             served += pool.map(one, prompts[:4])  # waves of 4, while the router reorganises

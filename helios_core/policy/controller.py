@@ -10,6 +10,7 @@ actor) feeds it telemetry in batches and applies the targets it sets:
     observe_layer_event(event)            a measured load, for the load bandwidth
     targets                               model -> (depth, profiling): what should be loaded
     choose(task) / assigned(model, task)  which model serves the next request (None: hold it)
+    serving                               global mode: where the rest goes while a round profiles
 
 Global mode (the paper): one target at a time.
   PROFILING  each shortlisted candidate in turn is the target at full depth and serves the next N
@@ -167,6 +168,17 @@ class HeliosPolicy:
             scores = {m: self._task_estimate(m, task).objective(c.slo, self.demand, c.power_watts)
                       for m in self.candidates}
         return min(self.candidates, key=lambda m: (scores[m], self.candidates.index(m)))
+
+    @property
+    def serving(self) -> str | None:
+        """Global mode: the model for traffic beyond a profiling round's N requests. The target,
+        or during a profiling round the model served before it (None before the first choice).
+        Only a caller whose models are all live can use it (the Serve app); in process, one
+        model is loaded at a time, so `choose` holds that traffic instead."""
+        if self.config.mode != "global":
+            return None
+        [(model, target)] = self.targets.items()
+        return self._serving_before if target.profiling else model
 
     def assigned(self, model: str, task: str | None = None) -> None:
         key = "*" if self.config.mode == "global" else task or DEFAULT_TASK
