@@ -9,6 +9,9 @@
     device, dtype     "auto" / "float32" by default
     num_gpus          per model replica (default 0: CPU); num_cpus likewise (default 0.5)
     threads           torch threads per model replica (default 1)
+    engine_niceness   the niceness each model replica's engine process asks for (default 0, above
+                      Ray's workers at 15, where the process may lower it: CAP_SYS_NICE; null keeps
+                      15); on a CPU node the engine then wins the cores from Serve's processes
     threshold         every model's default exit threshold (set through the replicas' Serve
                       user_config, so `serve` can change it live; default: the registry's)
     policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
@@ -35,7 +38,7 @@ from helios_core.cli import parse_bytes
 from helios_core.policy import Registry
 
 from .ingress import Ingress
-from .replica import MAX_HOLD_S, ModelReplica
+from .replica import ENGINE_NICENESS, MAX_HOLD_S, ModelReplica
 from .router import Router
 
 
@@ -48,6 +51,10 @@ def build_app(args: dict | None = None) -> Application:
     max_tokens = int(args.pop("max_tokens", 512))
     device, dtype = args.pop("device", "auto"), args.pop("dtype", "float32")
     threads = int(args.pop("threads", 1))
+    niceness = args.pop("engine_niceness", ENGINE_NICENESS)
+    niceness = None if niceness is None else int(niceness)
+    if niceness is not None and not -20 <= niceness <= 19:
+        raise ValueError(f"engine_niceness must be in [-20, 19] or null, got {niceness}")
     hold = float(args.pop("stream_max_hold_s", MAX_HOLD_S))
     if hold < 0:
         raise ValueError(f"stream_max_hold_s must be >= 0, got {hold}")
@@ -69,5 +76,5 @@ def build_app(args: dict | None = None) -> Application:
             full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
-            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold)
+            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key)

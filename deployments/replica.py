@@ -42,6 +42,7 @@ logger = logging.getLogger("ray.serve")
 REPORT_INTERVAL_S = 1.0
 STREAM_ITEMS_PER_S = 50  # each costs ~3.5 ms of CPU on the whole path: a sixth of a core at this rate
 MAX_HOLD_S = 0.1  # default stream_max_hold_s: a token waits at most this long for the next ones
+ENGINE_NICENESS = 0  # an ordinary process's, above Ray's workers (15): see engine_process._renice
 PEAK_WINDOW_S = 1.0  # stats report the largest batch of the last second: a reader polling that often sees every peak
 
 
@@ -115,14 +116,18 @@ class _Outbox:
 class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
                  device: str = "auto", dtype: str = "float32", threads: int = 1,
-                 stream_max_hold_s: float = MAX_HOLD_S):
+                 stream_max_hold_s: float = MAX_HOLD_S, engine_niceness: int | None = ENGINE_NICENESS):
         self.entry = Registry.load(registry, dtype)[model]
         self.name, self.max_model_len = model, max_model_len
         # threads: torch's in the engine process. Several replicas share a CPU node, and OpenMP
         # spin-waiting across them costs far more than it gains.
         self.engine = EngineProcess(EngineConfig(
             model=str(self.entry.path), name=model, dtype=dtype, device=device, memory_budget=memory_budget,
-            max_model_len=max_model_len, exit=self.entry.exit_config()), threads)
+            max_model_len=max_model_len, exit=self.entry.exit_config()), threads, engine_niceness)
+        niceness = os.getpriority(os.PRIO_PROCESS, self.engine.pid)
+        if engine_niceness is not None and niceness != engine_niceness:
+            logger.warning("%s: the engine process runs at nice %d, not %d (lowering it needs CAP_SYS_NICE)",
+                           model, niceness, engine_niceness)
         self.router = router
         self.max_hold_s = stream_max_hold_s
         self.metrics = ReplicaMetrics(model)
@@ -309,7 +314,7 @@ class ModelReplica:
                 # where the replica runs and its resident memory (with its engine process's):
                 # placement checks, leak watching
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "engine_pid": self.engine.pid,
+                "engine_pid": self.engine.pid, "engine_niceness": os.getpriority(os.PRIO_PROCESS, self.engine.pid),
                 "rss_bytes": sum(psutil.Process(p).memory_info().rss for p in (os.getpid(), self.engine.pid))}
 
     def check_health(self) -> None:

@@ -81,7 +81,7 @@ class EngineProcess:
     `fileno()` becomes readable when messages arrive (for an event loop's `add_reader`); `receive()`
     returns those already there without blocking."""
 
-    def __init__(self, config: EngineConfig, threads: int = 1):
+    def __init__(self, config: EngineConfig, threads: int = 1, niceness: int | None = None):
         parent, child = socket.socketpair()
         # The parent's import path, so the child runs the same helios_core (a Ray runtime_env's
         # working_dir or py_modules are on sys.path, not in the environment).
@@ -90,7 +90,7 @@ class EngineProcess:
                                         pass_fds=(child.fileno(),), env=env)
         child.close()
         self._conn = Connection(parent.detach())
-        self._conn.send((config, threads))
+        self._conn.send((config, threads, niceness))
         if not self._conn.poll(START_TIMEOUT_S):
             self.close()
             raise RuntimeError(f"the engine process did not load {config.model} within {START_TIMEOUT_S:.0f} s")
@@ -171,6 +171,18 @@ def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
         raise ValueError(f"unknown engine command {kind!r}")
 
 
+def _renice(niceness: int) -> None:
+    """Run at `niceness` where allowed. Ray starts its workers, this engine's replica among them,
+    at nice 15, and the kernel shares a busy core evenly between equally nice threads: the Serve
+    processes around the engine (ingress, proxy, replica), which have slack, then take turns
+    with the decode step. Lowering the niceness needs CAP_SYS_NICE (root, or a container granted
+    it); without it the engine keeps the niceness it inherited."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        pass
+
+
 def _read_commands(conn: Connection, commands: queue.SimpleQueue) -> None:
     """Take commands off the socket as they come, so that the replica's sends never wait for a step
     (both ends blocked in a send, each buffer full, would be a deadlock). None: the replica is gone."""
@@ -183,8 +195,10 @@ def _read_commands(conn: Connection, commands: queue.SimpleQueue) -> None:
 
 def serve(conn: Connection) -> None:
     """The child's loop: load, then step while there is work, applying commands between steps."""
-    config, threads = conn.recv()
+    config, threads, niceness = conn.recv()
     torch.set_num_threads(threads)
+    if niceness is not None:
+        _renice(niceness)
     try:
         engine = LLMEngine(config)
     except Exception as err:

@@ -2,6 +2,7 @@
 applied between steps, bad input failing alone, and a child that never outlives its parent."""
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -95,6 +96,16 @@ def test_release_hands_back_only_what_has_not_started(config):
         assert proc.state.running == proc.state.waiting == 0
     finally:
         proc.close()
+
+
+def test_the_engine_runs_at_the_niceness_asked_for(config):
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for asked, expected in ((None, mine), (mine + 3, mine + 3)):  # raising it is always allowed
+        proc = EngineProcess(config, niceness=asked)
+        try:
+            assert os.getpriority(os.PRIO_PROCESS, proc.pid) == expected
+        finally:
+            proc.close()
 
 
 def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -370,3 +371,18 @@ def test_while_a_round_profiles_the_serving_model_takes_the_rest(serve_cluster):
             (None, serving)  # neither serving nor profiling: its queue goes to the serving model
     finally:
         internal_kv._internal_kv_del(b"test/router-surplus")
+
+
+def test_engine_processes_run_above_the_ray_workers_where_allowed(base_url):
+    """Each engine process asks for niceness 0; Ray starts its workers (the replicas) at 15. Where
+    this machine lets a process lower its niceness (CAP_SYS_NICE), the engine gets 0; elsewhere it
+    keeps its replica's."""
+    req = urllib.request.Request(base_url + "/v1/helios/stats", headers={"authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        models = json.loads(r.read())["models"]
+    cap_eff = int(re.search(r"CapEff:\s*(\w+)", Path("/proc/self/status").read_text())[1], 16)
+    may_lower = bool(cap_eff >> 23 & 1)  # bit 23: CAP_SYS_NICE
+    for stats in models.values():
+        replica = os.getpriority(os.PRIO_PROCESS, stats["pid"])
+        assert stats["engine_niceness"] == (0 if may_lower else replica)
+        assert replica > 0  # what Ray gives its workers
