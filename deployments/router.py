@@ -2,14 +2,14 @@
 
 Replicas report about once a second (token breach flags, finished-request summaries, engine step
 times, their load) and get their model's target depth back. The ingress reads the routing table
-(task -> model) from a cache it refreshes about once a second, never per request.
+(task -> model) from a cache it refreshes about once a second, never per request. The policy's
+state (PHT, events) is saved in Ray's internal key-value store after every change and restored
+when the router restarts.
 
 Global mode over live replicas: while a candidate profiles, the ingress sends it the round's N
 requests and the rest to the model serving before the round (not held, as in process, where only
 one model is loaded). A replica whose model neither serves nor profiles hands its requests not
-started yet to the model that serves, so a switch moves the queue. The policy's
-state (PHT, events) is saved in Ray's internal key-value store after every change and restored
-when the router restarts.
+started yet to the model that serves, so a switch moves the queue.
 """
 
 from __future__ import annotations

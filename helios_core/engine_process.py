@@ -79,7 +79,8 @@ class EngineProcess:
     """The parent's side: start the child, send it commands, read what it sends back.
 
     `fileno()` becomes readable when messages arrive (for an event loop's `add_reader`); `receive()`
-    returns those already there without blocking."""
+    returns those already there without blocking. `threads`: torch's in the child; `niceness`: the
+    child's, where it may set it (None: the parent's)."""
 
     def __init__(self, config: EngineConfig, threads: int = 1, niceness: int | None = None):
         parent, child = socket.socketpair()
