@@ -83,9 +83,12 @@ def _merge(item: dict, later: dict) -> dict:
 
 
 class _Outbox:
-    """A request's output not sent yet, merged into one item as the engine adds to it."""
+    """A request's output not sent yet, merged into one item as the engine adds to it; and what the
+    replica keeps of the request: its task tag, and whether a switch may move it (routed by the
+    policy, not pinned by name)."""
 
-    def __init__(self):
+    def __init__(self, task: str | None = None, movable: bool = False):
+        self.task, self.movable = task, movable
         self.item: dict | None = None
         self.arrived = asyncio.Event()  # there is something to send
         self.ended = asyncio.Event()  # the last item (finished, or an error) is in
@@ -135,8 +138,6 @@ class ModelReplica:
         self._asked_depth: int | None = None  # sent to the engine, not confirmed yet
         self.threshold: float | None = None  # default exit threshold from reconfigure (requests may override)
         self._outboxes: dict[str, _Outbox] = {}
-        self._tasks: dict[str, str | None] = {}
-        self._movable: set[str] = set()  # routed by the policy (not pinned): a switch may move them
         self._move_to: str | None = None  # where handed-back requests go
         self._telemetry = _Telemetry()
         self._reading = False
@@ -203,9 +204,10 @@ class ModelReplica:
     def _dispatch(self, outputs: list[RequestOutput], state: EngineState) -> None:
         for out in outputs:
             self._telemetry.records += out.new_records
-            if out.finished and out.summary is not None and out.finish_reason != "abort":
-                self._telemetry.finished.append((out.summary, state.num_layers, self._tasks.get(out.request_id)))
             outbox = self._outboxes.get(out.request_id)
+            if out.finished and out.summary is not None and out.finish_reason != "abort":
+                task = outbox.task if outbox is not None else None
+                self._telemetry.finished.append((out.summary, state.num_layers, task))
             if outbox is not None:
                 outbox.put({
                     "text": out.new_text, "token_ids": out.new_token_ids,
@@ -228,9 +230,10 @@ class ModelReplica:
                 continue
             if target is not None and target not in (self.engine.state.num_layers, self._asked_depth):
                 self._set_depth(target)
-            if move_to not in (None, self.name) and self._movable:
+            movable = [request_id for request_id, outbox in self._outboxes.items() if outbox.movable]
+            if move_to not in (None, self.name) and movable:
                 self._move_to = move_to
-                self.engine.release(sorted(self._movable))
+                self.engine.release(movable)
 
     # --- calls ----------------------------------------------------------------------------------
     async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None,
@@ -244,10 +247,8 @@ class ModelReplica:
             params = dataclasses.replace(params, threshold=self.threshold)
         self._ids += 1
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
-        outbox = _Outbox()
-        self._outboxes[request_id], self._tasks[request_id] = outbox, task
-        if movable:
-            self._movable.add(request_id)
+        outbox = _Outbox(task, movable)
+        self._outboxes[request_id] = outbox
         try:
             self.engine.add(request_id, prompt, params)
         except OSError:  # the socket is closed: the engine died before the reader saw it
@@ -262,8 +263,6 @@ class ModelReplica:
             if not finished:  # the client went away: free the slot
                 self.engine.abort(request_id)
             self._outboxes.pop(request_id, None)
-            self._tasks.pop(request_id, None)
-            self._movable.discard(request_id)
 
     def _send_interval(self) -> float:
         """Seconds between a stream's items: 0 for a lone stream, then the item budget shared out
