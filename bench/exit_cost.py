@@ -34,7 +34,7 @@ from helios_core.benchmark.workload import load_workload  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.exits import ExitConfig  # noqa: E402
 from helios_core.models import ModelConfig  # noqa: E402
-from helios_core.policy import Registry  # noqa: E402
+from helios_core.policy import Registry, exit_walk  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 
 CASES = [  # (label, loaded layers, early exit, threshold, exit layers every K, measure)
@@ -95,7 +95,10 @@ def profiled() -> dict[str, tuple[float | None, float | None]]:
     out = {}
     for name, row in pht.rows.items():
         fit = pht.step_fit(name)
-        step = fit.seconds(row.num_layers, 4 * row.mean_layers(row.num_layers)) if fit else None
+        L = row.num_layers
+        points = registry[name].exit_config().exit_points(L)  # what profiling checked
+        layers, checks = exit_walk(points, L, {d: n / row.tokens for d, n in row.histogram.items()})
+        step = fit.seconds(L, 4 * layers, 4 * checks) if fit else None
         out[name] = (row.time_per_token_s, step)
     return out
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from helios_core.benchmark.workload import load_workload  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.policy import Registry, fit_steps  # noqa: E402
+from helios_core.policy.pht import sample  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
 from helios_core.telemetry import StepRecord  # noqa: E402
 
@@ -76,8 +77,8 @@ def main() -> None:
         L = entry.num_layers
         steps = record_steps(entry.path, entry.exit_config(), [L, max(2, L // 2), 2], args.tokens)
         full, partial = [s for s in steps if s.depth == L], [s for s in steps if s.depth < L]
-        fit = fit_steps([(s.seconds, s.depth, s.layer_rows) for s in full])
-        rows = [("helios", lambda s: fit.seconds(s.depth, s.layer_rows),
+        fit = fit_steps([sample(s) for s in full])
+        rows = [("helios", lambda s: fit.seconds(s.depth, s.layer_rows, s.check_rows),
                  f"{fit.per_layer_s * 1e3:.3f} | {fit.per_row_layer_s * 1e3:.3f}"),
                 ("no depth", no_depth_fit(full), "- | -")]
         for label, predict, coefficients in rows:

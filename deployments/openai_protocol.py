@@ -348,7 +348,8 @@ def usage(summary: RequestSummary) -> dict:
 
 
 def helios_info(summary: RequestSummary, loaded_layers: int) -> dict:
-    """The `helios` object: where the request's tokens exited, on which model and how deep it was loaded."""
+    """The `helios` object: where the request's tokens exited, on which model, how deep it was loaded and
+    which exit points were checked (null: the model's configured ones)."""
     return {
         "model": summary.model,
         "exit_histogram": {str(depth): n for depth, n in summary.exit_histogram.items()},  # JSON keys
@@ -356,6 +357,7 @@ def helios_info(summary: RequestSummary, loaded_layers: int) -> dict:
         "breaches": summary.breaches,
         "mean_exit_layer": summary.mean_exit_layer,
         "loaded_layers": loaded_layers,
+        "exit_layers": None if summary.exit_layers is None else list(summary.exit_layers),
     }
 
 

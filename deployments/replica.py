@@ -4,7 +4,8 @@ The engine steps back to back in a process of its own (`helios_core.engine_proce
 aborts and depth changes go to it as commands, applied between steps; each step's outputs come back
 on a socket the replica's event loop watches, and go to per-request outboxes that `generate` streams
 from. Telemetry (token breach flags, finished-request summaries, step records, load) goes to the
-router in batches about once a second; the router's reply is this model's target depth.
+router in batches about once a second; the router's reply is this model's target (depth and exit
+points).
 
 Every stream item costs several Ray and HTTP hops (replica -> ingress -> proxy -> client), more CPU
 than a decode step's share of a token. So a busy replica sends fewer, larger items: a request's
@@ -31,7 +32,7 @@ from ray import serve
 from helios_core.cli import parse_bytes
 from helios_core.engine import STEP_LOG, EngineConfig
 from helios_core.engine_process import EngineProcess, EngineState
-from helios_core.policy import Registry
+from helios_core.policy import Registry, Target
 from helios_core.request import RequestOutput
 from helios_core.sampling import SamplingParams
 from helios_core.telemetry import StepRecord, TokenRecord
@@ -136,6 +137,7 @@ class ModelReplica:
         self.metrics = ReplicaMetrics(model)
         self.metrics.shape(self.engine.state)
         self._asked_depth: int | None = None  # sent to the engine, not confirmed yet
+        self._exits: tuple[int, ...] | None = None  # exit points last sent (None: the registry's)
         self.threshold: float | None = None  # default exit threshold from reconfigure (requests may override)
         self._outboxes: dict[str, _Outbox] = {}
         self._move_to: str | None = None  # where handed-back requests go
@@ -228,12 +230,21 @@ class ModelReplica:
             except Exception:  # the router restarts: keep serving at the current depth
                 logger.exception("%s: telemetry report failed", self.name)
                 continue
-            if target is not None and target not in (self.engine.state.num_layers, self._asked_depth):
-                self._set_depth(target)
+            self._apply(target)
             movable = [request_id for request_id, outbox in self._outboxes.items() if outbox.movable]
             if move_to not in (None, self.name) and movable:
                 self._move_to = move_to
                 self.engine.release(movable)
+
+    def _apply(self, target: Target | None) -> None:
+        """Send the engine the router's target for this model (None: not a target, keep as is)."""
+        if target is None:
+            return
+        if target.depth not in (self.engine.state.num_layers, self._asked_depth):
+            self._set_depth(target.depth)
+        if target.exits != self._exits:
+            self._exits = target.exits  # commands apply in order: no need to wait for the engine
+            self.engine.set_exit_layers(target.exits)
 
     # --- calls ----------------------------------------------------------------------------------
     async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None,
@@ -305,6 +316,7 @@ class ModelReplica:
         self._ensure_running()  # read what the engine sent, even before the first request
         s = self.engine.state
         return {"model": self.name, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
+                "exit_layers": None if s.exit_layers is None else list(s.exit_layers),
                 "capacity": s.capacity, "running": s.running, "waiting": s.waiting,
                 "peak_batch": self._peak.max(default=s.running),
                 "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes,

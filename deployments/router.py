@@ -1,7 +1,7 @@
 """Router: one replica that runs the HELIOS policy over the replicas' batched telemetry.
 
 Replicas report about once a second (token breach flags, finished-request summaries, engine step
-times, their load) and get their model's target depth back. The ingress reads the routing table
+times, their load) and get their model's target back (depth and exit points). The ingress reads the routing table
 (task -> model) from a cache it refreshes about once a second, never per request. The policy's
 state (PHT, events) is saved in Ray's internal key-value store after every change and restored
 when the router restarts.
@@ -20,11 +20,11 @@ import pickle
 from ray import serve
 from ray.serve import metrics
 
-from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
+from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry, Target
 from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 
 logger = logging.getLogger("ray.serve")
-STATE_VERSION = 2  # bump when the policy's classes change shape: older saved state is then ignored
+STATE_VERSION = 3  # bump when the policy's classes change shape: older saved state is then ignored
 
 
 def _restore(saved: bytes | None) -> HeliosPolicy | None:
@@ -69,10 +69,10 @@ class Router:
 
     def report(self, model: str, depth: int, records: list[TokenRecord],
                finished: list[tuple[RequestSummary, int, str | None]], load: tuple[int, int, int],
-               steps: list[StepRecord] = ()) -> tuple[int | None, str | None]:
-        """A replica's telemetry since its last report. Returns that model's target depth (None:
-        keep it), and None while the model serves or profiles, else the model its requests not
-        started yet should go to."""
+               steps: list[StepRecord] = ()) -> tuple[Target | None, str | None]:
+        """A replica's telemetry since its last report. Returns that model's target (depth and exit
+        points; None: keep them), and None while the model serves or profiles, else the model its
+        requests not started yet should go to."""
         p = self.policy
         p.observe_load(*load)
         self._in_flight[model] = load[0] + load[1]
@@ -87,9 +87,8 @@ class Router:
         if records or finished:  # the state moved (a few KB, <1 ms): a restarted router resumes from here
             self._save()
         target = p.targets.get(model)
-        depth = target.depth if target is not None else None
         keeps_its_queue = p.config.mode != "global" or target is not None or model == p.serving
-        return depth, None if keeps_its_queue else self._default()
+        return target, None if keeps_its_queue else self._default()
 
     def routing_table(self) -> dict:
         """Which model serves a task: the policy's current choice for each task seen, and a default."""

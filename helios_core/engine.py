@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection, Iterator
 
@@ -191,6 +191,20 @@ class LLMEngine:
         self.layer_events.append(event)
         return event
 
+    @property
+    def exit_layers(self) -> tuple[int, ...] | None:
+        """The exit points in use (None: the configured ones, `config.exit`)."""
+        active = self.runner.exit_config
+        return None if active is self.config.exit else active.exit_layers
+
+    def set_exit_layers(self, exit_layers: tuple[int, ...] | None) -> None:
+        """Check for exits at these depths only (between steps; None: back to `config.exit`'s).
+        The policy thins the exit points where a check costs more than the exits it finds save."""
+        exit_config = self.config.exit
+        if exit_layers is not None:
+            exit_config = replace(exit_config, exit_layers=tuple(exit_layers))
+        self.runner.exit_config = exit_config
+
     def set_memory_budget(self, budget: int) -> int:
         """Re-plan the KV pool for a new budget at the current depth (between steps); returns the new
         capacity. Running sequences keep their cache; beyond a smaller capacity they are preempted
@@ -300,7 +314,10 @@ class LLMEngine:
         depths = out.depth.tolist()  # .tolist() waits for the device: the step's time is complete here
         rows = zip(seqs, new_tokens.tolist(), depths, out.confidence.tolist(), out.forced.tolist(), logprobs.tolist())
         now = time.perf_counter()
-        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s))
+        points = self.runner.exit_config.exit_points(self.num_layers) if any(early) else ()
+        checks = sum(p <= d for d in depths for p in points)
+        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s,
+                                     checks))
         for seq, token, depth, conf, forced, logprob in rows:
             record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold, logprob)
             outputs.append(self._append(seq, token, record, now))
@@ -335,7 +352,7 @@ class LLMEngine:
         self.stats.add_request()
         summary = RequestSummary.from_records(
             seq.request_id, self.name, seq.num_prompt_tokens, seq.records, reason,
-            seq.arrival_time, seq.first_token_time, time.perf_counter(),
+            seq.arrival_time, seq.first_token_time, time.perf_counter(), self.exit_layers,
         )
         return RequestOutput(seq.request_id, tokens, delta, records, True, reason, summary)
 

@@ -10,7 +10,7 @@ The child runs `python -m helios_core.engine_process FD` on its end of a socket 
 speak `multiprocessing.connection` (pickled tuples between our own two processes, never a file):
 
   to the engine    ("add", request_id, prompt, params) | ("abort", request_id)
-                   | ("layers", num_layers) | ("budget", bytes)
+                   | ("layers", num_layers) | ("budget", bytes) | ("exits", exit_layers or None)
                    | ("release", request_ids)  hand back those of them not started yet
   from the engine  ("ready", state) once loaded, or ("failed", error, traceback) instead
                    ("step", outputs, state, step_records) after every step
@@ -65,6 +65,7 @@ class EngineState:
     tokens: int = 0
     forced: int = 0
     breaches: int = 0
+    exit_layers: tuple[int, ...] | None = None  # the exit points in use (None: the configured ones)
 
     @staticmethod
     def of(engine: LLMEngine) -> "EngineState":
@@ -72,7 +73,7 @@ class EngineState:
         return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
                            len(running), len(engine.scheduler.waiting), sum(len(q.token_ids) for q in running),
                            m.weight_bytes, m.kv_bytes, m.kv_bytes_per_seq, m.budget_bytes, dict(s.histogram),
-                           s.tokens, s.forced, s.breaches)
+                           s.tokens, s.forced, s.breaches, engine.exit_layers)
 
 
 class EngineProcess:
@@ -120,6 +121,9 @@ class EngineProcess:
     def set_num_layers(self, num_layers: int) -> None:
         self._conn.send(("layers", num_layers))
 
+    def set_exit_layers(self, exit_layers: tuple[int, ...] | None) -> None:
+        self._conn.send(("exits", exit_layers))
+
     def release(self, request_ids: list[str]) -> None:
         self._conn.send(("release", request_ids))
 
@@ -158,6 +162,8 @@ def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
             conn.send(("refused", request_id, str(err)))
     elif kind == "abort":
         engine.abort(*args)
+    elif kind == "exits":
+        engine.set_exit_layers(*args)
     elif kind == "release":
         released = engine.release_waiting(set(*args))
         conn.send(("released", [s.request_id for s in released]))

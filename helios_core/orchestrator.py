@@ -186,17 +186,19 @@ class Orchestrator:
             if engine is None:
                 if self._draining():
                     continue  # global switch: wait until the old model has finished its requests
-                self._start(name, target.depth)
+                engine = self._start(name, target.depth)
             elif engine.num_layers != target.depth:
                 event = engine.set_num_layers(target.depth)
                 self.policy.observe_layer_event(event.bytes_read, event.seconds)
                 self._log("load" if target.depth > event.from_layers else "unload", name, engine,
                           seconds=event.seconds, bytes_read=event.bytes_read, preempted=event.preempted)
+            if engine.exit_layers != target.exits:
+                engine.set_exit_layers(target.exits)
 
     def _budget(self) -> int:
         return self.policy.limits.memory_budget  # the whole budget, or one model's share per request mode
 
-    def _start(self, name: str, depth: int) -> None:
+    def _start(self, name: str, depth: int) -> LLMEngine:
         entry = self.registry[name]
         started = time.perf_counter()
         engine = LLMEngine(EngineConfig(
@@ -210,6 +212,7 @@ class Orchestrator:
         seconds = time.perf_counter() - started
         self.policy.observe_layer_event(bytes_read, seconds)
         self._log("start", name, engine, seconds=seconds, bytes_read=bytes_read)
+        return engine
 
     def _release(self, name: str) -> None:
         engine = self.engines.pop(name)

@@ -4,7 +4,7 @@ Data flow: the engine writes one `TokenRecord` per generated token into its requ
 request finishes it becomes a `RequestSummary`; `ExitStats` aggregates every token of a model
 (histogram by exit depth, forced exits, breaches). The policy and the router read `ExitStats`
 snapshots, in batches (`drain`), never per token. Each decode step also leaves a `StepRecord` (its wall
-time, batch rows and depth), which the policy's step-time model is fitted on.
+time, batch rows, depth and exit checks), which the policy's step-time model is fitted on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class StepRecord:
     layer_rows: int  # blocks run: sum over rows of the exit depth (rows that left skip deeper MLPs)
     prefill_tokens: int = 0  # prompt tokens prefilled in this step, before the decode
     prefill_seconds: float = 0.0
+    check_rows: int = 0  # exit checks run: sum over rows of the exit points passed up to the exit depth
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RequestSummary:
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None  # mean over tokens after the first
     latency_s: float
+    exit_layers: tuple[int, ...] | None = None  # the exit points checked at the end (None: the configured ones)
 
     @staticmethod
     def from_records(
@@ -61,6 +63,7 @@ class RequestSummary:
         arrival: float,
         first_token: float | None,
         finished: float,
+        exit_layers: tuple[int, ...] | None = None,
     ) -> "RequestSummary":
         n = len(records)
         return RequestSummary(
@@ -77,6 +80,7 @@ class RequestSummary:
             time_to_first_token_s=None if first_token is None else first_token - arrival,
             time_per_output_token_s=(finished - first_token) / (n - 1) if first_token is not None and n > 1 else None,
             latency_s=finished - arrival,
+            exit_layers=exit_layers,
         )
 
     def to_dict(self) -> dict:

@@ -87,7 +87,7 @@ def test_drive_serves_every_request_with_the_engines_own_tokens(mode):
     for t in run.traces:
         assert t.output_ids == expected[t.id] and t.error is None
         assert t.arrival <= t.token_times[0] <= t.token_times[-1] == t.finished <= run.seconds
-        assert t.served_by == {(CODE, 6): 6} and t.exit_layers == [6] * 6
+        assert t.served_by == {(CODE, 6, None): 6} and t.exit_layers == [6] * 6
     assert 1 <= run.max_batch <= (3 if mode == "closed" else engine.capacity)
     assert run.peak_weight_bytes == engine.memory.weight_bytes and run.peak_kv_bytes == engine.memory.kv_bytes
 

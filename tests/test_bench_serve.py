@@ -60,7 +60,7 @@ def test_helios_serve_system(serve_cluster, tmp_path):
     [entry] = Registry.load(registry)
     # The router's events: it profiles its one candidate (and never finishes: profile_requests is huge).
     assert [(e["kind"], e["model"], e["depth"]) for e in events] == [("profile", entry.name, entry.num_layers)]
-    [model] = {m for _, run in runs for t in run.traces for (m, _) in t.served_by}
+    [model] = {m for _, run in runs for t in run.traces for (m, _, _) in t.served_by}
     assert model == entry.name
     depth = entry.num_layers
     engine = LLMEngine(EngineConfig(model=str(entry.path), early_exit=False))
@@ -73,7 +73,7 @@ def test_helios_serve_system(serve_cluster, tmp_path):
             assert t.error is None and t.finished is not None
             assert len(t.token_times) == len(t.output_ids) == 8
             assert t.token_times == sorted(t.token_times) and t.ttft <= t.finished - t.arrival
-            assert t.served_by == {(model, depth): 8}
+            assert t.served_by == {(model, depth, None): 8}  # profiling: every exit point
             assert t.exit_layers == [depth] * 8 and t.forced == t.breaches == 0
             assert t.output_ids == expected[t.id.removeprefix(f"{spec}-")]
     # The batch is sampled every 0.25 s; the closed loop's 4 requests stream together for longer (CPU).

@@ -174,6 +174,26 @@ def test_telemetry_aggregates(tiny_llama):
     assert s.time_to_first_token_s is not None and s.latency_s >= s.time_to_first_token_s
 
 
+def test_exit_points_change_between_steps_and_only_those_are_checked(tiny_llama):
+    eng = make(tiny_llama, exit=ExitConfig(threshold=0.3))
+    every = eng.generate(PROMPTS, GREEDY)
+    assert eng.exit_layers is None and {r.exit_layer for o in every for r in o.records} - {4, 6}
+    eng.drain_steps()
+    eng.set_exit_layers((4,))  # the policy thinned them: a token may leave at 4 or run all 6
+    thinned = eng.generate(PROMPTS, GREEDY)
+    assert eng.exit_layers == (4,) and {r.exit_layer for o in thinned for r in o.records} <= {4, 6}
+    assert all(o.summary.exit_layers == (4,) for o in thinned)
+    assert sum(s.check_rows for s in eng.drain_steps()) == sum(len(o.records) for o in thinned)  # one check each
+    eng.set_exit_layers(())  # no checks at all: full depth, the same tokens as exits disabled
+    none = eng.generate(PROMPTS, GREEDY)
+    assert {r.exit_layer for o in none for r in o.records} == {6}
+    plain = make(tiny_llama, early_exit=False).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in none] == [o.token_ids for o in plain]
+    eng.set_exit_layers(None)  # back to the configured points
+    assert eng.exit_layers is None
+    assert [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] == [o.token_ids for o in every]
+
+
 def test_step_records_time_each_decode_with_its_shape(tiny_llama):
     eng = make(tiny_llama, exit=ExitConfig(threshold=0.5), num_layers=4, max_prefill_tokens=8)
     outs = eng.generate(PROMPTS, GREEDY)
@@ -185,6 +205,8 @@ def test_step_records_time_each_decode_with_its_shape(tiny_llama):
     assert all(s.prefill_tokens and s.seconds == 0 for s in steps if not s.rows)  # a step that only prefilled
     assert sum(s.rows for s in steps) == sum(len(o.token_ids) for o in outs)  # one token per row per step
     assert sum(s.layer_rows for s in steps) == sum(r.exit_layer for o in outs for r in o.records)
+    # every exit point (1-3 of 4 loaded) up to the depth a token left at checked it
+    assert sum(s.check_rows for s in steps) == sum(min(r.exit_layer, 3) for o in outs for r in o.records)
     assert len({s.rows for s in decodes}) > 1  # requests joined and left: the batch varied
     # The last prompt token is fed by the decode step; the rest is prefilled (in 8-token chunks), timed apart.
     assert sum(s.prefill_tokens for s in steps) == sum(len(p) - 1 for p in PROMPTS)

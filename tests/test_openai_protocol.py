@@ -58,7 +58,7 @@ def summary(finish_reason: str = "length") -> RequestSummary:
     records = [TokenRecord(exit_layer=d, confidence=0.9, forced=d == 4, breach=False, logprob=-0.5)
                for d in (2, 2, 4)]
     return RequestSummary.from_records("r1", "helios-demo-code-6l@4", 5, records, finish_reason,
-                                       arrival=0.0, first_token=0.1, finished=0.3)
+                                       arrival=0.0, first_token=0.1, finished=0.3, exit_layers=(2,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_chat_prompt_uses_the_tokenizer_template(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 HELIOS = {"model": "helios-demo-code-6l@4", "exit_histogram": {"2": 2, "4": 1}, "forced": 1,
-          "breaches": 0, "mean_exit_layer": 8 / 3, "loaded_layers": 4}
+          "breaches": 0, "mean_exit_layer": 8 / 3, "loaded_layers": 4, "exit_layers": [2]}
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 

@@ -208,3 +208,33 @@ def test_a_switch_hands_the_queue_not_started_to_the_next_model(registry):
     assert handed_back is not None
     assert set(served_by) == set(ids)
     assert len(set(served_by.values())) >= 2
+
+
+def test_the_engine_serves_with_the_exit_points_the_policy_keeps(tmp_path):
+    """A profile that prices an exit check at about a block's cost: after profiling at every exit
+    point, the policy serves checking only where enough tokens leave, and the engine checks there
+    and nowhere else."""
+    model = ROOT / "models" / "helios-demo-code-6l"
+    profile = {"prompts": "synthetic", "device": "cpu", "tokens_per_s": 100.0, "time_per_output_token_s": 0.01,
+               "perplexity": 2.0, "exit_shares": {6: 1.0}, "tokens": 100, "step_per_layer_s": 1e-3,
+               "step_per_row_layer_s": 3e-4, "step_per_check_row_s": 3e-4}
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "code", "path": str(model), "threshold": 0.5,
+                                                "profile": profile}]}))
+    orch = Orchestrator(OrchestratorConfig(registry=str(path), memory_budget=BUDGET, max_model_len=1024,
+                                           policy=PolicyConfig(profile_requests=4, coverage=1.0)))
+    prompts = [p["prompt"] for p in load_prompts("code")[:12]]
+    run(orch, prompts[:4])  # the profile, at every exit point (1-5 of 6)
+    [serve] = [e for e in orch.policy.events if e.kind == "serve"]
+    row = orch.policy.pht.get("code")
+    assert row.histogram.keys() - {6}  # tokens left early while it profiled
+    assert serve.depth == 6 and serve.exits is not None and set(serve.exits) < {1, 2, 3, 4, 5}
+    assert orch.policy.targets["code"].exits == serve.exits
+    steps_before = len(orch.policy.pht.steps[("code", 6)])
+    done = run(orch, prompts[4:])
+    assert orch.engines["code"].exit_layers == serve.exits
+    assert {r.exit_layer for c in done for r in c.records} <= set(serve.exits) | {6}
+    # the steps the policy fits on count the checks run: one per kept point up to each token's exit
+    served_steps = list(orch.policy.pht.steps[("code", 6)])[steps_before:]
+    assert sum(checks for *_, checks in served_steps) == sum(
+        sum(p <= r.exit_layer for p in serve.exits) for c in done for r in c.records)

@@ -7,7 +7,8 @@ import yaml
 
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.policy import (BreachMonitor, HeliosPolicy, Limits, PerformanceHistoryTable, PolicyConfig, ProfileRow,
-                                Registry, RegistryError, StepFit, Target, estimate, fit_steps, partial_depth, shortlist)
+                                Registry, RegistryError, StepFit, Target, estimate, exit_walk, fit_steps, partial_depth,
+                                shortlist, thin_exits)
 from helios_core.policy.pht import STEP_SAMPLES
 from helios_core.policy.planner import wilson_upper
 from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
@@ -104,10 +105,10 @@ def test_breaches_at_a_partial_depth_are_censored():
 # --- step-time model -----------------------------------------------------------------------------
 def test_step_fit_recovers_the_coefficients_and_ignores_stray_slow_steps():
     records = steps(1e-3, 4e-4, 6, layers_per_row=3.5) + steps(1e-3, 4e-4, 3, rows=(1, 3, 5), layers_per_row=2.2)
-    fit = fit_steps([(r.seconds, r.depth, r.layer_rows) for r in records])
+    fit = fit_steps([(r.seconds, r.depth, r.layer_rows, r.check_rows) for r in records])
     assert fit.per_layer_s == pytest.approx(1e-3) and fit.per_row_layer_s == pytest.approx(4e-4)
     # A few steps 10x slow (another process had the core): one trimming pass drops them.
-    noisy = [(r.seconds * (10 if i % 9 == 0 else 1 + 0.02 * (i % 3)), r.depth, r.layer_rows)
+    noisy = [(r.seconds * (10 if i % 9 == 0 else 1 + 0.02 * (i % 3)), r.depth, r.layer_rows, 0)
              for i, r in enumerate(records)]
     fit = fit_steps(noisy)
     assert fit.per_layer_s == pytest.approx(1e-3, rel=0.1) and fit.per_row_layer_s == pytest.approx(4e-4, rel=0.1)
@@ -115,12 +116,64 @@ def test_step_fit_recovers_the_coefficients_and_ignores_stray_slow_steps():
 
 
 def test_step_fit_needs_steps_that_separate_the_terms():
-    same_shape = [(0.01, 6, 24)] * 20  # one batch size, no exits: depth and layer-rows move together
+    same_shape = [(0.01, 6, 24, 0)] * 20  # one batch size, no exits: depth and layer-rows move together
     assert fit_steps(same_shape) is None
-    assert fit_steps([(0.01, 6, 6 * n) for n in (1, 2, 4)]) is None  # too few steps
+    assert fit_steps([(0.01, 6, 6 * n, 0) for n in (1, 2, 4)]) is None  # too few steps
     # Time that does not grow with the batch: all per-layer, never a negative per-row cost.
-    flat = fit_steps([(0.006 - 1e-5 * n, 6, 6 * n) for n in (1, 2, 4, 8) * 3])
+    flat = fit_steps([(0.006 - 1e-5 * n, 6, 6 * n, 0) for n in (1, 2, 4, 8) * 3])
     assert flat.per_row_layer_s == 0.0 and flat.per_layer_s > 0
+
+
+def test_step_fit_prices_a_check_only_where_the_steps_checked_at_different_densities():
+    def step(n, checks_per_row):  # depth 6, every row runs 4 blocks
+        return 1e-3 * 6 + 4e-4 * 4 * n + 3e-4 * checks_per_row * n, 6, 4 * n, checks_per_row * n
+
+    every_layer = [step(n, 4) for n in (1, 2, 4, 8)] * 3
+    fit = fit_steps(every_layer)  # checks per block never vary: the check stays inside the block cost
+    assert fit.per_check_row_s is None and fit.per_row_layer_s == pytest.approx(4e-4 + 3e-4)
+    both = fit_steps(every_layer + [step(n, 1) for n in (1, 2, 4, 8)] * 3)  # served thinned, at 1 check
+    assert both.per_layer_s == pytest.approx(1e-3) and both.per_row_layer_s == pytest.approx(4e-4)
+    assert both.per_check_row_s == pytest.approx(3e-4)
+    assert both.seconds(6, 8, 2) == pytest.approx(6e-3 + 8 * 4e-4 + 2 * 3e-4)
+    given = fit_steps(every_layer, check_row_s=3e-4)  # the offline profile's check cost, until then
+    assert given.per_check_row_s == 3e-4 and given.per_row_layer_s == pytest.approx(4e-4)
+
+
+def test_exit_points_are_kept_only_where_their_exits_pay_for_the_check():
+    shares = {1: 0.02, 2: 0.03, 3: 0.05, 4: 0.5, 5: 0.02, 6: 0.38}  # most tokens leave at 4
+    kept = thin_exits((1, 2, 3, 4, 5), 6, shares, block_s=1.0, check_s=0.7)
+    assert kept == (4,)
+    assert exit_walk(kept, 6, shares) == pytest.approx((4 * 0.6 + 6 * 0.4, 1.0))
+    # every point kept is the engine's usual walk: E[min(exit depth, 6)] layers, a check per point passed
+    layers, checks = exit_walk((1, 2, 3, 4, 5), 6, shares)
+    assert layers == pytest.approx(sum(d * v for d, v in shares.items()))
+    assert checks == pytest.approx(1 + 0.98 + 0.95 + 0.9 + 0.4)
+    assert thin_exits((1, 2, 3, 4, 5), 6, shares, block_s=1.0, check_s=0.0) == (1, 2, 3, 4, 5)  # free checks
+    assert thin_exits((1, 2, 3, 4, 5), 6, shares, block_s=1.0, check_s=10.0) == ()  # dear ones: none
+    assert thin_exits((1, 2, 3, 4, 5), 3, shares, block_s=1.0, check_s=0.01) == (1, 2)  # below the depth only
+    # the choice is the cheapest of all 32 subsets
+    def cost(kept):
+        layers, checks = exit_walk(kept, 6, shares)
+        return layers + 0.7 * checks
+    subsets = [tuple(p for p in (1, 2, 3, 4, 5) if mask >> (p - 1) & 1) for mask in range(32)]
+    assert cost(kept) == pytest.approx(min(cost(k) for k in subsets))
+
+
+def test_the_policy_serves_with_the_exit_points_that_pay(family):
+    """Profiled at every exit point, it serves checking where tokens leave; the estimate prices
+    the checks it keeps, and the target carries them to the engine."""
+    registry = Registry.load(family)
+    fit = StepFit(per_layer_s=1e-3, per_row_layer_s=4e-4, prefill_token_layer_s=None, samples=20,
+                  per_check_row_s=3e-4)
+    entry = registry["tiny-6l"]
+    row = ProfileRow("tiny-6l", 6)
+    row.add(summary("tiny-6l", [4] * 8 + [6] * 2, tpot=0.05), depth=6)
+    e = estimate(entry, row, 6, LIMITS, steps=fit)
+    assert e.exits == (4,) and e.layers == pytest.approx(4.4) and e.checks == pytest.approx(1.0)
+    n = e.batch(8)
+    assert e.step_s(n) == pytest.approx(1e-3 * 6 + 4e-4 * n * 4.4 + 3e-4 * n * 1.0)
+    every = estimate(entry, row, 6, LIMITS, steps=StepFit(1e-3, 4e-4, None, 20))  # no check price: keep all
+    assert every.exits is None and every.checks == pytest.approx(4 + 0.2)
 
 
 def test_pht_keeps_steps_per_model_and_depth_across_profiling_rounds():

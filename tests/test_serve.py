@@ -316,7 +316,7 @@ def test_router_state_survives_a_restart(base_url):
     # Profiled at full depth for N = 2 requests, then the next candidate's turn: the replica is told
     # to hand its queue to that model.
     following = first.routing_table()["default"]
-    assert replies == [(depth, None), (None, following)] and following != model
+    assert replies == [(target, None), (None, following)] and following != model
     assert first.snapshot()["pht"][model]["requests"] == 2
     assert first.snapshot()["pht"][model]["step_fit"] is not None  # fitted on the replica's step times
     events = first.snapshot()["events"]

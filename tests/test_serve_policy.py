@@ -25,7 +25,10 @@ from prompts import load_prompts  # noqa: E402
 @pytest.fixture(scope="module")
 def client(serve_cluster):
     serve.run(build_app({"registry": str(ROOT / "models" / "registry.yaml"), "memory_budget": "64MiB",
-                         "max_tokens": 32, "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5}}),
+                         "max_tokens": 32,
+                         # breach_limit 99 of 100: the depth chosen stays (no breach-triggered load), so
+                         # the replicas can be checked against it
+                         "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5, "breach_limit": 99}}),
               name="policy", route_prefix="/policy")
     yield openai.OpenAI(base_url=f"{serve_cluster.url}/policy/v1", api_key="unused", max_retries=0, timeout=120)
     serve.delete("policy")
@@ -58,14 +61,22 @@ def test_policy_switches_and_loads_during_traffic_without_failures(client):
     chosen = next(e for e in events if e["kind"] == "serve")
     assert len({r.model_extra["helios"]["model"] for r in served}) >= 2  # traffic moved between models
 
-    # The replica applies the router's target depth (sent back on its next telemetry report).
+    # The replica applies the router's target depth and exit points (sent back on its next
+    # telemetry report). The registry's profiles price a check, so the policy thinned the points.
+    assert chosen["exits"] is not None
     replica = serve.get_deployment_handle(f"model-{chosen['model']}", "policy")
     deadline = time.monotonic() + 30
-    while replica.stats.remote().result()["loaded_layers"] != chosen["depth"] and time.monotonic() < deadline:
+
+    def applied(stats: dict) -> bool:
+        return stats["loaded_layers"] == chosen["depth"] and stats["exit_layers"] == list(chosen["exits"])
+
+    while not applied(replica.stats.remote().result()) and time.monotonic() < deadline:
         one(prompts[5])
         time.sleep(1)
     stats = replica.stats.remote().result()
-    assert stats["loaded_layers"] == chosen["depth"] < stats["num_layers"]
-    after = one(prompts[6])
-    assert after.model_extra["helios"]["model"] == chosen["model"]
-    assert after.model_extra["helios"]["loaded_layers"] == chosen["depth"]
+    assert applied(stats) and stats["loaded_layers"] < stats["num_layers"]
+    after = one(prompts[6]).model_extra["helios"]
+    assert after["model"] == chosen["model"] and after["loaded_layers"] == chosen["depth"]
+    assert after["exit_layers"] == list(chosen["exits"])
+    assert {int(d) for d in after["exit_histogram"]} <= set(chosen["exits"]) | {chosen["depth"]}
+

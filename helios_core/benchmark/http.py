@@ -85,7 +85,9 @@ class _Client:
                     info = chunk["helios"]
                     trace.exit_layers = [int(d) for d, n in info["exit_histogram"].items() for _ in range(n)]
                     trace.forced, trace.breaches = info["forced"], info["breaches"]
-                    trace.served_by[(info["model"], info["loaded_layers"])] = len(trace.output_ids)
+                    exits = info["exit_layers"]
+                    config = (info["model"], info["loaded_layers"], None if exits is None else tuple(exits))
+                    trace.served_by[config] = len(trace.output_ids)
                 usage = chunk.get("usage")
                 if usage and usage["completion_tokens"] != len(trace.output_ids):
                     trace.error = f"usage says {usage['completion_tokens']} tokens, got {len(trace.output_ids)}"

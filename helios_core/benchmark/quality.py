@@ -48,7 +48,7 @@ class QualityOracle:
         """accuracy, mean NLL and agreement of one configuration (cached); exit_layers None = the registry's."""
         exit_config = self.registry[model].exit_config()
         exit_config = ExitConfig(**{**exit_config.__dict__, "threshold": threshold,
-                                    "exit_layers": exit_layers or exit_config.exit_layers})
+                                    "exit_layers": exit_config.exit_layers if exit_layers is None else exit_layers})
         key = (model, depth, threshold, exit_config.exit_layers)
         if key not in self._cache:
             net, heads = self._model(model)
@@ -61,14 +61,16 @@ class QualityOracle:
             self._final_top1[model] = table.top1[:, -1]
         return self._cache[key]
 
-    def mixture(self, served: dict[tuple[str, int], int], threshold: dict[str, float],
+    def mixture(self, served: dict[tuple[str, int, tuple[int, ...] | None], int], threshold: dict[str, float],
                 exit_layers: dict[str, tuple[int, ...] | None] | None = None) -> dict:
-        """Token-weighted quality of the configurations in `served` ((model, depth) -> tokens)."""
+        """Token-weighted quality of the configurations in `served` ((model, depth, exit points) -> tokens;
+        exit points None: `exit_layers[model]`, else the registry's)."""
         exit_layers = exit_layers or {}
         total = sum(served.values())
         if not total:
             return {"accuracy": None, "perplexity": None, "agreement_with_full_depth": None}
-        parts = [(n / total, self.config(m, d, threshold[m], exit_layers.get(m))) for (m, d), n in served.items()]
+        parts = [(n / total, self.config(m, d, threshold[m], exits if exits is not None else exit_layers.get(m)))
+                 for (m, d, exits), n in served.items()]
         return {"accuracy": sum(w * q["accuracy"] for w, q in parts),
                 "perplexity": math.exp(sum(w * q["nll"] for w, q in parts)),
                 "agreement_with_full_depth": sum(w * q["agreement"] for w, q in parts)}

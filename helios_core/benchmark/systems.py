@@ -50,8 +50,8 @@ class EngineSystem:
     def memory(self) -> tuple[int, int]:
         return self.engine.memory.weight_bytes, self.engine.memory.kv_bytes
 
-    def config_of(self, out: RequestOutput) -> tuple[str, int]:
-        return self.engine.name, self.engine.num_layers
+    def config_of(self, out: RequestOutput) -> tuple[str, int, tuple[int, ...] | None]:
+        return self.engine.name, self.engine.num_layers, self.engine.exit_layers
 
 
 class HeliosSystem:
@@ -76,10 +76,11 @@ class HeliosSystem:
         engines = self.orch.engines.values()
         return sum(e.memory.weight_bytes for e in engines), sum(e.memory.kv_bytes for e in engines)
 
-    def config_of(self, out: RequestOutput) -> tuple[str, int]:
-        """(model, loaded depth) that produced this output (a finished request has left `model_of`)."""
+    def config_of(self, out: RequestOutput) -> tuple[str, int, tuple[int, ...] | None]:
+        """(model, loaded depth, exit points) that produced this output (a finished request has left `model_of`)."""
         model = out.summary.model if out.summary else self.orch.model_of[out.request_id]
-        return model, self.orch.engines[model].num_layers
+        engine = self.orch.engines[model]
+        return model, engine.num_layers, engine.exit_layers
 
 
 @dataclass
@@ -180,7 +181,7 @@ class HFGenerate:
             times = [t - start for t in step_clock.times[: len(ids)]]
             trace.token_times, trace.output_ids = times, ids
             trace.exit_layers = [self.num_layers] * len(ids)
-            trace.served_by[(self.name, self.num_layers)] += len(ids)
+            trace.served_by[(self.name, self.num_layers, None)] += len(ids)
             trace.finished = done
         return done
 

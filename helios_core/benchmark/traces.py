@@ -21,10 +21,10 @@ class Trace:
     forced: int = 0
     breaches: int = 0
     finished: float | None = None
-    served_by: Counter = field(default_factory=Counter)  # (model, loaded depth) -> tokens
+    served_by: Counter = field(default_factory=Counter)  # (model, loaded depth, exit points) -> tokens
     error: str | None = None
 
-    def add_tokens(self, now: float, ids: list[int], exit_layers: list[int], config: tuple[str, int],
+    def add_tokens(self, now: float, ids: list[int], exit_layers: list[int], config: tuple[str, int, tuple | None],
                    forced: int = 0, breaches: int = 0) -> None:
         self.token_times += [now] * len(ids)
         self.output_ids += ids
@@ -59,11 +59,17 @@ class SLO:
 
 
 def served_configs(traces: list[Trace]) -> Counter:
-    """(model, loaded depth) -> tokens served, over `traces`."""
+    """(model, loaded depth, exit points or None for the registry's) -> tokens served, over `traces`."""
     served = Counter()
     for t in traces:
         served.update(t.served_by)
     return served
+
+
+def config_label(config: tuple[str, int, tuple[int, ...] | None]) -> str:
+    """model@depth, and the exit points where the policy thinned them: "code-6l@6 exits 4"."""
+    model, depth, exits = config
+    return f"{model}@{depth}" + ("" if exits is None else f" exits {','.join(map(str, exits)) or 'none'}")
 
 
 def percentiles(values: list[float], name: str) -> dict[str, float | None]:
@@ -96,7 +102,7 @@ def summarize(traces: list[Trace], seconds: float, slo: SLO) -> dict:
         "mean_exit_layer": float(np.mean([x for t in done for x in t.exit_layers])) if tokens else None,
         "forced_share": sum(t.forced for t in done) / tokens if tokens else None,
         "breach_share": sum(t.breaches for t in done) / tokens if tokens else None,
-        "served_by": {f"{m}@{d}": n for (m, d), n in sorted(served_configs(done).items())},
+        "served_by": {config_label(c): n for c, n in sorted(served_configs(done).items(), key=lambda i: str(i[0]))},
         "exit_histograms": {m: {str(k): v for k, v in sorted(h.items())} for m, h in sorted(per_model.items())},
         "request_ttft_s": [t.ttft for t in done if t.ttft is not None],
         "request_e2e_s": [t.finished - t.arrival for t in done],

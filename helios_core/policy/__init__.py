@@ -4,9 +4,9 @@ adaptation and the memory -> batch rule, as plain code over telemetry (no Ray)."
 from .controller import HeliosPolicy, PolicyEvent, Target
 from .monitor import BreachMonitor
 from .pht import PerformanceHistoryTable, ProfileRow, StepFit, fit_steps
-from .planner import Limits, PolicyConfig, estimate, partial_depth, shortlist
+from .planner import Limits, PolicyConfig, estimate, exit_walk, partial_depth, shortlist, thin_exits
 from .registry import ModelEntry, OfflineProfile, Registry, RegistryError
 
 __all__ = ["BreachMonitor", "HeliosPolicy", "Limits", "ModelEntry", "OfflineProfile", "PerformanceHistoryTable",
            "PolicyConfig", "PolicyEvent", "ProfileRow", "Registry", "RegistryError", "StepFit", "Target", "estimate",
-           "fit_steps", "partial_depth", "shortlist"]
+           "exit_walk", "fit_steps", "partial_depth", "shortlist", "thin_exits"]

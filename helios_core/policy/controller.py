@@ -15,7 +15,8 @@ actor) feeds it telemetry in batches and applies the targets it sets:
 Global mode (the paper): one target at a time.
   PROFILING  each shortlisted candidate in turn is the target at full depth and serves the next N
              live requests (their outputs go to the users); the PHT records them.
-  SERVING    the best candidate for the SLO, loaded to the partial depth of the loading rule.
+  SERVING    the best candidate for the SLO, loaded to the partial depth of the loading rule and
+             checking only the exit points that pay for their check (planner.thin_exits).
              More than B breaches in W tokens -> adapt: load more layers of the current model or
              switch to another candidate, whichever the cost model says costs less.
   Every R finished requests the candidates are profiled again.
@@ -51,6 +52,7 @@ DEFAULT_TASK = "default"
 class Target:
     depth: int
     profiling: bool  # serving profiling requests at full depth
+    exits: tuple[int, ...] | None = None  # exit points to check (None: the registry's, as when profiling)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class PolicyEvent:
     requests: int  # finished requests when it happened
     tokens: int  # tokens observed when it happened
     reason: str
+    exits: tuple[int, ...] | None = None  # the exit points it serves with (None: the registry's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +80,8 @@ class HeliosPolicy:
         share = len(self.candidates) if c.mode == "per-request" else 1
         self.limits = Limits(limits.memory_budget // share, limits.max_model_len, limits.max_num_seqs,
                              limits.max_prefill_tokens)
-        self.pht = PerformanceHistoryTable()
+        self.pht = PerformanceHistoryTable({e.name: e.profile.step_fit.per_check_row_s for e in registry
+                                            if e.profile and e.profile.step_fit and e.profile.step_fit.per_check_row_s})
         self.task_rows: dict[tuple[str, str], ProfileRow] = {}  # per-request mode: (model, task) -> profile
         self.monitors = {m: BreachMonitor(c.window, c.breach_limit) for m in self.candidates}
         self.events: list[PolicyEvent] = []
@@ -120,7 +124,7 @@ class HeliosPolicy:
             row.add(summary, depth)
             if row.requests >= c.profile_requests:
                 if c.mode == "per-request":
-                    self._set(model, Target(self._estimate_at_rule(model).depth, False), "serve", "profiled")
+                    self._set(model, _serving(self._estimate_at_rule(model)), "serve", "profiled")
                 elif self._to_profile:
                     self._profile_next("next candidate")
                 else:
@@ -233,7 +237,7 @@ class HeliosPolicy:
         if previous in score and previous != best and not _beats(score[best], score[previous], c.switch_margin):
             best, reason = previous, f"kept: {c.slo} of {best} within {c.switch_margin:.0%}"
         scores = ", ".join(f"{m}@{e.depth}: {score[m]:.3g}" for m, e in options.items())
-        self._replace(best, Target(options[best].depth, False), "serve", f"{reason} ({scores})")
+        self._replace(best, _serving(options[best]), "serve", f"{reason} ({scores})")
 
     def _estimate_at_rule(self, model: str, shift: float = 1.0, minimum: int = 1) -> Estimate:
         entry, row = self.registry[model], self.pht.get(model)
@@ -261,9 +265,9 @@ class HeliosPolicy:
         reason = (f"{why}; {best.kind} cost {best.cost_s:.3g} "
                   f"(" + ", ".join(f"{o.kind} {o.model}@{o.depth}: {o.cost_s:.3g}" for o in options) + ")")
         if c.mode == "global":
-            self._replace(best.model, Target(best.depth, False), best.kind, reason)
+            self._replace(best.model, _serving(best.estimate), best.kind, reason)
         else:
-            self._set(best.model, Target(best.depth, False), best.kind, reason)
+            self._set(best.model, _serving(best.estimate), best.kind, reason)
 
     def _costed(self, kind: str, model: str, from_depth: int, est: Estimate) -> Adaptation:
         """Transition (load bytes, K/V refill or drain) + serving the rest of this profiling period."""
@@ -325,7 +329,12 @@ class HeliosPolicy:
         self.targets[model] = target
         self.monitors[model].reset()
         self._quality[model].clear()
-        self.events.append(PolicyEvent(kind, model, target.depth, self.requests, self.tokens, reason))
+        self.events.append(PolicyEvent(kind, model, target.depth, self.requests, self.tokens, reason, target.exits))
+
+
+def _serving(est: Estimate) -> Target:
+    """Serve at the estimate's depth, checking only the exit points it kept."""
+    return Target(est.depth, False, est.exits)
 
 
 def _beats(new: float, old: float, margin: float) -> bool:

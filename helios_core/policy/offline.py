@@ -3,7 +3,8 @@
 The shortlist ranks models by these numbers before any live traffic has been seen. One batch of the
 whole prompt set per model (greedy, `max_tokens` each), so tokens/s is the throughput at that
 concurrency on this device; TPOT is the mean per request. The decode step-time fit (pht.StepFit) is
-taken over the steps of that batch and of one prompt alone, so the batch size varies across its samples.
+taken over the steps of that batch, of one prompt alone (so the batch size varies across its samples),
+and of the batch again with no exit checks (so the check cost separates from the blocks').
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import Counter
 from ..engine import EngineConfig, LLMEngine
 from ..evaluate import Prompt
 from ..sampling import SamplingParams
-from .pht import fit_steps
+from .pht import fit_steps, sample
 from .registry import ModelEntry, OfflineProfile
 
 
@@ -31,8 +32,10 @@ def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, m
     start = time.perf_counter()
     done = engine.generate([p.text for p in prompts], params)
     seconds = time.perf_counter() - start
-    fit = fit_steps([(s.seconds, s.depth, s.layer_rows) for s in engine.drain_steps()])
     records = [r for c in done for r in c.records]
+    engine.set_exit_layers(())  # the same batch without a check: what the checks cost
+    engine.generate([p.text for p in prompts], params)
+    fit = fit_steps([sample(s) for s in engine.drain_steps()])
     tpots = [c.summary.time_per_output_token_s for c in done if c.summary.time_per_output_token_s is not None]
     exits = Counter(r.exit_layer for r in records)
     return OfflineProfile(
@@ -41,4 +44,5 @@ def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, m
         perplexity=math.exp(-sum(r.logprob for r in records) / len(records)),
         exit_shares={d: n / len(records) for d, n in sorted(exits.items())}, tokens=len(records),
         step_per_layer_s=fit.per_layer_s if fit else None, step_per_row_layer_s=fit.per_row_layer_s if fit else None,
+        step_per_check_row_s=fit.per_check_row_s if fit else None,
     )

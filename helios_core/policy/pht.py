@@ -10,15 +10,19 @@ there is censored, the token would have exited somewhere deeper than the served 
 as "not exited" at every depth (pessimistic) and as running every layer.
 
 The table also keeps each model's engine steps (`StepRecord`: decode wall time, loaded depth,
-blocks run), at every depth it has served at, and fits the step-time model the cost model uses:
+blocks and exit checks run), at every depth it has served at, and fits the step-time model the cost
+model uses:
 
-    step seconds = per_layer_s x loaded depth + per_row_layer_s x layer-rows
+    step seconds = per_layer_s x loaded depth + per_row_layer_s x layer-rows + per_check_row_s x check-rows
 
 per_layer_s is what every loaded layer costs once per step, whoever runs it (kernel launches, the
 exited rows' K/V fill, the fixed part of the exit checks); per_row_layer_s is one row through one
-block with its exit check. On the demo models a fit on full-depth steps predicts the partial-depth
-steps within ~15% on a quiet CPU; a fit without the depth term is off by up to ~2x there, and a
-free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement
+block; per_check_row_s one row's exit check (the final norm, the LM head and the confidence), which
+the policy weighs against the blocks an exit saves when it thins the exit points (planner.py). The
+check cost separates from the blocks only over steps that checked at different densities; until
+then it is the offline profile's, and without one it stays inside per_row_layer_s. On the demo
+models a fit on full-depth steps predicts the partial-depth steps within ~15% on a quiet CPU; a
+fit without the depth term is off by up to ~2x there, and a free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement
 of the device, not of the workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per
 model and depth are kept).
 Prefill is timed apart in the same records; its mean seconds per prompt token per layer costs the
@@ -27,10 +31,13 @@ K/V refill of newly loaded layers.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..telemetry import RequestSummary, StepRecord
 
@@ -96,56 +103,92 @@ class StepFit:
     """The fitted step-time model of one model on this device (see the module docstring)."""
 
     per_layer_s: float  # per loaded layer per step
-    per_row_layer_s: float  # per block run by one row
+    per_row_layer_s: float  # per block run by one row (with its exit checks, when per_check_row_s is None)
     prefill_token_layer_s: float | None  # measured prefill seconds per prompt token per layer, if any
     samples: int
+    per_check_row_s: float | None = None  # per exit check of one row (final norm, LM head, confidence)
 
-    def seconds(self, depth: float, layer_rows: float) -> float:
-        """Predicted decode step time with `depth` layers loaded and `layer_rows` blocks run."""
-        return self.per_layer_s * depth + self.per_row_layer_s * layer_rows
+    def seconds(self, depth: float, layer_rows: float, check_rows: float = 0.0) -> float:
+        """Predicted decode step time with `depth` layers loaded, `layer_rows` blocks and `check_rows`
+        exit checks run."""
+        return self.per_layer_s * depth + self.per_row_layer_s * layer_rows + (self.per_check_row_s or 0.0) * check_rows
 
     def to_dict(self) -> dict:
         return {"per_layer_s": self.per_layer_s, "per_row_layer_s": self.per_row_layer_s,
-                "prefill_token_layer_s": self.prefill_token_layer_s, "samples": self.samples}
+                "per_check_row_s": self.per_check_row_s, "prefill_token_layer_s": self.prefill_token_layer_s,
+                "samples": self.samples}
 
 
-Sample = tuple[float, int, int]  # (decode seconds, loaded depth, layer-rows): compact for the router's state
+Sample = tuple[float, int, int, int]  # (decode seconds, depth, layer-rows, check-rows): compact for the router's state
+CHECK_SPREAD = 0.25  # checks per block must vary this much across the steps to fit the check cost apart
 
 
-def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None) -> StepFit | None:
-    """Least squares of seconds on (depth, layer-rows), then once more without the steps whose residual
-    exceeds 3x the median: a shared CPU leaves stray slow steps (another process, a first call)."""
-    fit = _least_squares(samples, prefill_token_layer_s)
+def sample(record: StepRecord) -> Sample:
+    return record.seconds, record.depth, record.layer_rows, record.check_rows
+
+
+def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None,
+              check_row_s: float | None = None) -> StepFit | None:
+    """Least squares of seconds on (depth, layer-rows, check-rows), then once more without the steps whose
+    residual exceeds 3x the median: a shared CPU leaves stray slow steps (another process, a first call).
+
+    The check cost is fitted only when the steps ran checks at different densities (checks per block),
+    e.g. profiling at every exit point and serving at a few, with MIN_STEPS at each end; otherwise
+    `check_row_s` (the offline profile's) is taken as given, and without it the checks stay inside
+    per_row_layer_s."""
+    fit = _least_squares(samples, prefill_token_layer_s, check_row_s)
     if fit is None:
         return None
-    residuals = [abs(t - fit.seconds(d, r)) for t, d, r in samples]
+    residuals = [abs(t - fit.seconds(d, r, k)) for t, d, r, k in samples]
     cut = max(3 * statistics.median(residuals), 1e-12)
-    return _least_squares([s for s, e in zip(samples, residuals) if e <= cut], prefill_token_layer_s) or fit
+    kept = [s for s, e in zip(samples, residuals) if e <= cut]
+    return _least_squares(kept, prefill_token_layer_s, check_row_s) or fit
 
 
-def _least_squares(samples: list[Sample], prefill: float | None) -> StepFit | None:
-    """Both coefficients >= 0, through the origin (the data put the intercept near 0). None when the
-    steps cannot separate the two terms: too few, or layer-rows per loaded layer (the batch) never varied."""
+def _least_squares(samples: list[Sample], prefill: float | None, check_prior: float | None) -> StepFit | None:
+    """Coefficients >= 0, through the origin (the data put the intercept near 0). None when the steps
+    cannot separate depth from layer-rows: too few, or layer-rows per loaded layer (the batch) never varied."""
     if len(samples) < MIN_STEPS:
         return None
-    sdd = sum(d * d for _, d, _ in samples)
-    sdr = sum(d * r for _, d, r in samples)
-    srr = sum(r * r for _, _, r in samples)
-    std = sum(t * d for t, d, _ in samples)
-    str_ = sum(t * r for t, _, r in samples)
-    det = sdd * srr - sdr * sdr
-    if srr <= 0 or det <= 0.01 * sdd * srr:
+    t = np.array([s[0] for s in samples], dtype=float)
+    x = np.array([s[1:] for s in samples], dtype=float)  # depth, layer-rows, check-rows
+    sdd, sdr, srr = x[:, 0] @ x[:, 0], x[:, 0] @ x[:, 1], x[:, 1] @ x[:, 1]
+    if srr <= 0 or sdd * srr - sdr * sdr <= 0.01 * sdd * srr:
         return None
-    a, b = (std * srr - str_ * sdr) / det, (str_ * sdd - std * sdr) / det
-    if a < 0:
-        a, b = 0.0, str_ / srr
-    elif b < 0:
-        a, b = std / sdd, 0.0
+    density = x[:, 2] / np.maximum(x[:, 1], 1)
+    middle = (density.max() + density.min()) / 2
+    sparse, dense = int((density < middle).sum()), int((density >= middle).sum())
+    if density.max() - density.min() >= CHECK_SPREAD and min(sparse, dense) >= MIN_STEPS:
+        a, b, c = _nonnegative(x, t)
+        if b > 0 and c > 0:  # else the noise took one term's share: the prior is the better guess
+            return StepFit(a, b, prefill, len(samples), c)
+    if check_prior is not None:
+        a, b = _nonnegative(x[:, :2], t - check_prior * x[:, 2])
+        return StepFit(a, b, prefill, len(samples), check_prior)
+    a, b = _nonnegative(x[:, :2], t)
     return StepFit(a, b, prefill, len(samples))
 
 
+def _nonnegative(x: np.ndarray, t: np.ndarray) -> list[float]:
+    """Least squares with every coefficient >= 0: the best of the column subsets whose fit is nonnegative
+    (at most 3 columns, so 7 subsets)."""
+    best, coef = math.inf, [0.0] * x.shape[1]
+    for k in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), k):
+            sol = np.linalg.lstsq(x[:, cols], t, rcond=None)[0]
+            if (sol < 0).any():
+                continue
+            err = float(np.sum((x[:, cols] @ sol - t) ** 2))
+            if err < best:
+                best, coef = err, [0.0] * x.shape[1]
+                for col, v in zip(cols, sol):
+                    coef[col] = float(v)
+    return coef
+
+
 class PerformanceHistoryTable:
-    def __init__(self):
+    def __init__(self, check_priors: dict[str, float] | None = None):
+        self.check_priors = check_priors or {}  # model -> offline per_check_row_s, until the live steps fit one
         self.rows: dict[str, ProfileRow] = {}
         self.steps: dict[tuple[str, int], deque[Sample]] = {}  # (model, depth) -> newest decode steps
         self.prefill: dict[str, tuple[float, int]] = {}  # model -> (prefill seconds, prompt token-layers)
@@ -154,8 +197,7 @@ class PerformanceHistoryTable:
     def add_steps(self, model: str, records: list[StepRecord]) -> None:
         for r in records:
             if r.rows:
-                self.steps.setdefault((model, r.depth), deque(maxlen=STEP_SAMPLES)).append(
-                    (r.seconds, r.depth, r.layer_rows))
+                self.steps.setdefault((model, r.depth), deque(maxlen=STEP_SAMPLES)).append(sample(r))
             if r.prefill_tokens:
                 seconds, token_layers = self.prefill.get(model, (0.0, 0))
                 self.prefill[model] = (seconds + r.prefill_seconds, token_layers + r.prefill_tokens * r.depth)
@@ -166,7 +208,8 @@ class PerformanceHistoryTable:
         if model not in self._fits:
             samples = [s for (m, _), q in self.steps.items() if m == model for s in q]
             seconds, token_layers = self.prefill.get(model, (0.0, 0))
-            self._fits[model] = fit_steps(samples, seconds / token_layers if token_layers else None)
+            self._fits[model] = fit_steps(samples, seconds / token_layers if token_layers else None,
+                                          self.check_priors.get(model))
         return self._fits[model]
 
     def start(self, model: str, num_layers: int, at_request: int) -> ProfileRow:

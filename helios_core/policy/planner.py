@@ -8,11 +8,19 @@ Estimates for a model m loaded to depth d (L = m's layers), from its full-depth 
                 all of them as breaches, which is exact for max-prob confidence: not exiting by d means
                 confidence < threshold at every exit point up to d, the last one included)
   layers(d)   = E[min(exit depth, d)]                 (mean layers a token runs)
+  checks(d)   = mean exit checks a token runs (one per exit point it passes, up to its exit)
   capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per sequence(d)
   n           = min(capacity(d), demand): the batch the objective assumes
-  step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d + per_row_layer_s * n * layers(d),
-                the time between a sequence's tokens with n sequences decoding; the batch's fixed cost
-                per loaded layer is shared by its n rows, the blocks are not.
+  step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d + per_row_layer_s * n * layers(d)
+                + per_check_row_s * n * checks(d), the time between a sequence's tokens with n sequences
+                decoding; the batch's fixed cost per loaded layer is shared by its n rows, the blocks are not.
+Exit points: a check (final norm + LM head + softmax) costs about as much as a block or more, so
+checking at every layer costs more than the exits it finds save. Where the step fit prices a check,
+the estimate keeps only the exit points whose exits pay for it (`thin_exits`: the subset minimising
+per_row_layer_s * layers + per_check_row_s * checks, assuming a token confident at depth l is still
+confident at the next point kept), and the policy serves with those. Checking later never lets a
+token leave earlier, so quality can only move toward full depth's; profiling keeps every point, so
+the histogram says where each token first became confident.
 Without step samples, step(n, d) falls back to a request-based TPOT scaled from full depth,
 TPOT * layers(d) / layers(L), the same at any n (it was measured at whatever batch ran). Sources,
 first found: live step fit, live TPOT (the PHT row), the registry's offline profile (its step fit,
@@ -93,11 +101,13 @@ class Estimate:
     depth: int
     breach_rate: float
     layers: float  # mean layers run per token
-    tpot_s: float  # request-based decode seconds per token per sequence (FLOPs when nothing was measured)
+    tpot_s: float  # request-based decode s per token per sequence, registry exit points (FLOPs if unmeasured)
     capacity: int
     flops_per_token: float
     measured: bool  # time from a measurement (live or offline profile), not the FLOPs proxy
     step: StepFit | None = None  # the measured step-time model; when set it replaces tpot_s
+    checks: float = 0.0  # mean exit checks run per token
+    exits: tuple[int, ...] | None = None  # the exit points to serve with (None: the registry's)
 
     def batch(self, demand: int) -> int:
         """The decode batch the objective assumes: as many sequences as are wanted and fit."""
@@ -105,7 +115,7 @@ class Estimate:
 
     def step_s(self, rows: int) -> float:
         """Seconds per decode step (between a sequence's tokens) with `rows` sequences decoding."""
-        return self.step.seconds(self.depth, rows * self.layers) if self.step else self.tpot_s
+        return self.step.seconds(self.depth, rows * self.layers, rows * self.checks) if self.step else self.tpot_s
 
     @property
     def token_layer_s(self) -> float:
@@ -131,44 +141,90 @@ def exit_points(entry: ModelEntry) -> tuple[int, ...]:
     return entry.exit_config().exit_points(entry.num_layers)
 
 
-def flops_per_token(entry: ModelEntry, layers: float) -> float:
-    """2 x parameters run: the blocks passed, plus one LM-head product per exit point checked."""
+def flops_per_token(entry: ModelEntry, layers: float, checks: float) -> float:
+    """2 x parameters run: the blocks passed, plus one LM-head product per exit check and the last."""
     block = entry.layer_weight_bytes / entry.element_size
     head = entry.config.vocab_size * entry.config.hidden_size
-    checks = sum(1 for p in exit_points(entry) if p <= layers) or 1
-    return 2.0 * (layers * block + checks * head)
+    return 2.0 * (layers * block + (checks + 1) * head)
+
+
+def exit_walk(kept: tuple[int, ...], depth: int, shares: dict[int, float]) -> tuple[float, float]:
+    """(mean layers, mean exit checks) per token when only the exit points `kept` (< depth) are checked.
+    `shares`: exit depth -> share of tokens, measured with every registry exit point checked; a
+    token confident at l stays confident and leaves at the first kept point >= l, else at `depth`."""
+    layers = checks = 0.0
+    left, previous = 0.0, 0
+    for point in kept + (depth,):
+        reach = 1.0 - left
+        exiting = reach if point == depth else sum(v for d, v in shares.items() if previous < d <= point)
+        layers += point * exiting
+        checks += reach if point < depth else 0.0
+        left, previous = left + exiting, point
+    return layers, checks
+
+
+def thin_exits(points: tuple[int, ...], depth: int, shares: dict[int, float], block_s: float,
+               check_s: float) -> tuple[int, ...]:
+    """The subset of the exit points below `depth` that minimises a token's expected block and check
+    time (block_s x layers + check_s x checks, `exit_walk`'s model): a point is worth its check
+    only where enough tokens leave there to save the blocks above it. Dynamic programming over the
+    last point kept, O(points^2)."""
+    points = tuple(p for p in points if p < depth)
+    within = {p: sum(v for d, v in shares.items() if d <= p) for p in (0,) + points}
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # last kept point -> (cost so far, kept)
+    for point in points + (depth,):
+        options = []
+        for last, (cost, kept) in best.items():
+            if last >= point:
+                continue
+            exiting = (1.0 - within[last]) if point == depth else within[point] - within[last]
+            check = check_s * (1.0 - within[last]) if point < depth else 0.0
+            options.append((cost + block_s * point * exiting + check, kept + ((point,) if point < depth else ())))
+        best[point] = min(options)
+    return best[depth][1]
 
 
 def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limits, shift: float = 1.0,
              steps: StepFit | None = None) -> Estimate:
     """Predicted behaviour of `entry` at `depth`; `shift` scales the predicted breach rate by what the
     live window showed against the profile (a workload that moved since profiling); `steps`: the
-    model's live step-time fit, if it has one."""
+    model's live step-time fit, if it has one. With an exit histogram and a step fit that prices a
+    check, the exit points are thinned (`thin_exits`) and the estimate is for the points kept."""
     L = entry.num_layers
     try:
         capacity = entry.plan(depth, limits.memory_budget, limits.max_model_len, limits.max_num_seqs,
                               limits.max_prefill_tokens).capacity
     except MemoryBudgetError:
         capacity = 0
+    shares: dict[int, float] | None = None
     if row is not None and row.tokens:
-        not_exited = 1.0 - row.share_within(depth)
-        layers, layers_full, tpot_full = row.mean_layers(depth), row.mean_layers(L), row.time_per_token_s
+        shares = {d: n / row.tokens for d, n in row.histogram.items()}
+        shares[L + 1] = row.censored / row.tokens  # confident only deeper than served, if at all
+        layers_full, tpot_full = row.mean_layers(L), row.time_per_token_s
     elif entry.profile is not None:
-        shares = entry.profile.exit_shares
-        not_exited = 1.0 - sum(s for d, s in shares.items() if d <= depth)
-        layers = sum(min(d, depth) * s for d, s in shares.items())
+        shares = dict(entry.profile.exit_shares)
         layers_full = sum(d * s for d, s in shares.items())
         tpot_full = entry.profile.time_per_output_token_s
         steps = steps or entry.profile.step_fit
     else:  # no measurement: a prior of exits spread evenly over the L layers
+        layers_full = tpot_full = None
+    points, exits = tuple(p for p in exit_points(entry) if p < depth), None
+    if shares is None:
         not_exited = 1.0 - depth / L
         layers = sum(range(1, depth + 1)) / L + depth * not_exited
-        layers_full = tpot_full = None
-    breach = 0.0 if depth == L else min(1.0, max(0.0, not_exited) * shift)
-    flops = flops_per_token(entry, layers)
+        checks = float(len(points))
+    else:
+        not_exited = 1.0 - sum(v for d, v in shares.items() if d <= depth)
+        layers, checks = exit_walk(points, depth, shares)
     measured = bool(tpot_full) and bool(layers_full)
-    tpot = tpot_full * layers / layers_full if measured else flops
-    return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured or steps is not None, steps)
+    tpot = tpot_full * layers / layers_full if measured else flops_per_token(entry, layers, checks)
+    if shares is not None and steps is not None and steps.per_check_row_s is not None:
+        exits = thin_exits(points, depth, shares, steps.per_row_layer_s, steps.per_check_row_s)
+        layers, checks = exit_walk(exits, depth, shares)
+    breach = 0.0 if depth == L else min(1.0, max(0.0, not_exited) * shift)
+    flops = flops_per_token(entry, layers, checks)
+    return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured or steps is not None, steps,
+                    checks, exits)
 
 
 def partial_depth(entry: ModelEntry, row: ProfileRow | None, limits: Limits, coverage: float,
@@ -226,5 +282,5 @@ def transition_seconds(entry: ModelEntry, from_depth: int, to_depth: int, contex
     return max(0.0, load) + context_tokens * added * token_layer_s
 
 
-__all__ = ["Adaptation", "Estimate", "Limits", "PolicyConfig", "SLOS", "estimate", "exit_points",
-           "flops_per_token", "partial_depth", "shortlist", "transition_seconds"]
+__all__ = ["Adaptation", "Estimate", "Limits", "PolicyConfig", "SLOS", "estimate", "exit_points", "exit_walk",
+           "flops_per_token", "partial_depth", "shortlist", "thin_exits", "transition_seconds"]

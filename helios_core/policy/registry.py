@@ -55,12 +55,14 @@ class OfflineProfile:
     # The decode step-time fit on this device (pht.StepFit; absent in profiles written before it existed)
     step_per_layer_s: float | None = None
     step_per_row_layer_s: float | None = None
+    step_per_check_row_s: float | None = None  # one row's exit check (absent: inside step_per_row_layer_s)
 
     @property
     def step_fit(self) -> StepFit | None:
         if self.step_per_layer_s is None or self.step_per_row_layer_s is None:
             return None
-        return StepFit(self.step_per_layer_s, self.step_per_row_layer_s, None, samples=0)  # count not recorded
+        return StepFit(self.step_per_layer_s, self.step_per_row_layer_s, None, samples=0,  # count not recorded
+                       per_check_row_s=self.step_per_check_row_s)
 
 
 @dataclass(frozen=True)
