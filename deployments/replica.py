@@ -5,7 +5,8 @@ aborts and depth changes go to it as commands, applied between steps; each step'
 on a socket the replica's event loop watches, and go to per-request outboxes that `generate` streams
 from. Telemetry (token breach flags, finished-request summaries, step records, load) goes to the
 router in batches about once a second; the router's reply is this model's target (depth and exit
-points).
+points). A new replica reads that target before its first request, so a restart or a scale-up
+serves what the others serve.
 
 Every stream item costs several Ray and HTTP hops (replica -> ingress -> proxy -> client), more CPU
 than a decode step's share of a token. So a busy replica sends fewer, larger items: a request's
@@ -144,6 +145,7 @@ class ModelReplica:
         self._telemetry = _Telemetry()
         self._reading = False
         self._report_task: asyncio.Task | None = None
+        self._synced: asyncio.Task | None = None  # the router's target, read before the first request
         self._ids = 0
         self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
 
@@ -158,6 +160,7 @@ class ModelReplica:
             loop.add_reader(self.engine.fileno(), self._on_engine_messages)
             self._reading = True
             if self.router is not None:
+                self._synced = loop.create_task(self._take_target())
                 self._report_task = loop.create_task(self._report_forever())
 
     def _on_engine_messages(self) -> None:
@@ -236,6 +239,14 @@ class ModelReplica:
                 self._move_to = move_to
                 self.engine.release(movable)
 
+    async def _take_target(self) -> None:
+        """A new replica (a restart, a scale-up) takes its model's depth and exit points before its
+        first request, so that it serves what the replica it joins or replaces serves."""
+        try:
+            self._apply(await self.router.target.remote(self.name))
+        except Exception:  # the router restarts: the first report will bring the target
+            logger.exception("%s: could not read the router's target", self.name)
+
     def _apply(self, target: Target | None) -> None:
         """Send the engine the router's target for this model (None: not a target, keep as is)."""
         if target is None:
@@ -254,6 +265,8 @@ class ModelReplica:
         router's switch to another model finds not started yields one {"moved": model}: the
         caller sends it there."""
         self._ensure_running()
+        if self._synced is not None and not self._synced.done():
+            await asyncio.shield(self._synced)  # shared by the requests that arrive meanwhile
         if params.threshold is None and self.threshold is not None:
             params = dataclasses.replace(params, threshold=self.threshold)
         self._ids += 1

@@ -90,6 +90,10 @@ class Router:
         keeps_its_queue = p.config.mode != "global" or target is not None or model == p.serving
         return target, None if keeps_its_queue else self._default()
 
+    def target(self, model: str) -> Target | None:
+        """The model's target now (None: the policy has none for it), for a replica that starts."""
+        return self.policy.targets.get(model)
+
     def routing_table(self) -> dict:
         """Which model serves a task: the policy's current choice for each task seen, and a default."""
         p = self.policy

@@ -4,6 +4,8 @@ none fails."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,3 +82,16 @@ def test_policy_switches_and_loads_during_traffic_without_failures(client):
     assert after["exit_layers"] == list(chosen["exits"])
     assert {int(d) for d in after["exit_histogram"]} <= set(chosen["exits"]) | {chosen["depth"]}
 
+    # A replica that starts (its engine killed here, as the OOM killer would) reads the target
+    # before its first request instead of serving that one at the registry's settings.
+    os.kill(stats["engine_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if replica.stats.remote().result()["engine_pid"] != stats["engine_pid"]:
+                break
+        except Exception:  # the dead replica, until Serve has replaced it
+            time.sleep(0.5)
+    first = one(prompts[7]).model_extra["helios"]
+    assert first["model"] == chosen["model"] and first["loaded_layers"] == chosen["depth"]
+    assert first["exit_layers"] == list(chosen["exits"])
