@@ -48,7 +48,7 @@ def test_helios_serve_system(serve_cluster, tmp_path):
     url = f"{serve_cluster.url}/bench"
     serve.run(build_app(app_args(cfg, budget)), name="bench", route_prefix="/bench")
     try:
-        runs, events = run_serve(cfg, budget, base, warm, [parse_load(s) for s in cfg.loads], log=lambda _: None,
+        runs, policy = run_serve(cfg, budget, base, warm, [parse_load(s) for s in cfg.loads], log=lambda _: None,
                                  url=url)
         # Not streamed: token ids only when asked for (the response shape is otherwise unchanged).
         body = {"model": "helios", "prompt": base[0].prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -59,7 +59,8 @@ def test_helios_serve_system(serve_cluster, tmp_path):
     assert [spec for spec, _ in runs] == list(cfg.loads)
     [entry] = Registry.load(registry)
     # The router's events: it profiles its one candidate (and never finishes: profile_requests is huge).
-    assert [(e["kind"], e["model"], e["depth"]) for e in events] == [("profile", entry.name, entry.num_layers)]
+    assert [(e["kind"], e["model"], e["depth"]) for e in policy["events"]] == [("profile", entry.name, entry.num_layers)]
+    assert policy["pht"][entry.name]["requests"] > 0  # and its PHT comes with them
     [model] = {m for _, run in runs for t in run.traces for (m, _, _) in t.served_by}
     assert model == entry.name
     depth = entry.num_layers

@@ -170,7 +170,7 @@ async def _warm_up(client: _Client, warm: list[BenchRequest], seed: int, bar: tq
 
 async def _measure(url: str, cfg: BenchConfig, base: list[BenchRequest], warm: list[BenchRequest],
                    loads: list[tuple[str, float]], log: Callable[[str], None]
-                   ) -> tuple[list[tuple[str, RunResult]], list[dict]]:
+                   ) -> tuple[list[tuple[str, RunResult]], dict]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT_S)
     runs = []
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -182,15 +182,15 @@ async def _measure(url: str, cfg: BenchConfig, base: list[BenchRequest], warm: l
             for spec, load in zip(cfg.loads, loads):
                 runs.append((spec, await _drive(client, _requests(base, spec), load, cfg.seed, bar)))
         stats = await client.stats()
-    return runs, (stats["policy"].get("events", []) if stats else [])
+    return runs, (stats["policy"] if stats else {})
 
 
 def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: list[BenchRequest],
               loads: list[tuple[str, float]], log: Callable[[str], None] = print,
-              url: str | None = None) -> tuple[list[tuple[str, RunResult]], list[dict]]:
+              url: str | None = None) -> tuple[list[tuple[str, RunResult]], dict]:
     """One (load spec, RunResult) per load of `cfg.loads`, after the untimed `warm` requests (again,
     up to WARMUP_ROUNDS times, while the policy still profiles its candidates); and the router's
-    policy events (profiles, switches, loads) from the start of the app to the end of the loads. With no
+    policy snapshot at the end (its events from the start of the app, its PHT and step fits). With no
     `url`, starts a local Ray cluster and the app with `app_args(cfg, budget)`, and stops both after;
     else drives the app already served at `url` (its base URL, without /v1)."""
     own = url is None

@@ -139,11 +139,11 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         for spec, load in zip(cfg.loads, loads):
             for name, system in systems.items():
                 runs[name].append((spec, _run(system, _requests(base, spec), load, cfg.seed, bar)))
-    serve_events: list[dict] = []  # the Serve router's policy events (its own, apart from `helios`'s)
+    serve_policy: dict = {}  # the Serve router's policy snapshot (its own, apart from `helios`'s)
     if "helios_serve" in cfg.systems:
         from .http import run_serve  # starts Ray: only when asked for
 
-        runs["helios_serve"], serve_events = run_serve(cfg, budget, base, warm, loads, log)
+        runs["helios_serve"], serve_policy = run_serve(cfg, budget, base, warm, loads, log)
 
     log("quality: teacher-forced on held-out text")
     oracle = quality_oracle(cfg, registry)
@@ -167,7 +167,9 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         "timeline": systems["helios"].orch.timeline if "helios" in systems else [],
         "policy_events": [dataclasses.asdict(e) for e in systems["helios"].orch.policy.events]
         if "helios" in systems else [],
-        "serve_policy_events": serve_events,
+        "pht": systems["helios"].orch.policy.pht.to_dict() if "helios" in systems else {},
+        "serve_policy_events": serve_policy.get("events", []),
+        "serve_pht": serve_policy.get("pht", {}),
         "seconds": time.time() - started,
     }
     return report
