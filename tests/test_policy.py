@@ -135,8 +135,10 @@ def test_step_fit_prices_a_check_only_where_the_steps_checked_at_different_densi
     assert both.per_layer_s == pytest.approx(1e-3) and both.per_row_layer_s == pytest.approx(4e-4)
     assert both.per_check_row_s == pytest.approx(3e-4)
     assert both.seconds(6, 8, 2) == pytest.approx(6e-3 + 8 * 4e-4 + 2 * 3e-4)
-    given = fit_steps(every_layer, check_row_s=3e-4)  # the offline profile's check cost, until then
-    assert given.per_check_row_s == 3e-4 and given.per_row_layer_s == pytest.approx(4e-4)
+    given = fit_steps(every_layer, check_ratio=0.75)  # until then, the offline profile's check in blocks
+    assert given.per_row_layer_s == pytest.approx(4e-4) and given.per_check_row_s == pytest.approx(3e-4)
+    slower = fit_steps([(2 * t, d, r, k) for t, d, r, k in every_layer], check_ratio=0.75)  # the machine slowed
+    assert slower.per_row_layer_s == pytest.approx(8e-4) and slower.per_check_row_s == pytest.approx(6e-4)
 
 
 def test_exit_points_are_kept_only_where_their_exits_pay_for_the_check():

@@ -80,8 +80,8 @@ class HeliosPolicy:
         share = len(self.candidates) if c.mode == "per-request" else 1
         self.limits = Limits(limits.memory_budget // share, limits.max_model_len, limits.max_num_seqs,
                              limits.max_prefill_tokens)
-        self.pht = PerformanceHistoryTable({e.name: e.profile.step_fit.per_check_row_s for e in registry
-                                            if e.profile and e.profile.step_fit and e.profile.step_fit.per_check_row_s})
+        self.pht = PerformanceHistoryTable({e.name: e.profile.check_ratio for e in registry
+                                            if e.profile and e.profile.check_ratio is not None})
         self.task_rows: dict[tuple[str, str], ProfileRow] = {}  # per-request mode: (model, task) -> profile
         self.monitors = {m: BreachMonitor(c.window, c.breach_limit) for m in self.candidates}
         self.events: list[PolicyEvent] = []

@@ -20,11 +20,12 @@ exited rows' K/V fill, the fixed part of the exit checks); per_row_layer_s is on
 block; per_check_row_s one row's exit check (the final norm, the LM head and the confidence), which
 the policy weighs against the blocks an exit saves when it thins the exit points (planner.py). The
 check cost separates from the blocks only over steps that checked at different densities; until
-then it is the offline profile's, and without one it stays inside per_row_layer_s. On the demo
+then a check costs what the offline profile measured in blocks, and without one it stays inside
+per_row_layer_s. On the demo
 models a fit on full-depth steps predicts the partial-depth steps within ~15% on a quiet CPU; a
-fit without the depth term is off by up to ~2x there, and a free intercept comes out near 0 (`bench/step_model.py`, `docs/policy.md`). A step is a measurement
-of the device, not of the workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per
-model and depth are kept).
+fit without the depth term is off by up to ~2x there, and a free intercept comes out near 0
+(`bench/step_model.py`, `docs/policy.md`). A step is a measurement of the device, not of the
+workload, so steps outlive profiling rounds (the newest STEP_SAMPLES per model and depth are kept).
 Prefill is timed apart in the same records; its mean seconds per prompt token per layer costs the
 K/V refill of newly loaded layers.
 """
@@ -128,24 +129,25 @@ def sample(record: StepRecord) -> Sample:
 
 
 def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None,
-              check_row_s: float | None = None) -> StepFit | None:
+              check_ratio: float | None = None) -> StepFit | None:
     """Least squares of seconds on (depth, layer-rows, check-rows), then once more without the steps whose
     residual exceeds 3x the median: a shared CPU leaves stray slow steps (another process, a first call).
 
     The check cost is fitted only when the steps ran checks at different densities (checks per block),
-    e.g. profiling at every exit point and serving at a few, with MIN_STEPS at each end; otherwise
-    `check_row_s` (the offline profile's) is taken as given, and without it the checks stay inside
-    per_row_layer_s."""
-    fit = _least_squares(samples, prefill_token_layer_s, check_row_s)
+    e.g. profiling at every exit point and serving at a few, with MIN_STEPS at each end; otherwise a
+    check costs `check_ratio` blocks (the offline profile's ratio: a property of the model on the
+    device, which outlasts the machine's speed drifting since), and without one the checks stay
+    inside per_row_layer_s."""
+    fit = _least_squares(samples, prefill_token_layer_s, check_ratio)
     if fit is None:
         return None
     residuals = [abs(t - fit.seconds(d, r, k)) for t, d, r, k in samples]
     cut = max(3 * statistics.median(residuals), 1e-12)
     kept = [s for s, e in zip(samples, residuals) if e <= cut]
-    return _least_squares(kept, prefill_token_layer_s, check_row_s) or fit
+    return _least_squares(kept, prefill_token_layer_s, check_ratio) or fit
 
 
-def _least_squares(samples: list[Sample], prefill: float | None, check_prior: float | None) -> StepFit | None:
+def _least_squares(samples: list[Sample], prefill: float | None, check_ratio: float | None) -> StepFit | None:
     """Coefficients >= 0, through the origin (the data put the intercept near 0). None when the steps
     cannot separate depth from layer-rows: too few, or layer-rows per loaded layer (the batch) never varied."""
     if len(samples) < MIN_STEPS:
@@ -162,9 +164,9 @@ def _least_squares(samples: list[Sample], prefill: float | None, check_prior: fl
         a, b, c = _nonnegative(x, t)
         if b > 0 and c > 0:  # else the noise took one term's share: the prior is the better guess
             return StepFit(a, b, prefill, len(samples), c)
-    if check_prior is not None:
-        a, b = _nonnegative(x[:, :2], t - check_prior * x[:, 2])
-        return StepFit(a, b, prefill, len(samples), check_prior)
+    if check_ratio is not None:  # a check is check_ratio blocks: one regressor, blocks + ratio x checks
+        a, b = _nonnegative(np.stack([x[:, 0], x[:, 1] + check_ratio * x[:, 2]], axis=1), t)
+        return StepFit(a, b, prefill, len(samples), check_ratio * b)
     a, b = _nonnegative(x[:, :2], t)
     return StepFit(a, b, prefill, len(samples))
 
@@ -188,7 +190,7 @@ def _nonnegative(x: np.ndarray, t: np.ndarray) -> list[float]:
 
 class PerformanceHistoryTable:
     def __init__(self, check_priors: dict[str, float] | None = None):
-        self.check_priors = check_priors or {}  # model -> offline per_check_row_s, until the live steps fit one
+        self.check_priors = check_priors or {}  # model -> a check's cost in blocks (offline), until the steps fit one
         self.rows: dict[str, ProfileRow] = {}
         self.steps: dict[tuple[str, int], deque[Sample]] = {}  # (model, depth) -> newest decode steps
         self.prefill: dict[str, tuple[float, int]] = {}  # model -> (prefill seconds, prompt token-layers)

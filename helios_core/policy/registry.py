@@ -58,6 +58,13 @@ class OfflineProfile:
     step_per_check_row_s: float | None = None  # one row's exit check (absent: inside step_per_row_layer_s)
 
     @property
+    def check_ratio(self) -> float | None:
+        """An exit check's cost in blocks (one row each), when both were measured."""
+        if not self.step_per_check_row_s or not self.step_per_row_layer_s:
+            return None
+        return self.step_per_check_row_s / self.step_per_row_layer_s
+
+    @property
     def step_fit(self) -> StepFit | None:
         if self.step_per_layer_s is None or self.step_per_row_layer_s is None:
             return None
