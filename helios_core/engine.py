@@ -108,6 +108,10 @@ class LLMEngine:
         self.stats = ExitStats(self.name, model_config.num_layers)
         self.layer_events: list[LayerEvent] = []
         self.steps: deque[StepRecord] = deque(maxlen=STEP_LOG)
+        # Steps are timed for the policy's cost model. On a CPU the cost is the CPU time the step
+        # took: other processes on the same cores (Serve's ingress and proxy, another model's engine
+        # during a profiling round) stretch the wall time of whichever model shares them then.
+        self._clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
@@ -282,14 +286,14 @@ class LLMEngine:
         outputs = [self._finish(seq, "abort", [], "", []) for seq in self._aborted]
         self._aborted = []
         plan = self.scheduler.schedule()
-        start = time.perf_counter()
+        start = self._clock()
         for chunk in plan.prefills:
             tokens = torch.tensor(chunk.seq.token_ids[chunk.start : chunk.end], device=self.device)
             self.runner.prefill(chunk.seq.slot, tokens, chunk.start)
             chunk.seq.num_cached = chunk.end
         if plan.prefills and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the decode's time below excludes the prefill's kernels
-        prefill_s = time.perf_counter() - start
+        prefill_s = self._clock() - start
         prefill_tokens = sum(c.end - c.start for c in plan.prefills)
         if not plan.decodes:
             if plan.prefills:
@@ -297,7 +301,7 @@ class LLMEngine:
             return outputs
         for op, a, b, length in self.scheduler.arrange_decode_slots(plan.decodes):
             (self.cache.swap_slots if op == "swap" else self.cache.copy_slot)(a, b, length)
-        start = time.perf_counter()
+        start = self._clock()
         seqs = plan.decodes  # row i is in slot i
         positions = [len(s.token_ids) - 1 for s in seqs]
         early = [self.config.early_exit and s.params.early_exit for s in seqs]
@@ -313,10 +317,10 @@ class LLMEngine:
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]
         depths = out.depth.tolist()  # .tolist() waits for the device: the step's time is complete here
         rows = zip(seqs, new_tokens.tolist(), depths, out.confidence.tolist(), out.forced.tolist(), logprobs.tolist())
-        now = time.perf_counter()
+        seconds, now = self._clock() - start, time.perf_counter()
         points = self.runner.exit_config.exit_points(self.num_layers) if any(early) else ()
         checks = sum(p <= d for d in depths for p in points)
-        self.steps.append(StepRecord(now - start, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s,
+        self.steps.append(StepRecord(seconds, len(seqs), self.num_layers, sum(depths), prefill_tokens, prefill_s,
                                      checks))
         for seq, token, depth, conf, forced, logprob in rows:
             record = TokenRecord(depth, conf, forced, forced and conf < seq.threshold, logprob)

@@ -27,7 +27,7 @@ class TokenRecord:
 class StepRecord:
     """One engine step: the decode's wall time and shape, and the prefill that ran before it."""
 
-    seconds: float  # decode wall time: inputs, every loaded layer, exit checks, sampling (prefill excluded)
+    seconds: float  # decode time (wall on CUDA, CPU time on a CPU): inputs, layers, checks, sampling; no prefill
     rows: int  # sequences in the decode batch (0: the step only prefilled)
     depth: int  # loaded layers
     layer_rows: int  # blocks run: sum over rows of the exit depth (rows that left skip deeper MLPs)
