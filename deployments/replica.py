@@ -4,9 +4,10 @@ The engine steps back to back in a process of its own (`helios_core.engine_proce
 aborts and depth changes go to it as commands, applied between steps; each step's outputs come back
 on a socket the replica's event loop watches, and go to per-request outboxes that `generate` streams
 from. Telemetry (token breach flags, finished-request summaries, step records, load) goes to the
-router in batches about once a second; the router's reply is this model's target (depth and exit
-points). A new replica reads that target before its first request, so a restart or a scale-up
-serves what the others serve.
+router in batches about once a second, and at each finished request while the model profiles
+(its turn ends at N finished); the router's reply is this model's target (depth and exit points).
+A new replica reads that target before its first request, so a restart or a scale-up serves what
+the others serve.
 
 Every stream item costs several Ray and HTTP hops (replica -> ingress -> proxy -> client), more CPU
 than a decode step's share of a token. So a busy replica sends fewer, larger items: a request's
@@ -146,6 +147,8 @@ class ModelReplica:
         self._reading = False
         self._report_task: asyncio.Task | None = None
         self._synced: asyncio.Task | None = None  # the router's target, read before the first request
+        self._profiling = False  # the model's target is a profiling turn: report each finish at once
+        self._report_now = asyncio.Event()
         self._ids = 0
         self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
 
@@ -213,6 +216,8 @@ class ModelReplica:
             if out.finished and out.summary is not None and out.finish_reason != "abort":
                 task = outbox.task if outbox is not None else None
                 self._telemetry.finished.append((out.summary, state.num_layers, task))
+                if self._profiling:  # its turn ends at N finished: the sooner the router knows, the better
+                    self._report_now.set()
             if outbox is not None:
                 outbox.put({
                     "text": out.new_text, "token_ids": out.new_token_ids,
@@ -223,7 +228,11 @@ class ModelReplica:
 
     async def _report_forever(self) -> None:
         while True:
-            await asyncio.sleep(REPORT_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self._report_now.wait(), REPORT_INTERVAL_S)
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+                pass
+            self._report_now.clear()
             batch, self._telemetry = self._telemetry, _Telemetry()
             state = self.engine.state
             try:
@@ -249,6 +258,7 @@ class ModelReplica:
 
     def _apply(self, target: Target | None) -> None:
         """Send the engine the router's target for this model (None: not a target, keep as is)."""
+        self._profiling = target is not None and target.profiling
         if target is None:
             return
         if target.depth not in (self.engine.state.num_layers, self._asked_depth):
