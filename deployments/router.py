@@ -1,10 +1,10 @@
 """Router: one replica that runs the HELIOS policy over the replicas' batched telemetry.
 
 Replicas report about once a second (token breach flags, finished-request summaries, engine step
-times, their load) and get their model's target back (depth and exit points). The ingress reads the routing table
-(task -> model) from a cache it refreshes about once a second, never per request. The policy's
-state (PHT, events) is saved in Ray's internal key-value store after every change and restored
-when the router restarts.
+times, their load) and get their model's target back (depth and exit points). The ingress reads
+the routing table (task -> model) from a cache it refreshes about once a second, never per
+request. The policy's state (PHT, events) is saved in Ray's internal key-value store after every
+change and restored when the router restarts.
 
 Global mode over live replicas: while a candidate profiles, the ingress sends it the round's N
 requests and the rest to the model serving before the round (not held, as in process, where only

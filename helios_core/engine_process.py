@@ -163,7 +163,10 @@ def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
     elif kind == "abort":
         engine.abort(*args)
     elif kind == "exits":
-        engine.set_exit_layers(*args)
+        try:
+            engine.set_exit_layers(*args)
+        except ValueError as err:  # not 1-based depths: keep checking where it did
+            conn.send(("command_failed", command, f"{type(err).__name__}: {err}"))
     elif kind == "release":
         released = engine.release_waiting(set(*args))
         conn.send(("released", [s.request_id for s in released]))

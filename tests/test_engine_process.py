@@ -82,6 +82,23 @@ def test_bad_prompt_fails_alone_and_depth_changes_apply(proc):
     assert failed[1] == ("budget", 1) and MemoryBudgetError.__name__ in failed[2]
 
 
+def test_exit_points_apply_in_order_and_a_bad_one_is_refused(config, tiny_llama):
+    thinned = LLMEngine(config)
+    thinned.set_exit_layers((4,))
+    expected = thinned.generate([PROMPTS["a"]], GREEDY)[0].token_ids
+    proc = EngineProcess(config)
+    try:
+        proc.set_exit_layers((4,))  # before the request: it is checked at 4 only
+        proc.add("a", PROMPTS["a"], GREEDY)
+        proc.set_exit_layers((0,))  # not a depth: refused, the engine keeps checking at 4
+        tokens, others = collect(proc, {"a"})
+        assert tokens["a"] == expected and proc.state.exit_layers == (4,)
+        [failed] = [m for m in others if m[0] == "command_failed"]
+        assert failed[1] == ("exits", (0,)) and "1-based" in failed[2]
+    finally:
+        proc.close()
+
+
 def test_release_hands_back_only_what_has_not_started(config):
     proc = EngineProcess(dataclasses.replace(config, max_num_seqs=1))  # one slot: b and c queue behind a
     try:
