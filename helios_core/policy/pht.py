@@ -81,17 +81,22 @@ class ProfileRow:
     def perplexity(self) -> float | None:
         return math.exp(self.nll / self.tokens) if self.tokens else None
 
+    def shares(self) -> dict[float, float]:
+        """Exit depth -> share of profiled tokens; the censored breaches at depth inf (confident only
+        somewhere deeper than served, if at all: within no depth, and running every loaded layer)."""
+        if not self.tokens:
+            return {}
+        return {**{d: n / self.tokens for d, n in self.histogram.items()}, math.inf: self.censored / self.tokens}
+
     def share_within(self, depth: int) -> float:
         """Share of profiled tokens that exited at or before `depth`."""
-        if not self.tokens:
-            return 0.0
-        return sum(n for d, n in self.histogram.items() if d <= depth) / self.tokens
+        return sum(v for d, v in self.shares().items() if d <= depth)
 
     def mean_layers(self, depth: int) -> float:
         """Mean layers a token runs when only `depth` layers are loaded: E[min(exit depth, depth)]."""
         if not self.tokens:
             return float(depth)
-        return (sum(min(d, depth) * n for d, n in self.histogram.items()) + self.censored * depth) / self.tokens
+        return sum(min(d, depth) * v for d, v in self.shares().items())
 
     def to_dict(self) -> dict:
         return {"model": self.model, "num_layers": self.num_layers, "requests": self.requests,

@@ -148,29 +148,33 @@ def flops_per_token(entry: ModelEntry, layers: float, checks: float) -> float:
     return 2.0 * (layers * block + (checks + 1) * head)
 
 
-def exit_walk(kept: tuple[int, ...], depth: int, shares: dict[int, float]) -> tuple[float, float]:
+def _within(shares: dict[float, float], depths: tuple[int, ...]) -> dict[int, float]:
+    """depth -> share of tokens that exited at or before it, for 0 and `depths`."""
+    return {p: sum(v for d, v in shares.items() if d <= p) for p in (0,) + depths}
+
+
+def exit_walk(kept: tuple[int, ...], depth: int, shares: dict[float, float]) -> tuple[float, float]:
     """(mean layers, mean exit checks) per token when only the exit points `kept` (< depth) are checked.
     `shares`: exit depth -> share of tokens, measured with every registry exit point checked; a
     token confident at l stays confident and leaves at the first kept point >= l, else at `depth`."""
+    within = _within(shares, kept)
     layers = checks = 0.0
-    left, previous = 0.0, 0
-    for point in kept + (depth,):
-        reach = 1.0 - left
-        exiting = reach if point == depth else sum(v for d, v in shares.items() if previous < d <= point)
-        layers += point * exiting
-        checks += reach if point < depth else 0.0
-        left, previous = left + exiting, point
-    return layers, checks
+    previous = 0
+    for point in kept:
+        layers += point * (within[point] - within[previous])
+        checks += 1.0 - within[previous]  # every token still running is checked here
+        previous = point
+    return layers + depth * (1.0 - within[previous]), checks
 
 
-def thin_exits(points: tuple[int, ...], depth: int, shares: dict[int, float], block_s: float,
+def thin_exits(points: tuple[int, ...], depth: int, shares: dict[float, float], block_s: float,
                check_s: float) -> tuple[int, ...]:
     """The subset of the exit points below `depth` that minimises a token's expected block and check
     time (block_s x layers + check_s x checks, `exit_walk`'s model): a point is worth its check
     only where enough tokens leave there to save the blocks above it. Dynamic programming over the
     last point kept, O(points^2)."""
     points = tuple(p for p in points if p < depth)
-    within = {p: sum(v for d, v in shares.items() if d <= p) for p in (0,) + points}
+    within = _within(shares, points)
     best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # last kept point -> (cost so far, kept)
     for point in points + (depth,):
         options = []
@@ -196,11 +200,9 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
                               limits.max_prefill_tokens).capacity
     except MemoryBudgetError:
         capacity = 0
-    shares: dict[int, float] | None = None
+    shares: dict[float, float] | None = None
     if row is not None and row.tokens:
-        shares = {d: n / row.tokens for d, n in row.histogram.items()}
-        shares[L + 1] = row.censored / row.tokens  # confident only deeper than served, if at all
-        layers_full, tpot_full = row.mean_layers(L), row.time_per_token_s
+        shares, layers_full, tpot_full = row.shares(), row.mean_layers(L), row.time_per_token_s
     elif entry.profile is not None:
         shares = dict(entry.profile.exit_shares)
         layers_full = sum(d * s for d, s in shares.items())
