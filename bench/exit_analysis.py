@@ -62,7 +62,7 @@ from helios_core.quality import (
     simulate_exits,
     summarize,
 )
-from helios_core.train import is_held_out, parse_source
+from helios_core.train import held_out_files
 
 MODELS = ["helios-demo-code-6l", "helios-demo-prose-12l", "helios-demo-mixed-16l"]
 SOURCES = {"code": "stdlib", "prose": "pydoc"}
@@ -78,7 +78,7 @@ def held_out_tokens(spec: str, tokenizer, limit: int | None) -> tuple[list[int],
     does not fill the sample alone; `helios_core.quality.load_text_tokens` reads files in order instead).
     A file read whole ends with end-of-text."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    files = [f for f in parse_source(spec).files if is_held_out(f)]
+    files = held_out_files(spec)
     texts = [tokenizer(f.read_text(encoding="utf-8", errors="replace")).input_ids + eos for f in files]
     cap = max(map(len, texts))
     if limit is not None and sum(map(len, texts)) > limit:

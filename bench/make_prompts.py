@@ -3,8 +3,8 @@
     python bench/make_prompts.py [--out bench/data]
 
 The text comes from the files `helios_core.train.is_held_out` keeps out of the demo models' training
-data: Python's standard library ("stdlib") and the Python 3.11 reST docs ("pydoc", Debian package
-python3.11-doc). Deterministic: one seeded RNG, files in sorted order, the family's tokenizer.
+data: Python's standard library ("stdlib") and the Python 3.11 reST docs ("pydoc": the held-out
+files of the Debian package python3.11-doc, shipped in helios_core/data/pydoc). Deterministic: one seeded RNG, files in sorted order, the family's tokenizer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 from prompts import DATA
 
-from helios_core.train import BUILTIN_SOURCES, PYDOC, is_held_out, stdlib_files
+from helios_core.train import PYDOC_HELD_OUT, held_out_files, is_held_out, stdlib_files
 
 SEED = 0
 TOKENIZER = REPO / "models" / "helios-demo-code-6l" / "tokenizer.json"  # shared by the demo family
@@ -55,12 +55,12 @@ def source_name(path: Path) -> str:
     """The path relative to its source root's parent ("python3.11/argparse.py", "_sources/library/...").
 
     Keeping the root's own folder name makes `is_held_out(Path(name))` agree with the absolute path."""
-    root = PYDOC if path.is_relative_to(PYDOC) else STDLIB
+    root = PYDOC_HELD_OUT if path.is_relative_to(PYDOC_HELD_OUT) else STDLIB
     return path.relative_to(root.parent).as_posix()
 
 
 def source_path(name: str) -> Path:
-    root = PYDOC if name.split("/", 1)[0] == PYDOC.name else STDLIB
+    root = PYDOC_HELD_OUT if name.split("/", 1)[0] == PYDOC_HELD_OUT.name else STDLIB
     return root.parent / name
 
 
@@ -291,7 +291,7 @@ def build(out: Path = DATA) -> dict[str, list[dict]]:
     rng = random.Random(SEED)
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     code_files = held_out(stdlib_files())
-    doc_files = held_out(BUILTIN_SOURCES["pydoc"]())
+    doc_files = held_out(held_out_files("pydoc"))
     sets = {"code": numbered("code", code_set(tokenizer, code_files, rng)),
             "prose": numbered("prose", prose_set(tokenizer, doc_files, rng)),
             "summarize": numbered("summarize", summarize_set(tokenizer, doc_files, rng))}

@@ -389,11 +389,9 @@ def load_text_tokens(source: str, tokenizer, limit: int | None = None) -> tuple[
     """Token ids of a file, a directory's text files, or a builtin source (`stdlib`, `pydoc`: only its
     held-out files, so a model is never scored on its training data). Each file ends with end-of-text.
     Returns the ids (at most `limit`) and the files read."""
-    from .train import BUILTIN_SOURCES, is_held_out, parse_source
+    from .train import BUILTIN_SOURCES, held_out_files, parse_source
 
-    files = parse_source(source).files
-    if source in BUILTIN_SOURCES:
-        files = [f for f in files if is_held_out(f)]
+    files = held_out_files(source) if source in BUILTIN_SOURCES else parse_source(source).files
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     read = []

@@ -65,6 +65,8 @@ class TrainConfig:
 
 TEXT_SUFFIXES = {".py", ".txt", ".rst", ".md"}
 PYDOC = Path("/usr/share/doc/python3.11/html/_sources")  # Debian package python3.11-doc (PSF licence)
+# pydoc's held-out files, shipped (data/pydoc/LICENSE): evaluation needs no Debian package.
+PYDOC_HELD_OUT = Path(__file__).parent / "data" / "pydoc" / PYDOC.name
 
 
 def stdlib_files() -> list[Path]:
@@ -76,6 +78,14 @@ def stdlib_files() -> list[Path]:
 
 # Named sources usable in place of a path.
 BUILTIN_SOURCES = {"stdlib": stdlib_files, "pydoc": lambda: _text_files(PYDOC)}
+
+
+def held_out_files(source: str) -> list[Path]:
+    """The held-out files of a builtin source, the text models are scored on: Python's own for
+    stdlib, Helios' copies for pydoc (training on pydoc still needs the Debian package)."""
+    if source == "pydoc":
+        return _text_files(PYDOC_HELD_OUT)
+    return [f for f in BUILTIN_SOURCES[source]() if is_held_out(f)]
 
 
 @dataclass
@@ -90,7 +100,7 @@ def _text_files(path: Path) -> list[Path]:
         return sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
     if path.is_file():
         return [path]
-    hint = " (install the Debian package python3.11-doc)" if path == PYDOC else ""
+    hint = " (install the Debian package python3.11-doc to train on it)" if path == PYDOC else ""
     raise FileNotFoundError(f"corpus path {path} does not exist{hint}")
 
 
