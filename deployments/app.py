@@ -16,6 +16,7 @@
                       user_config, so `serve` can change it live; default: the registry's)
     policy            PolicyConfig fields, e.g. {"slo": "throughput", "mode": "global"}
     api_key           require "Authorization: Bearer <key>" (default: none)
+    max_body_bytes    the largest request body the API reads (default 1 MiB; larger: 413)
     max_ongoing_requests, max_queued_requests
                       per model replica (default 256 / 512): streams a replica serves at once, and
                       requests that may wait for it; beyond that the client gets 503 + Retry-After
@@ -37,7 +38,7 @@ from ray.serve import Application
 from helios_core.cli import parse_bytes
 from helios_core.policy import Registry
 
-from .ingress import Ingress
+from .ingress import MAX_BODY_BYTES, Ingress
 from .replica import ENGINE_NICENESS, MAX_HOLD_S, ModelReplica
 from .router import Router
 
@@ -61,6 +62,9 @@ def build_app(args: dict | None = None) -> Application:
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
+    max_body_bytes = int(args.pop("max_body_bytes", MAX_BODY_BYTES))
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     queueing = {k: int(args.pop(k)) for k in ("max_ongoing_requests", "max_queued_requests") if k in args}
     if args:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
@@ -77,4 +81,4 @@ def build_app(args: dict | None = None) -> Application:
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
             entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness)
-    return Ingress.bind(router, replicas, registry, max_tokens, api_key)
+    return Ingress.bind(router, replicas, registry, max_tokens, api_key, max_model_len, max_body_bytes)

@@ -7,7 +7,15 @@ router is down (Serve restarts it) the last table is used.
 
 Faults: a request whose model replica dies (Serve replaces it) is sent again from scratch to the
 same model, for up to RETRY_WINDOW_S, then refused with 503. A stream is retried only while nothing
-was sent; once tokens went out, a cut stream ends with an error event and `[DONE]`.
+was sent; once tokens went out, a cut stream ends with an error event and `[DONE]`. A request that
+may have caused the death (the replica says so; or it died before the request's first token) is a
+suspect, and is retried once: lost a second time as a suspect, it is refused with a 500, so one
+poisonous request kills at most two replicas and the requests beside it run on.
+
+Hostile input is refused before it costs work: a body over `max_body_bytes` (413, by its
+Content-Length or as it streams in), a text prompt longer than any prompt of max_model_len tokens
+can be (by its characters: `helios_core.prompt_limits`), a token-id prompt by its length, and the
+list fields over OpenAI's limits (`openai_protocol`), each a 400 naming the field.
 
 Switches: when the router switches models (global mode), the old model's replica hands back the
 requests the policy routed there that have not started, and they go to the new model, as queued
@@ -30,12 +38,13 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from helios_core.engine import load_tokenizer
 from helios_core.policy import Registry
+from helios_core.prompt_limits import PromptTooLong, check_prompt_size, max_prompt_chars
 
 from . import openai_protocol as oa
 
 AUTO_MODEL = "helios"
 ROUTING_TTL_S = 1.0
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 20  # default max_body_bytes
 RETRY_AFTER_S = 1
 ROUTER_TIMEOUT_S = 2.0  # a routing-table call waits this long for a restarting router, then the last table serves
 # A replica that died (or is going) under a request: RayActorError covers ActorDiedError and
@@ -57,15 +66,32 @@ async def protocol_error(_: Request, err: oa.ProtocolError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+class ReplicaLost(Exception):
+    """The model replica serving an attempt died; `suspect`: the request may be what killed it."""
+
+    def __init__(self, cause: str, suspect: bool):
+        super().__init__(cause)
+        self.cause, self.suspect = cause, suspect
+
+
 async def retrying(attempt):
     """`await attempt()`, again from scratch while the model replica serving it dies (Serve starts a
-    new one meanwhile): at most RETRY_ATTEMPTS times within RETRY_WINDOW_S, then a 503."""
-    deadline, backoff = time.monotonic() + RETRY_WINDOW_S, RETRY_BACKOFF_S
+    new one meanwhile): at most RETRY_ATTEMPTS times within RETRY_WINDOW_S, then a 503; but a
+    suspect twice (ReplicaLost.suspect; a bare Ray error: died before its first item) gets a 500."""
+    deadline, backoff, suspected = time.monotonic() + RETRY_WINDOW_S, RETRY_BACKOFF_S, 0
     for n in range(1, RETRY_ATTEMPTS + 1):
         try:
             return await attempt()
+        except ReplicaLost as err:
+            lost, suspect = err.cause, err.suspect
         except REPLICA_LOST as err:
-            lost = type(err).__name__
+            lost, suspect = type(err).__name__, True
+        suspected += suspect
+        if suspected == 2:
+            logger.error("ingress: refusing a request that was in hand twice when its model replica died (%s)", lost)
+            raise oa.ProtocolError("the model replica failed twice while taking this request in; it is refused as "
+                                   f"the likely cause ({lost})", status=500, type="server_error",
+                                   code="request_crashed_replica")
         if n == RETRY_ATTEMPTS or time.monotonic() + backoff > deadline:
             break
         logger.warning("ingress: model replica lost (%s) on attempt %d; retrying in %.1f s", lost, n, backoff)
@@ -75,16 +101,42 @@ async def retrying(attempt):
                            type="server_error", code="replica_unavailable")
 
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over `max_bytes`: by its
+    Content-Length before any of it is read, else once what has streamed in is over."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise oa.ProtocolError(f"The request body is {declared} bytes; the limit is {max_bytes}.", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise oa.ProtocolError(f"The request body is over the limit of {max_bytes} bytes.", status=413)
+    return bytes(body)
+
+
+def _lost(item: dict) -> None:
+    """Raise ReplicaLost for the replica's notice that its engine died."""
+    if "lost" in item:
+        raise ReplicaLost(item["lost"], item["suspect"])
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=1024)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, router, replicas: dict, registry: str, max_tokens_limit: int = 512,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_model_len: int = 1024, max_body_bytes: int = MAX_BODY_BYTES):
         self.router, self.replicas = router, replicas
         self.models = list(replicas)
         self.max_tokens_limit = max_tokens_limit
         self.api_key = api_key
-        self.tokenizer = load_tokenizer(Registry.load(registry)[self.models[0]].path)
+        self.max_model_len, self.max_body_bytes = max_model_len, max_body_bytes
+        entries = Registry.load(registry)
+        tokenizers = [load_tokenizer(entries[m].path) for m in self.models]
+        self.tokenizer = tokenizers[0]
+        # The longest text any model could take: beyond it a prompt is refused without a tokenizer.
+        self.max_prompt_chars = max((max_prompt_chars(t, max_model_len) for t in tokenizers if t is not None),
+                                    default=None)
         self.created = int(time.time())
         self._table: dict | None = None
         self._table_time = 0.0
@@ -120,7 +172,7 @@ class Ingress:
 
     async def _body(self, request: Request, chat: bool):
         self._check_key(request)
-        payload = oa.parse_body(await request.body(), MAX_BODY_BYTES)
+        payload = oa.parse_body(await read_body(request, self.max_body_bytes), self.max_body_bytes)
         validate = oa.validate_chat if chat else oa.validate_completion
         return validate(payload, self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
 
@@ -138,6 +190,9 @@ class Ingress:
             except BackPressureError:
                 raise oa.ProtocolError(f"model {model} is overloaded; retry later", status=503,
                                        type="server_error", code="overloaded") from None
+            except REPLICA_LOST as err:  # before its first item: it may be the cause
+                raise ReplicaLost(type(err).__name__, suspect=True) from err
+            _lost(first)
             if "moved" not in first:
                 break
             model = first["moved"]
@@ -196,14 +251,25 @@ class Ingress:
         """(model, prompt, params, task, routed): the model is chosen once, so a retry after a lost
         replica goes to the same model; only a switch moves a routed request (`_stream`)."""
         params = oa.to_sampling_params(req, self.max_tokens_limit)
-        prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
+        field = "messages" if chat else "prompt"
+        try:
+            if chat:  # the messages alone, before a template is rendered over them
+                check_prompt_size("".join(m.content for m in req.messages), self.max_model_len, self.max_prompt_chars)
+            prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
+            check_prompt_size(prompt, self.max_model_len, self.max_prompt_chars)
+        except PromptTooLong as err:
+            raise oa.ProtocolError(f"Invalid value for '{field}': {err}.", param=field) from None
         return await self._model_for(req.model, req.task), prompt, params, req.task, req.model == AUTO_MODEL
 
     async def _collect(self, call: tuple, chat: bool, rid: str, created: int, req) -> dict:
         first, stream = await self._stream(*call)
         text, item, ids = first["text"], first, list(first["token_ids"])
         while not item["finished"]:
-            item = await stream.__anext__()
+            try:
+                item = await stream.__anext__()
+            except REPLICA_LOST as err:  # it had been running there: not the cause
+                raise ReplicaLost(type(err).__name__, suspect=False) from err
+            _lost(item)
             text, ids = text + item["text"], ids + item["token_ids"]
         if chat:
             return oa.chat_response(rid, created, req.model, text, item["summary"], item["loaded_layers"])
@@ -244,6 +310,7 @@ class Ingress:
                 if done:
                     break
                 item = await stream.__anext__()
+                _lost(item)
             if usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield oa.sse(oa.usage_chunk(obj, rid, created, req.model, summary))

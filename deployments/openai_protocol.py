@@ -8,6 +8,7 @@ Pure Python (no Ray): the Serve ingress parses a body with `parse_body`, validat
 Supported subset (the OpenAI fields below are rejected with a 400 when set to anything but their
 default or null; any field not modelled here is ignored, as OpenAI clients send extras):
 - one prompt (a string or a list of token ids) and one choice per request (`n` = `best_of` = 1);
+- at most MAX_STOP stop sequences and MAX_LOGIT_BIAS logit_bias entries (OpenAI's limits);
 - no `echo`, `suffix`, `logit_bias`, presence or frequency penalties;
 - logprobs of the chosen tokens only (completions `logprobs=0`, chat `logprobs=true` with
   `top_logprobs` 0): each is the token's log-probability under the distribution of the layer it
@@ -100,6 +101,10 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
 
+# OpenAI's documented limits on list fields (one prompt per request: see CompletionRequest).
+MAX_STOP = 4
+MAX_LOGIT_BIAS = 300
+
 # Fields OpenAI defines that Helios supports only at their default value.
 # null is accepted for each; "logprobs" is the completions field (chosen tokens only).
 _ONLY_DEFAULT: dict[str, Any] = {
@@ -145,9 +150,18 @@ class _CommonRequest(_Strict):
     @classmethod
     def _wrap_stop(cls, stop: Any) -> Any:
         stop = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
         if isinstance(stop, list) and any(isinstance(s, str) and not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         return stop
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _count_logit_bias(cls, bias: Any) -> Any:  # counted before 10**5 entries are validated one by one
+        if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed, got {len(bias)}")
+        return bias
 
     @property
     def include_usage(self) -> bool:

@@ -46,6 +46,7 @@ REPORT_INTERVAL_S = 1.0
 STREAM_ITEMS_PER_S = 50  # each costs ~3.5 ms of CPU on the whole path: a sixth of a core at this rate
 MAX_HOLD_S = 0.1  # default stream_max_hold_s: a token waits at most this long for the next ones
 ENGINE_NICENESS = 0  # an ordinary process's, above Ray's workers (15): see engine_process._renice
+LOST_NOTICE_S = 2.0  # the longest a replica whose engine died waits for its streams to take the news
 PEAK_WINDOW_S = 1.0  # stats report the largest batch of the last second: a reader polling that often sees every peak
 
 
@@ -97,7 +98,8 @@ class _Outbox:
         self.ended = asyncio.Event()  # the last item (finished, or an error) is in
 
     def put(self, item: dict) -> None:
-        self.item = item if self.item is None else _merge(self.item, item)
+        # An item without text (an error, a move, the engine lost) ends the request: it alone is sent.
+        self.item = item if self.item is None or "text" not in item else _merge(self.item, item)
         self.arrived.set()
         if item.get("finished", True):  # an {"error": ...} item is the only and last one
             self.ended.set()
@@ -151,6 +153,9 @@ class ModelReplica:
         self._report_now = asyncio.Event()
         self._ids = 0
         self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
+        self._last: tuple = ("ready",)  # the engine's last message: what it was doing should it die
+        self._started: set[str] = set()  # requests that had output (ids of those still here)
+        self._lost: str | None = None  # why the engine is gone, once it is
 
     def __del__(self):  # Serve calls it when the replica shuts down
         if hasattr(self, "engine"):  # not when the engine failed to start
@@ -169,11 +174,14 @@ class ModelReplica:
     def _on_engine_messages(self) -> None:
         try:
             messages = self.engine.receive()
-        except (EOFError, OSError):
+        except EOFError:
             self._engine_lost()
+            return
         for kind, *body in messages:
+            self._last = (kind, *body)
             if kind == "step":
                 outputs, state, steps = body
+                self._started.update(o.request_id for o in outputs if o.request_id in self._outboxes)
                 self._peak.add(state.running + sum(o.finished for o in outputs))
                 self._telemetry.steps.extend(steps)
                 self._dispatch(outputs, state)
@@ -203,10 +211,30 @@ class ModelReplica:
                 logger.error("%s: the engine refused %r: %s", self.name, command, message)
 
     def _engine_lost(self) -> None:
-        # The engine process died (killed, out of memory): so does the replica, so that Serve
-        # starts a new one and the ingress retries the requests that were here.
-        logger.error("%s: the engine process exited (code %s); stopping the replica", self.name,
-                     self.engine.process.poll())
+        """The engine process died (killed, out of memory, a crash): so does the replica, so that
+        Serve starts a new one, once each request here has been told whether it is a suspect.
+
+        The ingress retries a request lost with its replica, but a suspect only once: the request
+        whose add the engine last began (the engine says "adding" first), or, when a step was
+        running, those with no output yet (a step takes in new requests first; the others had
+        run through steps before). So a request that kills its engine kills at most two."""
+        if self._lost is not None:
+            return
+        code = self.engine.process.poll()
+        self._lost = f"the engine process of model {self.name} exited (code {code})"
+        logger.error("%s; stopping the replica", self._lost)
+        asyncio.get_running_loop().remove_reader(self.engine.fileno())
+        adding = self._last[1] if self._last[0] == "adding" else None
+        for request_id, outbox in self._outboxes.items():
+            suspect = request_id == adding if adding is not None else request_id not in self._started
+            outbox.put({"lost": self._lost, "suspect": suspect})
+        asyncio.get_running_loop().create_task(self._exit_once_told())
+
+    async def _exit_once_told(self) -> None:
+        deadline = time.monotonic() + LOST_NOTICE_S
+        while self._outboxes and time.monotonic() < deadline:  # each stream takes its last item
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # and Ray hands it on
         os._exit(1)
 
     def _dispatch(self, outputs: list[RequestOutput], state: EngineState) -> None:
@@ -271,7 +299,8 @@ class ModelReplica:
     async def generate(self, prompt: list[int] | str, params: SamplingParams, task: str | None = None,
                        movable: bool = False):
         """Stream one request: dicts with the new text, token ids, logprobs; the last has the summary.
-        A prompt the engine refuses yields one {"error": message}. A `movable` request that the
+        A prompt the engine refuses yields one {"error": message}; when the engine dies, each request
+        gets one {"lost": why, "suspect": bool} (see `_engine_lost`). A `movable` request that the
         router's switch to another model finds not started yields one {"moved": model}: the
         caller sends it there."""
         self._ensure_running()
@@ -279,6 +308,9 @@ class ModelReplica:
             await asyncio.shield(self._synced)  # shared by the requests that arrive meanwhile
         if params.threshold is None and self.threshold is not None:
             params = dataclasses.replace(params, threshold=self.threshold)
+        if self._lost is not None:  # never reached the engine: not a suspect
+            yield {"lost": self._lost, "suspect": False}
+            return
         self._ids += 1
         request_id = f"{self.name}-{self._ids}-{time.monotonic_ns()}"
         outbox = _Outbox(task, movable)
@@ -294,9 +326,10 @@ class ModelReplica:
                 sent, finished = time.monotonic(), item.get("finished", True)
                 yield item
         finally:
-            if not finished:  # the client went away: free the slot
+            if not finished and self._lost is None:  # the client went away: free the slot
                 self.engine.abort(request_id)
             self._outboxes.pop(request_id, None)
+            self._started.discard(request_id)
 
     def _send_interval(self) -> float:
         """Seconds between a stream's items: 0 for a lone stream, then the item budget shared out

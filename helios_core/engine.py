@@ -26,6 +26,7 @@ from .detokenizer import TextStream
 from .exits import ExitConfig, ExitHeads, load_exit_heads
 from .kv_cache import DecodeKV, KVCache, MemoryPlan, plan_memory
 from .models import ModelConfig, load_layers, load_model, unload_layers
+from .prompt_limits import check_prompt_size, max_prompt_chars
 from .request import Completion, RequestOutput, RequestStatus, Sequence
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, make_generator
@@ -94,6 +95,7 @@ class LLMEngine:
         self.device = self.model.embed.weight.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
         self.tokenizer = load_tokenizer(config.model)
+        self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
         self.eos_token_ids = set(model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -232,17 +234,14 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
+        check_prompt_size(prompt, self.max_model_len, self.max_prompt_chars)  # before it costs an encode
         ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        check_prompt_size(ids, self.max_model_len, None)
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
-                "it must leave room for at least one generated token"
-            )
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -18,9 +18,19 @@ speak `multiprocessing.connection` (pickled tuples between our own two processes
                    ("layers", LayerEvent, state) | ("budget", capacity, state)
                    ("command_failed", command, message)  a depth or budget that cannot apply
                    ("released", request_ids)  they left the queue without an output
+                   ("adding", request_id) before a request is taken in; ("stepping",) before
+                   the first step after requests were: what the parent last read tells it,
+                   should the child die, whether a request's add or a step killed it
 
-Commands are applied between steps, in the order sent. The child exits when the parent's end
-closes (the replica stopped or died), so it never outlives its replica.
+Commands are applied between steps, in the order sent; one the engine cannot apply is refused
+alone ("refused" or "command_failed"), never fatal. The child exits when the parent's end closes
+(the replica stopped or died), so it never outlives its replica. For tests, a prompt holding the
+text in $HELIOS_TEST_CRASH_PROMPT makes the child exit at once, as a crash in its add would.
+
+Each side reads its socket in a thread of its own and keeps the socket blocking. An event loop
+watches `EngineProcess.fileno()`, a pipe the reader thread rings, never the socket: uvloop (Ray's
+loop) makes a watched descriptor non-blocking, and a large send (a megabyte prompt) or a message
+read in part then fails with BlockingIOError, which looked like the engine's death.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from .sampling import SamplingParams
 from .telemetry import StepRecord
 
 START_TIMEOUT_S = 300.0  # loading a large checkpoint onto a GPU can take minutes
+CRASH_PROMPT_ENV = "HELIOS_TEST_CRASH_PROMPT"
+CRASH_EXIT_CODE = 70
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,8 @@ class EngineProcess:
         self.process = subprocess.Popen([sys.executable, "-m", __name__, str(child.fileno())],
                                         pass_fds=(child.fileno(),), env=env)
         child.close()
-        self._conn = Connection(parent.detach())
+        self._socket = parent  # kept to shut down: that wakes our reader and the child sees EOF
+        self._conn = Connection(os.dup(parent.fileno()))
         self._conn.send((config, threads, niceness))
         if not self._conn.poll(START_TIMEOUT_S):
             self.close()
@@ -107,6 +120,27 @@ class EngineProcess:
             _, error, trace = message
             raise error from RuntimeError(f"in the engine process:\n{trace}")
         self.state: EngineState = message[1]
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # messages, then None at EOF
+        self._bell_r, self._bell_w = os.pipe()
+        os.set_blocking(self._bell_r, False)
+        os.set_blocking(self._bell_w, False)  # a full pipe is readable already: a ring may be dropped
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                self._inbox.put(self._conn.recv())
+                self._ring()
+        except (EOFError, OSError):
+            self._inbox.put(None)
+            self._ring()
+
+    def _ring(self) -> None:
+        try:
+            os.write(self._bell_w, b"\0")
+        except BlockingIOError:  # the pipe is full, so readable already
+            pass
 
     @property
     def pid(self) -> int:
@@ -131,54 +165,91 @@ class EngineProcess:
         self._conn.send(("budget", budget))
 
     def fileno(self) -> int:
-        return self._conn.fileno()
+        """Readable while messages wait (a pipe, not the socket: see the module docstring)."""
+        return self._bell_r
 
     def receive(self) -> list[tuple]:
         """The messages waiting (none blocks); raises EOFError once the engine process has gone."""
+        try:
+            while os.read(self._bell_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
         messages = []
-        while self._conn.poll():
-            message = self._conn.recv()
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return messages
+            if message is None:
+                self._inbox.put(None)  # every later call raises
+                if messages:  # its last messages first: they tell what the engine was doing
+                    self._ring()
+                    return messages
+                raise EOFError("the engine process has gone")
             if message[0] in ("step", "layers", "budget"):
                 self.state = message[2]
             messages.append(message)
-        return messages
 
     def close(self) -> None:
-        self._conn.close()  # the child sees EOF and exits
+        """Stop the child (it sees EOF and exits) and free the descriptors; a second call does nothing."""
+        if self._socket.fileno() == -1:
+            return
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the child has gone already
+            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        reader = getattr(self, "_reader", None)  # None when loading failed
+        if reader is not None:
+            reader.join()  # it saw EOF: nothing rings the bell after this
+            os.close(self._bell_r)
+            os.close(self._bell_w)
+        self._conn.close()
+        self._socket.close()
 
 
-def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
-    kind, *args = command
-    if kind == "add":
-        request_id, prompt, params = args
-        try:
-            engine.add_request(prompt, params, request_id)
-        except Exception as err:  # a bad prompt (a tokenizer error too) fails alone
-            conn.send(("refused", request_id, str(err)))
-    elif kind == "abort":
-        engine.abort(*args)
-    elif kind == "exits":
-        try:
+def _apply(engine: LLMEngine, conn: Connection, command: tuple, crash_prompt: str | None = None) -> None:
+    """Apply one command. One that cannot apply is answered and dropped: the engine and the other
+    requests go on as before (a bad prompt is "refused" to its request, any other "command_failed")."""
+    try:
+        kind, *args = command
+        if kind == "add":
+            request_id, prompt, params = args
+            conn.send(("adding", request_id))
+            if crash_prompt and isinstance(prompt, str) and crash_prompt in prompt:
+                os._exit(CRASH_EXIT_CODE)
+            try:
+                engine.add_request(prompt, params, request_id)
+            except Exception as err:  # a bad prompt (a tokenizer error too) fails alone
+                conn.send(("refused", request_id, str(err)))
+        elif kind == "abort":
+            engine.abort(*args)
+        elif kind == "exits":
             engine.set_exit_layers(*args)
-        except ValueError as err:  # not 1-based depths: keep checking where it did
-            conn.send(("command_failed", command, f"{type(err).__name__}: {err}"))
-    elif kind == "release":
-        released = engine.release_waiting(set(*args))
-        conn.send(("released", [s.request_id for s in released]))
-    elif kind in ("layers", "budget"):
-        try:
+        elif kind == "release":
+            released = engine.release_waiting(set(*args))
+            conn.send(("released", [s.request_id for s in released]))
+        elif kind in ("layers", "budget"):  # e.g. a depth whose weights no longer fit: keep serving as before
             result = engine.set_num_layers(*args) if kind == "layers" else engine.set_memory_budget(*args)
-        except Exception as err:  # e.g. a depth whose weights no longer fit: keep serving as before
-            conn.send(("command_failed", command, f"{type(err).__name__}: {err}"))
-        else:
             conn.send((kind, result, EngineState.of(engine)))
-    else:
-        raise ValueError(f"unknown engine command {kind!r}")
+        else:
+            raise ValueError(f"unknown engine command {kind!r}")
+    except (EOFError, OSError):  # the replica has gone: serve() ends
+        raise
+    except Exception as err:
+        conn.send(("command_failed", _shorten(command), f"{type(err).__name__}: {err}"))
+
+
+def _shorten(command, limit: int = 200):
+    """The command as the error report names it: itself, or the head of its repr, never a megabyte
+    echoed back."""
+    text = repr(command)
+    return command if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _renice(niceness: int) -> None:
@@ -217,14 +288,19 @@ def serve(conn: Connection) -> None:
     commands: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_commands, args=(conn, commands), daemon=True).start()
     conn.send(("ready", EngineState.of(engine)))
+    crash_prompt = os.environ.get(CRASH_PROMPT_ENV)
     while True:
         block = not engine.has_unfinished()  # idle: wait for a command
+        added = False
         while block or not commands.empty():
             command = commands.get()
             if command is None:
                 return
-            _apply(engine, conn, command)
+            _apply(engine, conn, command, crash_prompt)
+            added = added or (isinstance(command, tuple) and command[:1] == ("add",))
             block = False
+        if added:
+            conn.send(("stepping",))
         if engine.has_unfinished():
             outputs: list[RequestOutput] = engine.step()
             steps: list[StepRecord] = engine.drain_steps()

@@ -16,6 +16,7 @@ if str(_TESTS_DIR) not in sys.path:  # so test modules can `import tiny_models`
     sys.path.insert(0, str(_TESTS_DIR))
 
 import tiny_models  # noqa: E402
+from tiny_models import TEST_CRASH_PROMPT  # noqa: E402
 
 # Two intra-op threads at most. On a machine with <= 2 cores, one: tiny matmuls gain nothing from
 # a second thread, and when another process holds a core, OpenMP spin-waiting made generate()
@@ -64,10 +65,21 @@ def serve_cluster() -> ServeCluster:
     from ray import serve
 
     from deployments.launch import throughput_mode
+    from helios_core.engine_process import CRASH_PROMPT_ENV
 
     metrics_port, http_port = free_port(), free_port()
-    with throughput_mode():  # as `helios serve` runs it
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    # Ray's processes started now (the engine processes' ancestors) keep this: a prompt holding
+    # TEST_CRASH_PROMPT kills its engine (tests/test_hostile_input.py); no other test prompt holds it.
+    saved = os.environ.get(CRASH_PROMPT_ENV)
+    os.environ[CRASH_PROMPT_ENV] = TEST_CRASH_PROMPT
+    try:
+        with throughput_mode():  # as `helios serve` runs it
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    finally:
+        if saved is None:
+            os.environ.pop(CRASH_PROMPT_ENV)
+        else:
+            os.environ[CRASH_PROMPT_ENV] = saved
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     yield ServeCluster(f"http://127.0.0.1:{http_port}", metrics_port)
     serve.shutdown()

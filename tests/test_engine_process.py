@@ -1,10 +1,13 @@
 """The engine in a child process (what a Serve replica runs): same tokens as in-process, commands
 applied between steps, bad input failing alone, and a child that never outlives its parent."""
 
+import asyncio
 import dataclasses
 import os
+import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,8 +136,9 @@ def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path):
 def test_the_child_exits_when_the_parent_end_closes(config):
     p = EngineProcess(config)
     p.add("x", [5, 17], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
-    p._conn.close()  # what the replica's death does to the socket, without waiting for the child
+    p._socket.shutdown(socket.SHUT_RDWR)  # what the replica's death does to the socket, without waiting
     assert p.process.wait(timeout=30) == 0
+    p.close()
 
 
 def test_commands_flow_while_the_parent_is_not_reading(config):
@@ -154,3 +158,57 @@ def test_commands_flow_while_the_parent_is_not_reading(config):
         assert all(len(t) == 200 for t in tokens.values())
     finally:
         p.close()
+
+
+def test_commands_it_cannot_apply_are_refused_and_the_engine_goes_on(proc):
+    pid = proc.pid
+    for command in [("bogus", 1), "not a tuple", ("add",), ("layers", "six"), ("release", None), ("abort",)]:
+        proc._conn.send(command)
+    proc.add("after", [40], GREEDY)
+    tokens, others = collect(proc, {"after"})
+    assert len(tokens["after"]) == GREEDY.max_tokens and proc.process.poll() is None and proc.pid == pid
+    failed = [m[1] for m in others if m[0] == "command_failed"]
+    assert failed == [("bogus", 1), "not a tuple", ("add",), ("layers", "six"), ("release", None), ("abort",)]
+
+
+def test_a_huge_prompt_under_uvloop_is_refused_by_its_length_and_the_engine_lives(proc):
+    """Ray runs replicas on uvloop, whose add_reader makes the watched descriptor non-blocking: a
+    multi-megabyte send on the engine's socket then failed half-way, and the replica took it for
+    the engine's death. The loop watches a pipe now; the socket stays blocking."""
+    uvloop = pytest.importorskip("uvloop")
+    huge = list(range(10**6))  # ~5 MB pickled, more than a socket buffer holds
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), asyncio.Queue()
+        loop.add_reader(proc.fileno(), lambda: [got.put_nowait(m) for m in proc.receive()])
+        try:
+            proc.add("huge", huge, GREEDY)
+            proc.add("small", [40], GREEDY)
+            seen = {}
+            while "small" not in seen or "huge" not in seen:
+                message = await asyncio.wait_for(got.get(), 60)
+                if message[0] == "refused":
+                    seen[message[1]] = message[2]
+                elif message[0] == "step":
+                    seen.update((o.request_id, o.finished) for o in message[1] if o.finished)
+            return seen
+        finally:
+            loop.remove_reader(proc.fileno())
+
+    seen = uvloop.run(main())
+    assert "1000000 tokens but max_model_len" in seen["huge"] and seen["small"] is True
+    assert proc.process.poll() is None
+
+
+def test_a_text_prompt_longer_than_any_fitting_prompt_is_refused_without_tokenizing():
+    from helios_core.prompt_limits import PromptTooLong, longest_token_chars
+
+    demo = Path(__file__).resolve().parent.parent / "models" / "helios-demo-code-6l"
+    engine = LLMEngine(EngineConfig(model=str(demo), max_model_len=64))
+    longest = longest_token_chars(engine.tokenizer)
+    assert engine.max_prompt_chars >= 64 * longest  # no prompt that fits is refused by characters
+    with pytest.raises(PromptTooLong, match="characters"):
+        engine.add_request("x" * (engine.max_prompt_chars + 1), GREEDY)
+    with pytest.raises(ValueError, match="tokens but max_model_len is 64"):  # under the bound: counted exactly
+        engine.add_request("word " * 100, GREEDY)
+    assert not engine.has_unfinished()

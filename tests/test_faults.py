@@ -76,15 +76,30 @@ def attempts(*outcomes):
     return attempt, calls
 
 
+INNOCENT = ingress.ReplicaLost("the engine process exited", suspect=False)  # it had been running there
+
+
 def test_a_request_whose_replica_died_runs_again(monkeypatch):
     monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.01)
-    attempt, calls = attempts(ActorDiedError(), ActorDiedError(), "answer")
-    assert asyncio.run(ingress.retrying(attempt)) == "answer" and len(calls) == 3
+    attempt, calls = attempts(ActorDiedError(), INNOCENT, INNOCENT, "answer")  # a suspect once, then innocent
+    assert asyncio.run(ingress.retrying(attempt)) == "answer" and len(calls) == 4
+
+
+@pytest.mark.parametrize("second", [ActorDiedError(), ingress.ReplicaLost("the engine process exited", True)])
+def test_a_request_lost_twice_as_a_suspect_is_refused_with_a_500(monkeypatch, second):
+    monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.01)
+    attempt, calls = attempts(ingress.ReplicaLost("the engine process exited", suspect=True), INNOCENT, second,
+                              "answer")
+    with pytest.raises(ProtocolError) as err:
+        asyncio.run(ingress.retrying(attempt))
+    assert len(calls) == 3 and err.value.status == 500
+    assert err.value.body()["error"]["code"] == "request_crashed_replica"
+    assert "failed twice" in err.value.message
 
 
 def test_retries_are_bounded_and_end_in_a_503(monkeypatch):
     monkeypatch.setattr(ingress, "RETRY_BACKOFF_S", 0.01)
-    attempt, calls = attempts(*[ActorDiedError()] * 10)
+    attempt, calls = attempts(*[INNOCENT] * 10)
     with pytest.raises(ProtocolError) as err:
         asyncio.run(ingress.retrying(attempt))
     assert len(calls) == ingress.RETRY_ATTEMPTS

@@ -15,6 +15,7 @@ Public API
 - :func:`hf_greedy(path, prompt_ids, max_new_tokens)`: greedy continuation by ``generate``.
 - :func:`hf_greedy_with_margins(...)`: the same plus the top-1 minus top-2 logit margins.
 - :func:`hf_logits(path, input_ids)`: ``(1, T, V)`` logits from one plain forward.
+- ``TEST_CRASH_PROMPT``: text that kills an engine process of the suite's Ray cluster.
 
 Weights are re-initialised with a larger spread than transformers' default (std 0.02) so that
 greedy decoding usually has clear margins between the top-1 and top-2 logits. Near-ties are
@@ -65,6 +66,9 @@ LLAMA3_ROPE_PARAMETERS: dict[str, Any] = {
 # A prompt for which every family (default size, and llama_gqa with 6 layers) greedily generates
 # 64 tokens with top-1 minus top-2 logit margins > 1e-3 at every step (measured min 5.9e-3).
 SAMPLE_PROMPT = "Serving many requests at once"
+# A prompt holding this kills its engine process in the suite's Ray cluster (conftest.serve_cluster
+# sets helios_core.engine_process.CRASH_PROMPT_ENV to it; tests/test_hostile_input.py sends it).
+TEST_CRASH_PROMPT = "<helios test: crash the engine>"
 
 # Re-initialisation spreads (see _reinit_weights).
 WEIGHT_STD = 0.2
