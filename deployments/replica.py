@@ -153,6 +153,7 @@ class ModelReplica:
         self._report_now = asyncio.Event()
         self._ids = 0
         self._peak = _RecentMax(PEAK_WINDOW_S)  # step batches: running plus just finished
+        self._max_batch = 0  # the largest since the replica started
         self._last: tuple = ("ready",)  # the engine's last message: what it was doing should it die
         self._started: set[str] = set()  # requests that had output (ids of those still here)
         self._lost: str | None = None  # why the engine is gone, once it is
@@ -182,7 +183,9 @@ class ModelReplica:
             if kind == "step":
                 outputs, state, steps = body
                 self._started.update(o.request_id for o in outputs if o.request_id in self._outboxes)
-                self._peak.add(state.running + sum(o.finished for o in outputs))
+                batch = state.running + sum(o.finished for o in outputs)
+                self._peak.add(batch)
+                self._max_batch = max(self._max_batch, batch)
                 self._telemetry.steps.extend(steps)
                 self._dispatch(outputs, state)
                 self.metrics.step(outputs, state)
@@ -374,7 +377,8 @@ class ModelReplica:
         return {"model": self.name, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
                 "exit_layers": None if s.exit_layers is None else list(s.exit_layers),
                 "capacity": s.capacity, "running": s.running, "waiting": s.waiting,
-                "peak_batch": self._peak.max(default=s.running),
+                "peak_batch": self._peak.max(default=s.running), "max_batch": self._max_batch,
+                "requests": len(self._outboxes),  # here, the engine's queue and batch included
                 "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes,
                 "memory_budget": s.memory_budget, "exit_histogram": dict(s.histogram),
                 "tokens": s.tokens, "forced": s.forced, "breaches": s.breaches,

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,30 +113,53 @@ def test_chat_completion_and_stream(client):
     assert text == out.choices[0].message.content
 
 
+@contextmanager
+def engine_held(model: str):
+    """The model replica's engine process stopped (SIGSTOP) meanwhile: requests reach the replica and
+    queue, none is served, however fast or slow this machine is. It runs on once the block ends."""
+    replica = serve.get_deployment_handle(f"model-{model}", "helios")
+    pid = replica.stats.remote().result()["engine_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield replica
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_for(condition, what: str, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_concurrent_requests_and_a_layer_load_during_traffic(client):
     # prose-12l is not the policy's target, so the router leaves its depth to this test.
-    replica = serve.get_deployment_handle(f"model-{PROSE}", "helios")
-    before = replica.stats.remote().result()
-    prompts = [f"The function_{i} module" for i in range(8)]
+    # 6 requests: stats calls need one of the replica's 8 slots (max_ongoing_requests) meanwhile.
+    prompts = [f"The function_{i} module" for i in range(6)]
 
     def one(prompt: str):
         return client.completions.create(model=PROSE, prompt=prompt, max_tokens=24, temperature=0,
                                          extra_body={"ignore_eos": True})
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, p) for p in prompts]
-        assert replica.set_num_layers.remote(3).result() == 3  # unload while requests run
-        peaks = []  # the replica's largest batch of the last second, sampled while the requests run
-        while not all(f.done() for f in futures):
-            peaks.append(replica.stats.remote().result()["peak_batch"])
-            time.sleep(0.2)
-        results = [f.result() for f in futures]
-    assert all(r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length" for r in results)
-    assert 2 <= max(peaks) <= len(prompts)
-    after = replica.stats.remote().result()
-    assert after["loaded_layers"] == 3 and after["capacity"] > before["capacity"]  # memory became batch
-    assert after["weight_bytes"] < before["weight_bytes"]
-    replica.set_num_layers.remote(12).result()
+    replica = serve.get_deployment_handle(f"model-{PROSE}", "helios")
+    before = replica.stats.remote().result()
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            with engine_held(PROSE):  # all reach the engine before its next step: they are batched
+                futures = [pool.submit(one, p) for p in prompts]
+                wait_for(lambda: replica.stats.remote().result()["requests"] == len(prompts), "the requests queued")
+            assert replica.set_num_layers.remote(3).result() == 3  # unload while requests run
+            results = [f.result() for f in futures]
+        assert all(r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length" for r in results)
+        after = replica.stats.remote().result()
+        assert after["max_batch"] >= min(len(prompts), before["capacity"]) >= 2
+        assert after["loaded_layers"] == 3 and after["capacity"] > before["capacity"]  # memory became batch
+        assert after["weight_bytes"] < before["weight_bytes"]
+    finally:
+        replica.set_num_layers.remote(before["loaded_layers"]).result()
+        wait_for(lambda: replica.stats.remote().result()["loaded_layers"] == before["loaded_layers"],
+                 "the depth restored")
 
 
 def test_handle_call_streams_from_a_model_replica():
@@ -158,9 +183,10 @@ def _slow_stream(base_url: str, body: dict, pause_s: float) -> list[dict]:
     return chunks
 
 
-def test_a_busy_replica_coalesces_tokens_and_loses_none(base_url, client):
-    # Four streams at once (a batch of 4), each read slowly: a chunk may carry several tokens, yet
-    # every token id arrives once and in order, and the text is the non-streaming text.
+def test_a_busy_replica_loses_no_token(base_url, client):
+    # Four streams at once (a batch of 4), each read slowly: a chunk may carry several tokens (how
+    # many depends on the machine's speed; the merge is tested in process below), yet every token
+    # id arrives once and in order, and the text is the non-streaming text.
     bodies = [{"model": CODE, "prompt": f"def f_{i}(x):", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
                "return_token_ids": True} for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
@@ -172,7 +198,6 @@ def test_a_busy_replica_coalesces_tokens_and_loses_none(base_url, client):
         assert [i for c in choices for i in c["token_ids"]] == whole["choices"][0]["token_ids"]
         assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
         assert choices[-1]["finish_reason"] == "length" and chunks[-1]["helios"]["model"] == CODE
-    assert max(len(c["choices"][0]["token_ids"]) for chunks in streams for c in chunks) > 1
 
 
 def test_build_app_checks_its_arguments():
@@ -289,9 +314,13 @@ def test_api_key_is_required(base_url, key):
 
 def test_overload_gets_503_with_retry_after_and_never_hangs(base_url):
     # 8 streams run on the replica and 8 may wait; the rest of 40 at once must be refused quickly.
+    # The engine is held while they arrive, so none finishes early, however fast this machine is.
     body = {"model": CODE, "prompt": "def f(x):", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
     with ThreadPoolExecutor(40) as pool:
-        results = list(pool.map(lambda _: post(base_url, "/v1/completions", body), range(40)))
+        with engine_held(CODE):
+            futures = [pool.submit(post, base_url, "/v1/completions", body) for _ in range(40)]
+            wait_for(lambda: any(f.done() for f in futures), "a refusal")  # nothing else can finish
+        results = [f.result() for f in futures]
     statuses = [code for code, _, _ in results]
     assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= 8
     for code, out, headers in results:
