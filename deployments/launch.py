@@ -56,19 +56,23 @@ def serve_from_config(config: str = "serve_config.yaml", host: str | None = None
     return url
 
 
-# Serve's throughput-optimised mode: direct ingress and gRPC between Serve's processes, user code and
-# handle routers on the caller's event loop. It raised the Serve path's tokens/s 1.3-1.7x at closed:64
-# here (docs/benchmarks.md). Serve reads it when its processes start.
-THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# What Serve's processes read when they start:
+# - throughput-optimised mode: direct ingress and gRPC between Serve's processes, user code and
+#   handle routers on the caller's event loop. It raised the Serve path's tokens/s 1.3-1.7x at
+#   closed:64 here (docs/benchmarks.md).
+# - the proxy's ready check: Serve kills a proxy not ready within 5 s, and `serve.start` then
+#   fails; with both cores busy the proxy took longer to start here.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 @contextlib.contextmanager
-def throughput_mode():
-    """THROUGHPUT_MODE in the environment while a Ray cluster starts, so Serve's processes inherit it
-    (a value the user set wins). This process and its later children keep Serve's defaults: in the
-    mode a DeploymentHandle needs a running event loop, which a plain Python driver does not have."""
-    added = [name for name in THROUGHPUT_MODE if name not in os.environ]
-    os.environ.update({name: THROUGHPUT_MODE[name] for name in added})
+def serve_environment():
+    """SERVE_ENV in the environment while a Ray cluster starts, so Serve's processes inherit it
+    (a value the user set wins). This process and its later children keep Serve's defaults: in
+    throughput mode a DeploymentHandle needs a running event loop, which a plain Python driver does
+    not have."""
+    added = [name for name in SERVE_ENV if name not in os.environ]
+    os.environ.update({name: SERVE_ENV[name] for name in added})
     try:
         yield
     finally:
@@ -89,7 +93,7 @@ def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    with throughput_mode():  # a cluster joined with RAY_ADDRESS keeps the mode it was started with
+    with serve_environment():  # a cluster joined with RAY_ADDRESS keeps what it was started with
         ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix)

@@ -64,7 +64,7 @@ def serve_cluster() -> ServeCluster:
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from deployments.launch import throughput_mode
+    from deployments.launch import serve_environment
     from helios_core.engine_process import CRASH_PROMPT_ENV
 
     metrics_port, http_port = free_port(), free_port()
@@ -73,7 +73,7 @@ def serve_cluster() -> ServeCluster:
     saved = os.environ.get(CRASH_PROMPT_ENV)
     os.environ[CRASH_PROMPT_ENV] = TEST_CRASH_PROMPT
     try:
-        with throughput_mode():  # as `helios serve` runs it
+        with serve_environment():  # as `helios serve` runs it
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     finally:
         if saved is None:

@@ -1,8 +1,11 @@
-"""The router's saved policy state (restored when this version wrote it, else ignored) and the launcher's Serve mode."""
+"""The router's saved policy state (restored when this version wrote it, else ignored) and the launcher's Serve
+environment."""
 
 import os
 import pickle
 from pathlib import Path
+
+import pytest
 
 from deployments.router import STATE_VERSION, _restore
 from helios_core.policy import HeliosPolicy, Limits, Registry
@@ -28,15 +31,16 @@ def test_state_of_another_version_or_shape_is_ignored():
     assert _restore(b"not a pickle") is None
 
 
-def test_throughput_mode_is_set_only_while_ray_starts(monkeypatch):
-    from deployments.launch import THROUGHPUT_MODE, throughput_mode
+@pytest.mark.parametrize("name", ["RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"])
+def test_serve_environment_is_set_only_while_ray_starts(monkeypatch, name):
+    from deployments.launch import SERVE_ENV, serve_environment
 
-    [(name, value)] = THROUGHPUT_MODE.items()
+    value = SERVE_ENV[name]
     monkeypatch.delenv(name, raising=False)
-    with throughput_mode():
+    with serve_environment():
         assert os.environ[name] == value  # what ray.init's processes inherit
     assert name not in os.environ  # this process and its children keep Serve's defaults
-    monkeypatch.setenv(name, "0")
-    with throughput_mode():
-        assert os.environ[name] == "0"  # the user's choice wins
-    assert os.environ[name] == "0"
+    monkeypatch.setenv(name, "7")
+    with serve_environment():
+        assert os.environ[name] == "7"  # the user's choice wins
+    assert os.environ[name] == "7"
