@@ -70,16 +70,20 @@ def serve_cluster() -> ServeCluster:
     metrics_port, http_port = free_port(), free_port()
     # Ray's processes started now (the engine processes' ancestors) keep this: a prompt holding
     # TEST_CRASH_PROMPT kills its engine (tests/test_hostile_input.py); no other test prompt holds it.
-    saved = os.environ.get(CRASH_PROMPT_ENV)
-    os.environ[CRASH_PROMPT_ENV] = TEST_CRASH_PROMPT
+    # And Ray's workers run at nice 1, not Ray's 15: next to other busy processes (nice 0) a nice-15
+    # worker gets a thirtieth of their CPU share, and the suite's Serve processes then starved.
+    suite_env = {CRASH_PROMPT_ENV: TEST_CRASH_PROMPT, "RAY_worker_niceness": "1"}
+    saved = {name: os.environ.get(name) for name in suite_env}
+    os.environ.update(suite_env)
     try:
         with serve_environment():  # as `helios serve` runs it
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     finally:
-        if saved is None:
-            os.environ.pop(CRASH_PROMPT_ENV)
-        else:
-            os.environ[CRASH_PROMPT_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     yield ServeCluster(f"http://127.0.0.1:{http_port}", metrics_port)
     serve.shutdown()

@@ -403,9 +403,9 @@ def test_while_a_round_profiles_the_serving_model_takes_the_rest(serve_cluster):
 
 
 def test_engine_processes_run_above_the_ray_workers_where_allowed(base_url):
-    """Each engine process asks for niceness 0; Ray starts its workers (the replicas) at 15. Where
-    this machine lets a process lower its niceness (CAP_SYS_NICE), the engine gets 0; elsewhere it
-    keeps its replica's."""
+    """Each engine process asks for niceness 0; Ray starts its workers (the replicas) at 15 (at 1 in
+    the suite's cluster: conftest). Where this machine lets a process lower its niceness
+    (CAP_SYS_NICE), the engine gets 0; elsewhere it keeps its replica's."""
     req = urllib.request.Request(base_url + "/v1/helios/stats", headers={"authorization": f"Bearer {API_KEY}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         models = json.loads(r.read())["models"]
