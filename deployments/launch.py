@@ -34,25 +34,28 @@ def serve_from_config(config: str = "serve_config.yaml", host: str | None = None
     http = doc.get("http_options", {})
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
 
-    _say(f"starting a local Ray cluster and deploying {application['import_path']} "
-         "(loading the models; about a minute on 2 CPU cores)")
-    started = time.perf_counter()
-    url = start_app(application.get("args", {}), host, port, application.get("name", "helios"),
-                    application.get("route_prefix", "/"))
-    _say(f"ready in {time.perf_counter() - started:.0f} s: OpenAI API at {url}/v1 (Ctrl-C stops)")
-    _say(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-         "-d '{\"model\": \"helios\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}'")
+    name = application.get("name", "helios")
     if block:
         def interrupt(*_):  # SIGTERM too: leave no Ray processes behind
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, interrupt)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            _say("shutting down")
-            stop()
+    _say(f"starting a local Ray cluster and deploying {application['import_path']} "
+         "(loading the models; about a minute on 2 CPU cores)")
+    started = time.perf_counter()
+    try:
+        url = start_app(application.get("args", {}), host, port, name, application.get("route_prefix", "/"))
+        _say(f"ready in {time.perf_counter() - started:.0f} s: OpenAI API at {url}/v1 (Ctrl-C stops)")
+        _say(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+             "-d '{\"model\": \"helios\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32}'")
+        while block:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # while starting too: a Ctrl-C then must not leave the cluster behind
+        _say("shutting down")
+        stopped = time.perf_counter()
+        stop(name)
+        _say(f"stopped in {time.perf_counter() - stopped:.0f} s")
+        url = ""
     return url
 
 
@@ -89,10 +92,13 @@ def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name
 
     from .app import build_app
 
+    global _own_cluster
     if port is None:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
+    if not ray.is_initialized():
+        _own_cluster = "RAY_ADDRESS" not in os.environ  # else ray.init joins that cluster
     with serve_environment():  # a cluster joined with RAY_ADDRESS keeps what it was started with
         ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
@@ -100,10 +106,22 @@ def start_app(args: dict, host: str = "127.0.0.1", port: int | None = 8000, name
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def stop() -> None:
-    """Shut down Serve and the local Ray cluster that `start_app` started."""
+_own_cluster = False  # whether start_app started the Ray cluster (rather than joining one)
+
+
+def stop(name: str = "helios") -> None:
+    """Tear down what `start_app` started: the whole local cluster it started, or only its
+    application `name` on a cluster it joined.
+
+    A cluster of our own is shut down directly, not through `serve.shutdown()` first: its Serve
+    processes die with it, and Serve's graceful shutdown of every replica took over two minutes
+    with both cores busy (Ray's workers run at niceness 15)."""
+    global _own_cluster
     import ray
     from ray import serve
 
-    serve.shutdown()
+    if _own_cluster:
+        _own_cluster = False
+    elif ray.is_initialized():
+        serve.delete(name)
     ray.shutdown()

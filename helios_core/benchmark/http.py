@@ -204,4 +204,4 @@ def run_serve(cfg: BenchConfig, budget: int, base: list[BenchRequest], warm: lis
         return asyncio.run(_measure(url, cfg, base, warm, loads, log))
     finally:
         if own:
-            launch.stop()
+            launch.stop("helios-bench")
