@@ -88,10 +88,14 @@ class ExitHead(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
 
-    def forward(self, h: Tensor, shared_lm_head: nn.Linear) -> Tensor:
+    def features(self, h: Tensor) -> Tensor:
+        """What the LM head reads: the normed (and adapted) hidden state."""
         if self.proj is not None:
             h = h + self.proj(h)
-        return (self.lm_head or shared_lm_head)(self.norm(h))
+        return self.norm(h)
+
+    def forward(self, h: Tensor, shared_lm_head: nn.Linear) -> Tensor:
+        return (self.lm_head or shared_lm_head)(self.features(h))
 
 
 def make_probe(model: Transformer) -> nn.Linear:
@@ -117,12 +121,22 @@ class ExitHeads(nn.Module):
         model = self.model[0]
         return self.probes[str(depth)](model.norm(h).float())[..., 0]  # probes stay fp32: tiny, and decide exits
 
+    def _head(self, depth: int) -> ExitHead | None:
+        if depth == self.model[0].config.num_layers:
+            return None  # the model's own last layer always uses the model's own head
+        return self.trained[str(depth)] if str(depth) in self.trained else None
+
     def logits(self, depth: int, h: Tensor) -> Tensor:
-        model = self.model[0]
-        head = self.trained[str(depth)] if str(depth) in self.trained else None
-        if head is None or depth == model.config.num_layers:
-            return model.lm_head(model.norm(h))
-        return head(h, model.lm_head)
+        model, head = self.model[0], self._head(depth)
+        return model.lm_head(model.norm(h)) if head is None else head(h, model.lm_head)
+
+    def features(self, depth: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, LM-head weight (V, D)) at `depth`: logits = features @ weight.T. Lets training
+        score a few candidate tokens per position instead of the whole vocabulary."""
+        model, head = self.model[0], self._head(depth)
+        if head is None:
+            return model.norm(h), model.lm_head.weight
+        return head.features(h), (head.lm_head or model.lm_head).weight
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -182,10 +196,11 @@ def _load_module(path: Path, what: str, module: nn.Module, state: dict[str, Tens
     return module
 
 
-def save_exit_heads(path: str | Path, heads: ExitHeads) -> None:
+def save_exit_heads(path: str | Path, heads: ExitHeads, dtype: torch.dtype | None = None) -> None:
+    """dtype: store the trained heads in it (e.g. bfloat16 to halve the file); probes stay fp32."""
     model = heads.model[0]
     tensors = {
-        f"exit.{d}.{prefix}{name}": p.detach().contiguous().cpu()
+        f"exit.{d}.{prefix}{name}": p.detach().to(dtype if dtype and prefix == "" else p.dtype).contiguous().cpu()
         for prefix, modules in (("", heads.trained), ("probe.", heads.probes))
         for d, module in modules.items()
         for name, p in module.state_dict().items()

@@ -32,13 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .exits import ExitHead, ExitHeads, make_probe, save_exit_heads
-from .models import Transformer, load_model
+from .exits import ExitHead, ExitHeads, load_exit_heads, make_probe, save_exit_heads
+from .models import Transformer, load_model, resolve_dtype
 from .train import is_held_out, parse_sources, resolve_device
 
 EVAL_THRESHOLD = 0.8  # the engine's default exit threshold
+CHECKPOINT_EVERY_S = 300.0  # training state is written at most this often (and when the time limit hits)
 
 
 def train_exit_heads(
@@ -53,16 +56,25 @@ def train_exit_heads(
     proj: bool = False,
     lm_head: bool = False,
     ce_weight: float = 0.0,
+    topk: int | None = None,
     eval_tokens: int = 16384,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    time_limit: float | None = None,
+    save_dtype: str | None = None,
 ) -> dict:
     """Train exit heads at `exit_layers` (default: every layer but the last) and write them to `out_path`.
 
     corpus: data sources "[NAME=]PATH[:WEIGHT]" as for `helios train` (default: code=stdlib).
-    Returns the run's figures, with the held-out "before" and "after" tables (see `evaluate`).
-    Deterministic for a seed on CPU (for a given thread count).
+    topk: distil on the final layer's top-k tokens plus shared sampled negatives instead of the whole
+    vocabulary (see `candidate_kl`); None = the whole vocabulary.
+    Training checkpoints beside `out_path` (`*.ckpt.safetensors`) every few steps and after
+    `time_limit` seconds, and a later call with the same arguments resumes from there; the
+    checkpoint is removed once the heads are written. Returns the run's figures, with the held-out
+    "before" and "after" tables (see `evaluate`); `finished` is False when the time limit stopped it.
+    Deterministic for a seed on CPU (for a given thread count), resumed or not.
+    save_dtype: the dtype the heads are stored in (default: fp32).
     """
     out_path = _check_out(out_path)
     if steps < 0 or batch_size < 1 or seq_len < 2 or eval_tokens < seq_len:
@@ -76,31 +88,44 @@ def train_exit_heads(
 
     trained = {d: make_head(model, proj, lm_head).to(dev) for d in depths}
     heads = ExitHeads(model, trained)
-    before = evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
-
     optimizer = torch.optim.Adam(heads.trained.parameters(), lr=lr)  # no weight decay: it pulls norm gains to 0
-    rng = random.Random(seed)
+    checkpoint = out_path.with_suffix(".ckpt.safetensors")
+    start, loss_value, seconds = resume(checkpoint, heads, optimizer, steps, dev)
+    before = evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
 
     from tqdm import tqdm
 
     started = time.perf_counter()
-    loss_value = float("nan")
-    for step in tqdm(range(steps), disable=not progress, desc="train-exits", unit="step"):
+    last_saved = started
+    for step in tqdm(range(start, steps), disable=not progress, desc="train-exits", unit="step",
+                     initial=start, total=steps):
         for group in optimizer.param_groups:  # cosine decay to 10%: heads start at a good point, no warmup
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        rng = random.Random(seed * 1_000_003 + step)  # a step's batch depends on the step only: resumable
         batch = sample_batch(train_data, batch_size, seq_len, rng).to(dev)
-        loss = distillation_loss(model, heads, depths, batch, ce_weight)
+        loss = distillation_loss(model, heads, depths, batch, ce_weight, topk, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_value = float(loss.detach())
-    seconds = time.perf_counter() - started
+        now = time.perf_counter()
+        out_of_time = time_limit is not None and now - started >= time_limit
+        if step + 1 < steps and (out_of_time or now - last_saved >= CHECKPOINT_EVERY_S):
+            save_checkpoint(checkpoint, heads, optimizer, step + 1, loss_value, seconds + now - started)
+            last_saved = now
+            if out_of_time:
+                return {"out": str(out_path), "finished": False, "steps_done": step + 1, "steps": steps,
+                        "checkpoint": str(checkpoint), "final_loss": loss_value}
+    seconds += time.perf_counter() - started
 
     after = evaluate(model, heads, depths, eval_data, batch_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_exit_heads(out_path, heads)
+    save_exit_heads(out_path, heads, resolve_dtype(save_dtype) if save_dtype else None)
+    checkpoint.unlink(missing_ok=True)
     return {
         "out": str(out_path),
+        "finished": True,
+        "topk": topk,
         "model": str(model_dir),
         "exit_layers": list(depths),
         "num_layers": num_layers,
@@ -160,21 +185,96 @@ def frozen_forward(model: Transformer, tokens: Tensor, depths: tuple[int, ...]) 
 
 
 def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], batch: Tensor,
-                      ce_weight: float) -> Tensor:
+                      ce_weight: float, topk: int | None = None, rng: random.Random | None = None) -> Tensor:
     """Sum over heads of KL(final || head), plus ce_weight x cross-entropy to the next token.
 
     Summed, not averaged: every head has its own parameters, so each gets the gradient of its own loss.
+    With `topk`, each head is scored on candidate tokens only (`candidate_kl`): the final layer's top-k
+    at each position plus NEGATIVES_PER_TOPK x topk tokens sampled for the batch (rng). A real model's
+    LM head costs as much as several blocks (SmolLM2: 8; Gemma 3 270M: 30), so the full vocabulary at
+    every exit would cost more than the frozen forward itself.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
     hidden, teacher = frozen_forward(model, inputs, depths)
     teacher = teacher.flatten(0, 1)
+    if topk:
+        top = teacher.topk(topk, dim=-1).indices  # (N, k)
+        generator = torch.Generator().manual_seed((rng or random.Random(0)).randrange(2**62))
+        sampled = torch.randint(teacher.shape[1], (NEGATIVES_PER_TOPK * topk,), generator=generator).to(top.device)
+        if ce_weight:
+            top = torch.cat([top, targets[:, None]], dim=1)
     loss = torch.zeros((), device=batch.device)
     for d in depths:
+        if topk:
+            features, weight = heads.features(d, hidden[d])
+            kl, student_target = candidate_kl(features.flatten(0, 1), weight, teacher, top, sampled)
+            loss = loss + kl
+            if ce_weight:
+                loss = loss + ce_weight * -student_target.mean()
+            continue
         student = F.log_softmax(heads.logits(d, hidden[d]).float().flatten(0, 1), dim=-1)
         loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         if ce_weight:
             loss = loss + ce_weight * F.nll_loss(student, targets)
     return loss
+
+
+NEGATIVES_PER_TOPK = 8  # sampled tokens per top-k slot: they keep the rest of the vocabulary down
+
+
+def candidate_kl(features: Tensor, weight: Tensor, teacher: Tensor, top: Tensor,
+                 sampled: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(teacher || student) over each position's candidates: its own `top` ids (N, k) and the
+    batch's `sampled` ids (S,), both distributions renormalised over them.
+
+    features (N, D) and the LM head `weight` (V, D) give the student's logits for the candidates only
+    (N·(k+S)·D multiply-adds instead of N·V·D). Returns the KL (mean over positions) and the
+    student's log-probability of each position's last `top` column (its text token when the caller
+    appended it), for the cross-entropy term.
+    """
+    student = torch.cat([torch.einsum("nd,nkd->nk", features, weight[top]), features @ weight[sampled].T], dim=1)
+    student = F.log_softmax(student.float(), dim=-1)
+    target = torch.cat([teacher.gather(1, top), teacher[:, sampled]], dim=1).log_softmax(dim=-1)
+    kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return kl, student[:, top.shape[1] - 1]
+
+
+def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, step: int, loss: float,
+                    seconds: float) -> None:
+    """Heads and Adam's moments as safetensors (never a pickle), the step in the metadata; written
+    to a temporary file and renamed, so an interruption leaves the previous checkpoint whole."""
+    tensors = {f"heads.{k}": v.detach().contiguous().cpu() for k, v in heads.trained.state_dict().items()}
+    params = list(heads.trained.parameters())
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"adam.{i}.{key}"] = state[key].contiguous().cpu()
+        if "step" in state:
+            tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "loss": repr(loss), "seconds": repr(seconds)})
+    tmp.replace(path)
+
+
+def resume(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, steps: int,
+           device: str) -> tuple[int, float, float]:
+    """Load a checkpoint written by `save_checkpoint` if there is one: (next step, loss, seconds so far)."""
+    if not path.is_file():
+        return 0, float("nan"), 0.0
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    step = int(meta["step"])
+    if step > steps:
+        raise ValueError(f"{path} is at step {step}, beyond --steps {steps}: remove it to start over")
+    heads.trained.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+    for i, p in enumerate(heads.trained.parameters()):
+        if f"adam.{i}.exp_avg" in tensors:
+            optimizer.state[p] = {"step": tensors[f"adam.{i}.step"][0].clone(),
+                                  "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
+                                  "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
+    return step, float(meta["loss"]), float(meta["seconds"])
 
 
 @torch.no_grad()
@@ -233,13 +333,17 @@ def train_exit_probes(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    heads_path: str | Path | None = None,
 ) -> dict:
-    """Train an exit probe per depth for the model's shared exit head and write them to `out_path`.
+    """Train an exit probe per depth for the model's exit heads and write them to `out_path`.
 
     A probe is a logistic regression on the final-normed hidden state: label 1 when the depth's top-1
     token equals the final layer's (teacher-forced on the corpus' training files). Features and labels
     are collected once (`train_tokens` positions, frozen forwards of `batch_size` windows); then `steps`
     full-batch Adam steps fit all depths together. Returns the held-out report (see `probe_report`).
+    heads_path: trained exit heads (from `train_exit_heads`): the probes learn when *those* heads agree
+    with the final layer, and `out_path` holds the heads and the probes together (what the engine
+    loads); default exit depths are then the heads' depths. None: probes for the shared head.
     """
     out_path = _check_out(out_path)
     if steps < 0 or batch_size < 1 or seq_len < 2 or train_tokens < seq_len or eval_tokens < seq_len:
@@ -248,12 +352,17 @@ def train_exit_probes(
                          f"train_tokens={train_tokens} eval_tokens={eval_tokens}")
     dev = resolve_device(device)
     model, depths, tokenizer = _frozen_model(model_dir, exit_layers, seq_len, dev)
+    heads = ExitHeads(model)
+    if heads_path is not None:
+        heads = load_exit_heads(heads_path, model)
+        if exit_layers is None:
+            depths = tuple(sorted(int(d) for d in heads.trained)) or depths
     train_data, eval_windows = load_corpus(corpus, tokenizer, train_tokens + seq_len + 1, eval_tokens, seq_len, seed)
     n = min(len(train_data) // (seq_len + 1), math.ceil(train_tokens / seq_len))
     train_windows = torch.from_numpy(train_data[: n * (seq_len + 1)].reshape(n, seq_len + 1))
 
     started = time.perf_counter()
-    x, y, _ = probe_data(model, depths, train_windows, batch_size)
+    x, y, _ = probe_data(heads, depths, train_windows, batch_size)
     weight, bias = fit_probes(x, y, steps, lr, progress)
     seconds = time.perf_counter() - started
 
@@ -263,13 +372,21 @@ def train_exit_probes(
         probes[d].weight.data.copy_(weight[i][None])
         probes[d].bias.data.copy_(bias[i : i + 1])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_exit_heads(out_path, ExitHeads(model, probes=probes))
+    trained = {int(d): head for d, head in heads.trained.items()}
+    save_exit_heads(out_path, ExitHeads(model, trained, probes), _stored_dtype(heads_path) if heads_path else None)
     del x, y  # free the training features before the held-out pass collects its own
-    report = probe_report(model, depths, weight, bias, eval_windows, batch_size)
+    report = probe_report(heads, depths, weight, bias, eval_windows, batch_size)
     return {"out": str(out_path), "model": str(model_dir), "exit_layers": list(depths),
             "num_layers": model.config.num_layers, "steps": steps, "train_tokens": int(_positions(train_windows)),
             "eval_tokens": int(_positions(eval_windows)), "seconds": round(seconds, 2),
             "adapter_bytes": out_path.stat().st_size} | report
+
+
+def _stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a heads file stores its trained heads in (None when it holds probes only)."""
+    with safe_open(path, framework="pt") as f:
+        names = [k for k in f.keys() if ".probe." not in k]
+        return f.get_tensor(names[0]).dtype if names else None
 
 
 def _positions(windows: Tensor) -> int:
@@ -277,11 +394,11 @@ def _positions(windows: Tensor) -> int:
 
 
 @torch.no_grad()
-def probe_data(model: Transformer, depths: tuple[int, ...], windows: Tensor,
+def probe_data(heads: ExitHeads, depths: tuple[int, ...], windows: Tensor,
                batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per depth, over every predicted position: features (L', N, D) = final norm of the hidden state,
-    labels (L', N) = depth top-1 == final top-1, and the shared head's max probability (L', N)."""
-    heads = ExitHeads(model)
+    labels (L', N) = the depth's head's top-1 == final top-1, and that head's max probability (L', N)."""
+    model = heads.model[0]
     xs, ys, ps = [], [], []
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size, :-1].to(model.embed.weight.device)
@@ -331,13 +448,14 @@ def auc(score: Tensor, label: Tensor) -> float | None:
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def probe_report(model: Transformer, depths: tuple[int, ...], weight: Tensor, bias: Tensor, windows: Tensor,
+def probe_report(heads: ExitHeads, depths: tuple[int, ...], weight: Tensor, bias: Tensor, windows: Tensor,
                  batch_size: int, thresholds: tuple[float, ...] = PROBE_THRESHOLDS) -> dict:
     """Held-out: per depth, the label rate and how well each confidence ranks right from wrong (AUC,
     probe vs max_prob); per threshold and measure, the teacher-forced exits (first depth whose confidence
     reaches it, else the last layer): mean exit depth and share of exit tokens equal to the final layer's.
     Teacher-forced from a full-depth forward, so it ignores the engine's K/V propagation: an estimate."""
-    x, y, max_prob = probe_data(model, depths, windows, batch_size)
+    model = heads.model[0]
+    x, y, max_prob = probe_data(heads, depths, windows, batch_size)
     probe = torch.sigmoid(torch.einsum("lnd,ld->ln", x, weight) + bias[:, None])
     rows = [{"depth": d, "agreement": float(y[i].float().mean()), "auc_max_prob": auc(max_prob[i], y[i]),
              "auc_probe": auc(probe[i], y[i]),

@@ -13,7 +13,7 @@ from helios_core.cli import main
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig, confidence_from_logits, load_exit_heads
 from helios_core.sampling import SamplingParams
-from helios_core.train_exits import fit_probes, train_exit_heads, train_exit_probes
+from helios_core.train_exits import candidate_kl, fit_probes, train_exit_heads, train_exit_probes
 from tiny_models import _CORPUS, hf_greedy, make_pickle_checkpoint
 
 DEPTHS = (1, 2, 3)
@@ -181,3 +181,59 @@ def test_cli_errors_are_one_clear_line(tiny_llama, tmp_path, capsys):
         main(["train-exits", "--model", str(tiny_llama), "--out", str(tmp_path / "h.safetensors"),
               "--exit-layers", "0"])
     assert exited.value.code == 2 and "helios: error: exit layer(s) [0] out of range" in capsys.readouterr().err
+
+
+def test_candidate_kl_is_the_full_kl_when_the_candidates_are_the_vocabulary():
+    torch.manual_seed(0)
+    features, weight = torch.randn(12, 8), torch.randn(30, 8)
+    teacher = torch.log_softmax(torch.randn(12, 30), -1)
+    full = torch.nn.functional.kl_div(torch.log_softmax(features @ weight.T, -1), teacher, log_target=True,
+                                      reduction="batchmean")
+    every = torch.arange(30).expand(12, 30)
+    kl, _ = candidate_kl(features, weight, teacher, every, torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(kl, full)
+    part, _ = candidate_kl(features, weight, teacher, teacher.topk(4, -1).indices, torch.arange(5))
+    assert 0 < float(part) and not torch.isclose(part, full)  # fewer candidates: another (smaller-support) KL
+
+
+def test_topk_distillation_raises_agreement_with_the_final_layer(tiny_llama, corpus, tmp_path):
+    result = train_exit_heads(tiny_llama, tmp_path / "topk.safetensors", [corpus], **FAST, topk=8)
+    before, after = result["before"]["rows"], result["after"]["rows"]
+    for b, a in zip(before[:-1], after[:-1]):
+        assert a["agreement"] > b["agreement"] and a["perplexity"] < b["perplexity"]
+    assert result["topk"] == 8
+
+
+def test_interrupted_training_resumes_to_the_same_heads(tiny_llama, corpus, trained, tmp_path):
+    path, _, _ = trained
+    out = tmp_path / "resumed.safetensors"
+    calls = 0
+    while True:  # time_limit=0: every call trains one step, checkpoints and stops
+        result = train_exit_heads(tiny_llama, out, [corpus], **FAST, time_limit=0)
+        calls += 1
+        if result["finished"]:
+            break
+        assert result["steps_done"] == calls and not out.exists()
+    assert calls == FAST["steps"] and not out.with_suffix(".ckpt.safetensors").exists()
+    a, b = load_file(str(path)), load_file(str(out))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_probes_for_trained_heads_ship_in_one_file_with_them(tiny_llama, corpus, trained, tmp_path):
+    path, _, _ = trained
+    out = tmp_path / "heads_probes.safetensors"
+    result = train_exit_probes(tiny_llama, out, [corpus], **PROBES_FAST, heads_path=path)
+    assert result["exit_layers"] == list(DEPTHS)
+    stored, heads = load_file(str(out)), load_file(str(path))
+    assert all(torch.equal(stored[k], v) for k, v in heads.items())  # the heads, unchanged
+    assert sorted(set(stored) - set(heads)) == sorted(f"exit.{d}.probe.{n}" for d in DEPTHS for n in ("weight", "bias"))
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(measure="probe", threshold=0.5,
+                                                                        exit_layers=DEPTHS, heads_path=str(out))))
+    loaded = load_exit_heads(out, eng.model)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    with torch.inference_mode():  # a token that leaves at depth d carries the trained head's top-1 there
+        for prompt, o in zip(PROMPTS, outs):
+            hidden = eng.model(torch.tensor([prompt]), output_hidden_states=True)[1]
+            d = o.exit_layers[0]
+            if d < 6:
+                assert o.token_ids[0] == int(loaded.logits(d, hidden[d - 1][:, -1]).argmax())
