@@ -16,7 +16,7 @@ also *gate* max_prob or margin (`probe_gate`): only the rows whose probe reaches
 the LM head, and the logit measure still makes the decision, so a gate only ever delays an exit.
 
 Adapter format (`*.safetensors`, written by `save_exit_heads`):
-  metadata: format="helios-exit-heads", version="2", hidden_size, vocab_size, norm ("rms"|"layer")
+  metadata: format="helios-exit-heads", version="2", hidden_size, vocab_size, norm ("rms"|"gemma_rms"|"layer")
   tensors per exit depth d (any subset of depths):
     exit.{d}.norm.weight       (D,)     the head's own norm; required when the depth has a trained head
     exit.{d}.norm.bias         (D,)     layer norm only

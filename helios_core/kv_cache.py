@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .models.config import ModelConfig
-from .models.transformer import causal_mask
+from .models.transformer import causal_masks, per_layer
 
 
 class MemoryBudgetError(ValueError):
@@ -132,11 +132,11 @@ class KVCache:
 
 
 class DecodeKV:
-    """KV access for a decode step: one new token per row, row i in slot i."""
+    """KV access for a decode step: one new token per row, row i in slot i. masks: one per layer."""
 
-    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, mask: Tensor):
-        self.cache, self.slots, self.positions, self.mask = cache, slots, positions, mask
-        self.length = mask.shape[-1]
+    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, masks: tuple[Tensor, ...]):
+        self.cache, self.slots, self.positions, self.masks = cache, slots, positions, masks
+        self.length = masks[0].shape[-1]
 
     @staticmethod
     def for_rows(cache: KVCache, positions: Tensor, max_position: int) -> "DecodeKV":
@@ -144,11 +144,15 @@ class DecodeKV:
         slots = torch.arange(positions.shape[0], device=positions.device)
         length = max_position + 1
         k_pos = torch.arange(length, device=positions.device)[None, :]
-        allowed = k_pos <= positions[:, None]
-        window = cache.config.sliding_window
-        if window is not None:
-            allowed &= positions[:, None] - k_pos < window
-        return DecodeKV(cache, slots, positions, allowed[:, None, None, :])  # (B, 1, 1, S)
+        q_pos = positions[:, None]
+
+        def mask(window: int | None) -> Tensor:  # (B, 1, 1, S)
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= q_pos - k_pos < window
+            return allowed[:, None, None, :]
+
+        return DecodeKV(cache, slots, positions, per_layer(cache.config.layer_windows, mask))
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         self.cache.k[layer][self.slots, :, self.positions] = k[:, 0]  # k: (N, 1, KV, D)
@@ -157,7 +161,7 @@ class DecodeKV:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.write(layer, k, v)
         n = self.slots.shape[0]
-        return self.cache.k[layer][:n, :, : self.length], self.cache.v[layer][:n, :, : self.length], self.mask
+        return self.cache.k[layer][:n, :, : self.length], self.cache.v[layer][:n, :, : self.length], self.masks[layer]
 
 
 class PrefillKV:
@@ -165,7 +169,7 @@ class PrefillKV:
 
     def __init__(self, cache: KVCache, slot: int, start: int, t: int):
         self.cache, self.slot, self.start, self.end = cache, slot, start, start + t
-        self.mask = causal_mask(t, self.end, start, cache.config.sliding_window, cache.device)
+        self.masks = causal_masks(cache.config, t, self.end, start, cache.device)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         self.cache.k[layer][self.slot, :, self.start : self.end] = k[0].transpose(0, 1)  # (KV, t, D)
@@ -175,4 +179,4 @@ class PrefillKV:
         self.write(layer, k, v)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         s = self.slot
-        return kc[s : s + 1, :, : self.end], vc[s : s + 1, :, : self.end], self.mask
+        return kc[s : s + 1, :, : self.end], vc[s : s + 1, :, : self.end], self.masks[layer]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
-from .models.transformer import NoCache, Transformer, causal_mask
+from .models.transformer import NoCache, Transformer, causal_masks
 
 
 # --- the engine's exit decision, teacher-forced ---------------------------------------------------
@@ -67,8 +67,8 @@ def simulate_exits(
     tokens = tokens.to(device)
     positions = torch.arange(t, device=device).expand(n, t)
     x = model.embed_tokens(tokens, positions)
-    cos, sin = model.rope(positions)
-    kv = NoCache(causal_mask(t, t, 0, model.config.sliding_window, device))
+    rope = model.rope(positions)
+    kv = NoCache(causal_masks(model.config, t, t, 0, device))
     may_exit = positions >= start
     exited = torch.zeros(n, t, dtype=torch.bool, device=device)
     trace = ExitTrace(
@@ -82,7 +82,7 @@ def simulate_exits(
     previous = x  # hidden state at the previous exit point (cosine measure)
     for layer in model.layers[:k]:
         depth = layer.index + 1
-        x = torch.where(exited[..., None], x, layer(x, cos, sin, kv))
+        x = torch.where(exited[..., None], x, layer(x, rope, kv))
         if depth not in points:
             continue
         rows = (may_exit & ~exited).nonzero(as_tuple=True)

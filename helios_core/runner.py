@@ -50,12 +50,12 @@ class ModelRunner:
         model = self.model
         positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)[None]
         x = model.embed_tokens(tokens[None], positions)
-        cos, sin = model.rope(positions)
+        rope = model.rope(positions)
         kv = PrefillKV(self.cache, slot, start, tokens.shape[0])
         *body, last = model.layers
         for layer in body:
-            x = layer(x, cos, sin, kv)
-        last.fill_kv(x, cos, sin, kv)  # the last layer's output is never read: K/V is all we need
+            x = layer(x, rope, kv)
+        last.fill_kv(x, rope, kv)  # the last layer's output is never read: K/V is all we need
 
     @torch.inference_mode()
     def decode(
@@ -70,7 +70,7 @@ class ModelRunner:
         limits = torch.where(early_exit, thresholds, torch.inf)  # a row that may not exit never reaches inf
 
         x = model.embed_tokens(tokens[:, None], kv.positions[:, None])  # (B, 1, D)
-        cos, sin = model.rope(kv.positions[:, None])
+        rope = model.rope(kv.positions[:, None])
         previous = x  # hidden state at the previous exit point (cosine measure)
         out = DecodeOutput(
             logits=torch.empty(n_rows, model.config.vocab_size, device=device),
@@ -84,9 +84,9 @@ class ModelRunner:
         for layer in model.layers:
             depth = layer.index + 1
             if all_gone:
-                layer.fill_kv(x, cos, sin, kv)
+                layer.fill_kv(x, rope, kv)
                 continue
-            x = layer(x, cos, sin, kv, run)
+            x = layer(x, rope, kv, run)
             if depth not in exit_points:
                 continue
             rows = slice(None) if run is None else run  # only the running rows are checked

@@ -247,6 +247,22 @@ def test_unsupported_rope_scaling(llama, tmp_path, style, kind):
     assert kind in str(err.value)
 
 
+@pytest.mark.parametrize("option, value", [("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
+                                           ("use_bidirectional_attention", True)])
+def test_gemma3_unimplemented_options_refused(tiny_model_dirs, tmp_path, option, value):
+    path = copy_model(tiny_model_dirs["gemma3"], tmp_path / f"gemma3_{option}", lambda c: c.update({option: value}))
+    for load in (lambda: make(path), lambda: load_model(path)):
+        with pytest.raises(UnsupportedModelError, match=option):
+            load()
+
+
+def test_multimodal_gemma3_refused_with_a_pointer_to_gemma3_text(llama, tmp_path):
+    path = copy_model(llama, tmp_path / "gemma3_mm", lambda c: c.update(model_type="gemma3"))
+    with pytest.raises(UnsupportedModelError, match="gemma3_text") as err:
+        load_model(path)
+    assert "multimodal" in str(err.value)
+
+
 def test_opt_post_norm_refused(opt, tmp_path):
     path = copy_model(opt, tmp_path / "opt_post", lambda c: c.update(do_layer_norm_before=False))
     with pytest.raises(UnsupportedModelError, match="do_layer_norm_before"):

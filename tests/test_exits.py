@@ -75,12 +75,20 @@ def test_per_request_threshold_overrides_model_default(tiny_llama):
     assert off[0].token_ids == high.token_ids
 
 
-class ListKV:
-    """Reference KV: per-layer lists of (1, 1, KV, D) tensors for one sequence."""
+@pytest.fixture(params=["llama", "gemma3"])
+def exit_model(request, tiny_llama, tiny_model_dirs):
+    """The 6-layer llama, and the 4-layer Gemma 3 (sliding-window layers, q/k norms, Gemma norms in the heads)."""
+    return tiny_llama if request.param == "llama" else tiny_model_dirs["gemma3"]
 
-    def __init__(self, layers):
-        self.k = [[] for _ in range(layers)]
-        self.v = [[] for _ in range(layers)]
+
+class ListKV:
+    """Reference KV: per-layer lists of (1, 1, KV, D) tensors for one sequence. windows: per layer
+    (None = attend to every earlier position)."""
+
+    def __init__(self, windows):
+        self.windows = windows
+        self.k = [[] for _ in windows]
+        self.v = [[] for _ in windows]
 
     def write(self, layer, k, v):
         self.k[layer].append(k)
@@ -90,13 +98,15 @@ class ListKV:
         self.write(layer, k, v)
         keys = torch.cat(self.k[layer], dim=1).transpose(1, 2)
         values = torch.cat(self.v[layer], dim=1).transpose(1, 2)
-        return keys, values, torch.zeros(1, 1, 1, keys.shape[2], device=keys.device)
+        distance = torch.arange(keys.shape[2], device=keys.device).flip(0)  # query is the last position
+        window = self.windows[layer]
+        return keys, values, (distance < (window or keys.shape[2] + 1))[None, None, None]
 
 
 def reference_decode(model, prompt, steps, threshold):
     """One sequence, one token at a time, written for clarity: exits at every layer by max prob;
     exited tokens' deeper K/V come from their exit hidden state."""
-    kv = ListKV(model.num_loaded_layers)
+    kv = ListKV(model.config.layer_windows[: model.num_loaded_layers])
     last = model.num_loaded_layers
     tokens, depths = list(prompt), []
     device = model.embed.weight.device  # the engine picks CUDA when there is one
@@ -104,14 +114,14 @@ def reference_decode(model, prompt, steps, threshold):
         t = torch.tensor([[tokens[pos]]], device=device)
         p = torch.tensor([[pos]], device=device)
         x = model.embed_tokens(t, p)
-        cos, sin = model.rope(p)
+        rope = model.rope(p)
         generating = pos >= len(prompt) - 1
         exited = None
         for layer in model.layers:
             if exited is not None:
-                layer.fill_kv(exited, cos, sin, kv)
+                layer.fill_kv(exited, rope, kv)
                 continue
-            x = layer(x, cos, sin, kv)
+            x = layer(x, rope, kv)
             depth = layer.index + 1
             logits = model.lm_head(model.norm(x[:, 0]))
             if generating and (depth == last or torch.softmax(logits, -1).max() >= threshold):
@@ -122,8 +132,8 @@ def reference_decode(model, prompt, steps, threshold):
     return tokens[len(prompt):], depths
 
 
-def test_decode_matches_unbatched_reference_with_kv_propagation(tiny_llama):
-    eng = engine(tiny_llama, threshold=0.5)
+def test_decode_matches_unbatched_reference_with_kv_propagation(exit_model):
+    eng = engine(exit_model, threshold=0.5)
     outs = eng.generate(PROMPTS, GREEDY)
     with torch.inference_mode():
         for prompt, out in zip(PROMPTS, outs):
@@ -133,7 +143,8 @@ def test_decode_matches_unbatched_reference_with_kv_propagation(tiny_llama):
     assert len({d for o in outs for d in o.exit_layers}) > 1
 
 
-def test_trained_exit_heads_roundtrip(tiny_llama, tmp_path):
+def test_trained_exit_heads_roundtrip(exit_model, tmp_path):
+    tiny_llama = exit_model
     eng = engine(tiny_llama, threshold=0.5)
     model = eng.model
     # A head that copies the final norm and shares the LM head computes exactly the shared head.
@@ -154,6 +165,18 @@ def test_trained_exit_heads_roundtrip(tiny_llama, tmp_path):
     flat_out = engine(tiny_llama, threshold=0.0, exit_layers=(3,), heads_path=str(path)).generate(PROMPTS, GREEDY)
     assert all(set(o.token_ids) == {0} and set(o.exit_layers) == {3} for o in flat_out)
     assert {t for o in shared for t in o.token_ids} != {0}
+
+
+def test_new_trained_head_starts_as_the_shared_head(exit_model):
+    """train-exits starts every head from the model's final norm and LM head (Gemma: a Gemma norm)."""
+    from helios_core.train_exits import make_head
+
+    model = engine(exit_model).model
+    head = make_head(model, proj=True, lm_head=True)
+    assert type(head.norm) is type(model.norm)
+    h = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h, model.lm_head), model.lm_head(model.norm(h)), atol=0, rtol=0)
 
 
 def test_exit_heads_beside_the_weights_are_not_read_as_weights(tiny_llama, tmp_path):

@@ -3,6 +3,7 @@
 With early exit off, the engine must reproduce HF's greedy decoding token for token: short prompts,
 prompts longer than the prefill chunk (chunked prefill; longer than Mistral's sliding window),
 and several prompts of different lengths batched together (continuous batching, slot reuse).
+Sliding windows: Mistral's (every layer) and Gemma 3's (local layers between global ones).
 Logits are compared too: the full-sequence forward and the engine's decode step (fp32, atol 1e-4),
 and a loose bf16 check.
 """
@@ -19,19 +20,19 @@ from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.models import load_model
 from helios_core.sampling import SamplingParams
 
-from tiny_models import FAMILIES, MISTRAL_SLIDING_WINDOW, hf_greedy, hf_logits
+from tiny_models import FAMILIES, GEMMA3_SLIDING_WINDOW, MISTRAL_SLIDING_WINDOW, hf_greedy, hf_logits
 
 
 NEW_TOKENS = 32
 CHUNK = 8  # max_prefill_tokens: small, so the long prompts are prefilled in several chunks
 MAX_MODEL_LEN = 128
 SHORT_LEN = 5
-LONG_LEN = 40  # > CHUNK and > MISTRAL_SLIDING_WINDOW (16): prefill and decode both cross the window
+LONG_LEN = 40  # > CHUNK and > the sliding windows (16): prefill and decode both cross the window
 BATCH_LENS = (1, SHORT_LEN, 12, LONG_LEN)  # shares the short/long prompts (HF results are cached)
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 ATOL = 1e-4
 
-assert LONG_LEN > CHUNK and LONG_LEN > MISTRAL_SLIDING_WINDOW
+assert LONG_LEN > CHUNK and LONG_LEN > max(MISTRAL_SLIDING_WINDOW, GEMMA3_SLIDING_WINDOW)
 
 
 def prompt(length: int, vocab: int = 300, seed: int = 0) -> list[int]:
@@ -194,26 +195,48 @@ def test_decode_step_logits_match_hf(family_ckpt):
     assert (captured[0].depth == 4).all() and not captured[0].forced.any()
 
 
+# --- Gemma 3 configs as older transformers wrote them ------------------------------------------------------
+def test_gemma3_legacy_config_keys_read_as_transformers_reads_them(tiny_model_dirs, tmp_path):
+    """Before transformers 5, Gemma 3 configs had flat RoPE keys (rope_theta and rope_scaling for the
+    global layers, rope_local_base_freq for the local ones) and sliding_window_pattern instead of
+    layer_types. Our model of such a directory must match transformers' model of it."""
+    import json
+    import shutil
+
+    path = shutil.copytree(tiny_model_dirs["gemma3"], tmp_path / "gemma3_legacy")
+    config = json.loads((path / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+        del config[key]
+    config.update(rope_theta=20000.0, rope_local_base_freq=5000.0, sliding_window_pattern=2,
+                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    (path / "config.json").write_text(json.dumps(config))
+
+    model = load_model(path)
+    c = model.config
+    assert c.layer_windows == (GEMMA3_SLIDING_WINDOW, None) * 2  # every 2nd layer global
+    assert (c.rope.theta, c.rope.scaling, c.rope.factor) == (20000.0, "linear", 4.0)
+    assert (c.local_rope.theta, c.local_rope.scaling) == (5000.0, "default")
+    ids = torch.tensor([prompt(LONG_LEN)])
+    torch.testing.assert_close(model(ids), hf_logits(path, ids), atol=ATOL, rtol=0)
+
+
 # --- bf16 ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_path(tiny_model_dirs):
-    return tiny_model_dirs["llama_gqa"]
-
-
 @torch.no_grad()
-def test_bfloat16_matches_hf_bfloat16(llama_path):
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])  # gemma3: fp32 norms, embedding scale in bf16
+def test_bfloat16_matches_hf_bfloat16(tiny_model_dirs, family):
+    path = tiny_model_dirs[family]
     ids = prompt(20)
-    model = load_model(llama_path, dtype="bfloat16")
+    model = load_model(path, dtype="bfloat16")
     assert model.embed.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    fp32_bytes = load_model(llama_path).weight_bytes()
+    fp32_bytes = load_model(path).weight_bytes()
     assert model.weight_bytes() * 2 == fp32_bytes
 
-    hf16 = _hf_model(llama_path, torch.bfloat16)
+    hf16 = _hf_model(path, torch.bfloat16)
     x = torch.tensor([ids])
     ours = model(x).float()
     ref16 = hf16(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
-    ref32 = hf_logits(llama_path, ids)
+    ref32 = hf_logits(path, ids)
     scale = ref32.abs().max().item()
     # bf16 keeps ~3 significant digits; the two bf16 implementations should agree far more closely
     # than either agrees with fp32, and both stay within a few % of the logit scale of fp32.
@@ -222,7 +245,7 @@ def test_bfloat16_matches_hf_bfloat16(llama_path):
     assert (ours.argmax(-1) == ref16.argmax(-1)).float().mean().item() >= 0.9
 
     # greedy generation in bf16 through the engine (cached decode) vs HF bf16 generate
-    engine = LLMEngine(EngineConfig(model=str(llama_path), dtype="bfloat16", early_exit=False,
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", early_exit=False,
                                     max_model_len=MAX_MODEL_LEN, max_prefill_tokens=CHUNK, device="cpu"))
     assert engine.cache.k[0].dtype == torch.bfloat16
     [out] = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -230,4 +253,4 @@ def test_bfloat16_matches_hf_bfloat16(llama_path):
                         eos_token_id=None, pad_token_id=hf16.config.pad_token_id)[0, len(ids):].tolist()
     assert out.token_ids[:4] == gen[:4]
     # and the first token agrees with fp32 HF too (the tiny models have large top-1 margins)
-    assert out.token_ids[0] == hf_ref(llama_path, ids)[0]
+    assert out.token_ids[0] == hf_ref(path, ids)[0]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 import tiny_models as tm
 
 UNTIED = {"llama_gqa", "llama3_rope", "llama_bias", "mistral"}
-TIED = {"llama_tied", "qwen2", "opt", "gpt2"}
+TIED = {"llama_tied", "qwen2", "gemma3", "opt", "gpt2"}
 GQA = {"llama_gqa", "llama3_rope", "llama_bias", "qwen2", "mistral"}
 
 
@@ -73,6 +73,18 @@ def test_config_fields(tiny_model_dirs, family):
     assert cfg["tie_word_embeddings"] == (family in TIED)
     if family == "mistral":
         assert cfg["sliding_window"] == tm.MISTRAL_SLIDING_WINDOW
+    if family == "gemma3":
+        assert cfg["model_type"] == "gemma3_text"
+        assert cfg["num_key_value_heads"] == tm.GEMMA3_NUM_KV_HEADS
+        assert cfg["head_dim"] == tm.GEMMA3_HEAD_DIM != cfg["hidden_size"] // cfg["num_attention_heads"]
+        assert cfg["query_pre_attn_scalar"] == tm.GEMMA3_QUERY_PRE_ATTN_SCALAR != cfg["head_dim"]
+        assert cfg["sliding_window"] == tm.GEMMA3_SLIDING_WINDOW
+        assert set(cfg["layer_types"]) == {"sliding_attention", "full_attention"}
+        assert cfg["rope_parameters"] == tm.GEMMA3_ROPE_PARAMETERS
+        assert cfg["final_logit_softcapping"] is None and cfg["attn_logit_softcapping"] is None
+        for name in ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            assert f"model.layers.0.{name}.weight" in keys
     if family == "llama3_rope":
         assert cfg["rope_parameters"]["rope_type"] == "llama3"
         assert cfg["rope_parameters"]["factor"] == tm.LLAMA3_ROPE_PARAMETERS["factor"]
@@ -190,6 +202,40 @@ def test_mistral_sliding_window_matters(tiny_model_dirs):
     w = tm.MISTRAL_SLIDING_WINDOW
     assert torch.allclose(windowed[:, :w], unwindowed[:, :w], atol=1e-5)
     assert (windowed[:, w:] - unwindowed[:, w:]).abs().max() > 1e-1
+
+
+def _hf_gemma3(path, **config_overrides):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **config_overrides).eval()
+
+
+@torch.no_grad()
+def test_gemma3_features_matter(tiny_model_dirs):
+    """Each Gemma 3 feature changes the tiny model's logits, so matching transformers tests it: the
+    sliding window (past it only), the local RoPE base, the q/k norms and the (1 + weight) scales."""
+    path = tiny_model_dirs["gemma3"]
+    ids = torch.arange(1, 49).unsqueeze(0)
+    ref = tm.hf_logits(path, ids)
+    w = tm.GEMMA3_SLIDING_WINDOW
+
+    unwindowed = _hf_gemma3(path, sliding_window=1000)(ids).logits
+    assert torch.allclose(ref[:, :w], unwindowed[:, :w], atol=1e-5)
+    assert (ref[:, w:] - unwindowed[:, w:]).abs().max() > 1e-1
+
+    ropes = {kind: dict(params) for kind, params in tm.GEMMA3_ROPE_PARAMETERS.items()}
+    ropes["sliding_attention"]["rope_theta"] = ropes["full_attention"]["rope_theta"]
+    assert (_hf_gemma3(path, rope_parameters=ropes)(ids).logits - ref).abs().max() > 1e-1
+
+    model = _hf_gemma3(path)
+    norms = {name: p for name, p in model.named_parameters() if "norm" in name}
+    assert len(norms) == 4 * 6 + 1
+    # Stored as offsets from 1 with a real spread: neither the identity (0) nor a constant.
+    assert all(p.std() > 0.05 for p in norms.values())
+    for name, p in norms.items():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.zero_()  # still normalised, but no longer scaled per channel
+    assert (model(ids).logits - ref).abs().max() > 1e-1
 
 
 def test_eos_does_not_stop_generation(tmp_path, tiny_llama):

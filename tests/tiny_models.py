@@ -26,6 +26,7 @@ below 1e-3 within 32 tokens); ``SAMPLE_PROMPT`` is checked, others can be checke
 
 from __future__ import annotations
 
+import copy
 import functools
 import pathlib
 from typing import Any
@@ -39,6 +40,7 @@ FAMILIES: tuple[str, ...] = (
     "llama_bias",   # attention_bias=True, mlp_bias=True
     "qwen2",        # qkv bias, GQA, tied
     "mistral",      # GQA, sliding_window=16
+    "gemma3",       # gemma3_text: local (window 16) and global layers with their own RoPE, q/k norms, tied
     "opt",          # pre-norm (do_layer_norm_before), learned positions (offset 2), tied
     "gpt2",         # Conv1D (transposed) weights, learned positions, tied
 )
@@ -49,6 +51,23 @@ MAX_POSITIONS = 256
 NUM_HEADS = 4
 NUM_KV_HEADS_GQA = 2
 MISTRAL_SLIDING_WINDOW = 16
+
+# Gemma 3 (gemma3_text): head_dim != hidden / heads and query_pre_attn_scalar != head_dim, so the
+# attention scale and the head shapes are tested; every third layer from layer 1 is global (4 layers:
+# local, global, local, local), the rest attend within GEMMA3_SLIDING_WINDOW; the global layers
+# rotate with a linearly scaled RoPE of another base than the local layers'.
+GEMMA3_SLIDING_WINDOW = 16
+GEMMA3_HEAD_DIM = 32
+GEMMA3_NUM_KV_HEADS = 1
+GEMMA3_QUERY_PRE_ATTN_SCALAR = 24
+GEMMA3_ROPE_PARAMETERS: dict[str, Any] = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+}
+
+
+def gemma3_layer_types(num_layers: int) -> list[str]:
+    return ["full_attention" if i % 3 == 1 else "sliding_attention" for i in range(num_layers)]
 
 # llama3 rope scaling. With head_dim 16 and theta 1e4 the rotary wavelengths are
 # 6.3, 19.9, 62.8, 199, 628, ... so with original_max_position_embeddings=64 (low-freq wavelength
@@ -77,11 +96,18 @@ BIAS_STD = 0.1
 # Gain of the final norm (before lm_head): scales the logits (std ~ 0.2 * sqrt(hidden) * gain,
 # about 6; max |logit| about 30) so top-1/top-2 margins clear an absolute 1e-3 bar.
 FINAL_NORM_GAIN = 4.0
+# Gemma normalises each sublayer's output before adding it to the residual stream. At unit scale the
+# token embedding (times sqrt(hidden)) dominates that stream, and the tied LM head then mostly predicts
+# the input token; this gain on those norms gives the tiny Gemma the other families' behaviour.
+SANDWICH_NORM_GAIN = 4.0
+_SANDWICH_NORM_WEIGHTS = (".post_attention_layernorm.weight", ".post_feedforward_layernorm.weight")
 _FINAL_NORM_WEIGHTS = (
-    "model.norm.weight",  # llama, qwen2, mistral
+    "model.norm.weight",  # llama, qwen2, mistral, gemma3
     "transformer.ln_f.weight",  # gpt2
     "model.decoder.final_layer_norm.weight",  # opt (not layers.N.final_layer_norm: MLP pre-norm)
 )
+
+_ONE_PLUS_WEIGHT_NORMS = ("gemma3_text",)  # model types whose norms scale by 1 + weight
 
 _CORPUS = [
     '''def fibonacci(n: int) -> list[int]:
@@ -199,6 +225,7 @@ def _intermediate(hidden: int) -> int:
 
 def _make_config(family: str, *, vocab_size: int, eos_id: int, num_layers: int, hidden: int):
     from transformers import (
+        Gemma3TextConfig,
         GPT2Config,
         LlamaConfig,
         MistralConfig,
@@ -247,6 +274,13 @@ def _make_config(family: str, *, vocab_size: int, eos_id: int, num_layers: int, 
         return MistralConfig(
             **common, num_key_value_heads=NUM_KV_HEADS_GQA, tie_word_embeddings=False,
             sliding_window=MISTRAL_SLIDING_WINDOW, rope_parameters=dict(rope_default),
+        )
+    if family == "gemma3":
+        return Gemma3TextConfig(
+            **common, num_key_value_heads=GEMMA3_NUM_KV_HEADS, head_dim=GEMMA3_HEAD_DIM,
+            query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR, sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=gemma3_layer_types(num_layers), rope_parameters=copy.deepcopy(GEMMA3_ROPE_PARAMETERS),
+            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
         )
     if family == "opt":
         return OPTConfig(
@@ -297,14 +331,24 @@ def _reinit_weights(model: torch.nn.Module, seed: int) -> None:
     1 + N(0, NORM_PERTURB_STD), the final norm additionally times FINAL_NORM_GAIN; norm and
     layer biases ~ N(0, BIAS_STD). Tied parameters appear once in ``named_parameters`` and are
     therefore initialised once.
+
+    Gemma's norms (its q/k norms included) scale by 1 + weight, and transformers initialises
+    their weights to 0 (identity). Here they store the offset from 1 of the same random scales,
+    so a norm whose weight was ignored or misread would show; its sandwich norms (on the
+    sublayer outputs) get SANDWICH_NORM_GAIN on top.
     """
     gen = torch.Generator().manual_seed(seed + 1234)
+    one_plus_weight = model.config.model_type in _ONE_PLUS_WEIGHT_NORMS
     for name, param in model.named_parameters():
         shape = param.shape
         if _is_norm_weight(name) and name.endswith(".weight"):
             value = 1.0 + NORM_PERTURB_STD * torch.randn(shape, generator=gen)
             if name in _FINAL_NORM_WEIGHTS:
                 value = FINAL_NORM_GAIN * value
+            if one_plus_weight:
+                if name.endswith(_SANDWICH_NORM_WEIGHTS):  # (Llama's post_attention_layernorm is an input norm)
+                    value = SANDWICH_NORM_GAIN * value
+                value = value - 1.0
         elif param.ndim >= 2:
             value = WEIGHT_STD * torch.randn(shape, generator=gen)
         else:  # biases (Linear, Conv1D, LayerNorm)

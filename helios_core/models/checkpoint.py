@@ -128,14 +128,23 @@ def layer_sources(config: ModelConfig, i: int) -> dict[str, Sources]:
             **_linear("mlp.w_out", [p + "fc2"], c.mlp_bias),
         }
     a, m = p + "self_attn.", p + "mlp."
-    return {
+    table = {
         **_norm("attn_norm", p + "input_layernorm", c),
         **_linear("attn.wqkv", [a + "q_proj", a + "k_proj", a + "v_proj"], c.qkv_bias),
         **_linear("attn.wo", [a + "o_proj"], c.out_bias),
-        **_norm("mlp_norm", p + "post_attention_layernorm", c),
         **_linear("mlp.w_in", [m + "gate_proj", m + "up_proj"], c.mlp_bias),
         **_linear("mlp.w_out", [m + "down_proj"], c.mlp_bias),
     }
+    if c.qk_norm:
+        table.update(_norm("attn.q_norm", a + "q_norm", c))
+        table.update(_norm("attn.k_norm", a + "k_norm", c))
+    if c.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output, not the MLP input
+        table.update(_norm("post_attn_norm", p + "post_attention_layernorm", c))
+        table.update(_norm("mlp_norm", p + "pre_feedforward_layernorm", c))
+        table.update(_norm("post_mlp_norm", p + "post_feedforward_layernorm", c))
+    else:
+        table.update(_norm("mlp_norm", p + "post_attention_layernorm", c))
+    return table
 
 
 def global_sources(config: ModelConfig, has_lm_head: bool) -> dict[str, Sources]:

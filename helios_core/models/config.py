@@ -1,7 +1,7 @@
 """One config for every decoder family we run, read from a Hugging Face `config.json`.
 
-The families differ in a handful of switches (norm kind, activation, position encoding, biases);
-`ModelConfig` names those switches so `transformer.py` is one model, not five.
+The families differ in a handful of switches (norm kind, activation, position encoding, biases, per-layer
+attention windows); `ModelConfig` names those switches so `transformer.py` is one model, not six.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2")
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
@@ -40,20 +40,37 @@ class ModelConfig:
     head_dim: int
     intermediate_size: int
     max_position_embeddings: int
-    norm: str  # "rms" | "layer"
+    norm: str  # "rms" | "gemma_rms" (normalised x * (1 + weight), all in fp32) | "layer"
     norm_eps: float
     activation: str  # key of ACTIVATIONS
     gated_mlp: bool  # SwiGLU-style gate/up projections (Llama) vs a plain fc1/fc2 MLP (OPT, GPT-2)
     positions: str  # "rope" | "learned"
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)  # of every layer, or only the global ones with local_rope
+    local_rope: RopeConfig | None = None  # Gemma 3: the RoPE of the local (sliding-window) layers
     position_offset: int = 0  # OPT stores learned positions shifted by 2
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
-    sliding_window: int | None = None
+    # Per layer: the sliding attention window of a local layer, None for a global (full-attention) layer.
+    # Empty means every layer is global. Mistral: every layer local; Gemma 3: local and global interleaved.
+    layer_windows: tuple[int | None, ...] = ()
+    embed_scale: float = 1.0  # Gemma: token embeddings times sqrt(hidden_size)
+    qk_norm: bool = False  # Gemma 3: per-head norm of q and k (over head_dim) before RoPE
+    sandwich_norms: bool = False  # Gemma: the attention and MLP outputs are normalised too, before the residual add
+    attn_scale: float | None = None  # softmax scale of q·k; None = head_dim ** -0.5
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"{len(self.layer_windows)} layer windows for {self.num_layers} layers")
+
+    def rope_index(self, layer: int) -> int:
+        """Which RoPE table `layer` rotates with: 0 = `rope`, 1 = `local_rope` (local layers, when set)."""
+        return int(self.local_rope is not None and self.layer_windows[layer] is not None)
 
     @property
     def q_size(self) -> int:
@@ -81,8 +98,9 @@ class ModelConfig:
         model_type = hf.get("model_type")
         reader = _READERS.get(model_type)
         if reader is None:
+            hint = _HINTS.get(model_type, "")
             raise UnsupportedModelError(
-                f"unsupported architecture {model_type!r} ({hf.get('architectures')}); "
+                f"unsupported architecture {model_type!r} ({hf.get('architectures')}){hint}; "
                 f"supported model_type values: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         config = reader(hf)
@@ -106,8 +124,12 @@ def _rope(hf: dict[str, Any]) -> RopeConfig:
     if not params:
         params = dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return _rope_config(params, hf.get("rope_theta", 10000.0))
+
+
+def _rope_config(params: dict[str, Any], default_theta: float) -> RopeConfig:
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", default_theta))
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind == "linear":
@@ -130,7 +152,7 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
     hidden = hf["hidden_size"]
     window = None
     if model_type == "mistral":
-        window = hf.get("sliding_window")
+        window = hf.get("sliding_window")  # one window for every layer
     elif model_type == "qwen2" and hf.get("use_sliding_window"):
         raise UnsupportedModelError("qwen2 with use_sliding_window=true is not supported")
     return ModelConfig(
@@ -153,7 +175,70 @@ def _llama_like(hf: dict[str, Any]) -> ModelConfig:
         out_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=window,
+        layer_windows=(window,) * hf["num_hidden_layers"] if window is not None else (),
+        eos_token_ids=_eos_ids(hf),
+        bos_token_id=hf.get("bos_token_id"),
+    )
+
+
+GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma3_text(hf: dict[str, Any]) -> ModelConfig:
+    """Gemma 3's text model, as transformers' Gemma3TextConfig reads its config.json."""
+    for option in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(option) is not None:
+            raise UnsupportedModelError(f"gemma3_text with {option}={hf[option]} is not supported")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("gemma3_text with use_bidirectional_attention=true is not supported")
+    num_layers, heads, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = hf.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(layer_types) != num_layers or not set(layer_types) <= set(GEMMA3_LAYER_TYPES):
+        raise UnsupportedModelError(
+            f"gemma3_text layer_types must be {num_layers} of {', '.join(GEMMA3_LAYER_TYPES)}, got {layer_types}"
+        )
+    window = hf.get("sliding_window", 4096)
+    if window is None and "sliding_attention" in layer_types:
+        raise UnsupportedModelError("gemma3_text with sliding_attention layers but no sliding_window is not supported")
+
+    # transformers 5: rope_parameters per layer type; older files: rope_theta (+ rope_scaling) for the global
+    # layers and rope_local_base_freq for the local ones. The defaults are Gemma3TextConfig's.
+    params = hf.get("rope_parameters")
+    if params and not set(params) <= set(GEMMA3_LAYER_TYPES):
+        raise UnsupportedModelError(f"gemma3_text rope_parameters must be given per layer type, got {params}")
+    if params:
+        global_params, local_params = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+        global_params, local_params = hf.get("rope_scaling") or {}, {}
+
+    return ModelConfig(
+        model_type="gemma3_text",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+        norm="gemma_rms",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        gated_mlp=True,
+        positions="rope",
+        rope=_rope_config(global_params, hf.get("rope_theta", 1_000_000.0)),
+        local_rope=_rope_config(local_params, hf.get("rope_local_base_freq", 10_000.0)),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        out_bias=bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        layer_windows=tuple(window if kind == "sliding_attention" else None for kind in layer_types),
+        embed_scale=hidden**0.5,
+        qk_norm=True,
+        sandwich_norms=True,
+        attn_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
         eos_token_ids=_eos_ids(hf),
         bos_token_id=hf.get("bos_token_id"),
     )
@@ -225,6 +310,13 @@ _READERS: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
     "llama": _llama_like,
     "mistral": _llama_like,
     "qwen2": _llama_like,
+    "gemma3_text": _gemma3_text,
     "opt": _opt,
     "gpt2": _gpt2,
+}
+
+# Said after "unsupported architecture ..." for types that are near a supported one.
+_HINTS = {
+    "gemma3": ": the multimodal Gemma 3 (vision tower + text model) is not supported, its text-only sibling "
+    "gemma3_text (e.g. gemma-3-270m, gemma-3-1b) is",
 }

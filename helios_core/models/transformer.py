@@ -1,7 +1,12 @@
-"""A decoder-only transformer that covers Llama/Mistral/Qwen2, OPT and GPT-2.
+"""A decoder-only transformer that covers Llama/Mistral/Qwen2, Gemma 3, OPT and GPT-2.
 
 Read top to bottom: norms, RoPE, attention, MLP, block, the model. Weights are fused at load time
 (Q/K/V into one matrix, gate/up into one) so a decode step runs few, larger matmuls.
+
+Layers may differ in their attention: a *local* layer attends within a sliding window, a *global*
+one to every earlier position (`config.layer_windows`), and Gemma 3's local layers rotate with their
+own RoPE base. `Transformer.rope` returns the cos/sin tables of every RoPE variant once per forward,
+each block picks its own (`Block.rope_index`), and each KV access hands a layer the mask of its window.
 
 The model holds only the layers that are loaded: `layers` is the prefix [0, K) of the checkpoint's
 layers. Embeddings, the final norm and the LM head are always present because every exit needs them.
@@ -12,7 +17,8 @@ keys to attend to (a cached decode batch, a prefill chunk of one sequence, or no
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from functools import lru_cache
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +41,28 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 (zeros = identity), and the scaling is
+    done in fp32 before the cast back to the model dtype (Llama's scales in the model dtype)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The family's norm over `dim` features (default hidden_size)."""
+    dim = dim or config.hidden_size
     if config.norm == "rms":
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "gemma_rms":
+        return GemmaRMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
 
 
 ACTIVATION_FNS = {
@@ -78,10 +102,15 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[Tensor, 
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (N, T, heads, D); cos/sin: (N, T, 1, D) in x's dtype (see Transformer.rope)
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    # x: (N, T, heads, D); rope: cos, sin of shape (N, T, 1, D) in x's dtype (see Transformer.rope)
+    cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# cos/sin per RoPE variant (Transformer.rope); None for models with learned positions.
+RopeTables = tuple[tuple[Tensor, Tensor], ...] | None
 
 
 # --- attention ---------------------------------------------------------------------------------
@@ -93,18 +122,20 @@ class KVAccess(Protocol):
         ...
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store k, v; return keys, values (N, KV, S, D) and a bool mask (N, 1, T, S), True = attend."""
+        """Store k, v; return keys, values (N, KV, S, D) and the layer's bool mask (N, 1, T, S), True = attend
+        (causal, and within the layer's window, `config.layer_windows[layer]`)."""
         ...
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
     """q: (N, T, H, D); keys/values: (N, KV, S, D); mask: bool (N, 1, T, S), True = attend.
+    scale: of q·k, None = D ** -0.5.
 
     Returns (N, T, H*D). Grouped-query attention needs no repeated K/V (enable_gqa).
     """
     n, t, h, d = q.shape
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != h
+        q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=keys.shape[1] != h
     )  # (N, H, T, D)
     return out.transpose(1, 2).reshape(n, t, h * d)
 
@@ -115,8 +146,10 @@ class Attention(nn.Module):
         self.config = config
         self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.out_bias)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
 
-    def project_kv(self, x: Tensor, cos: Tensor | None, sin: Tensor | None) -> tuple[Tensor, Tensor]:
+    def project_kv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """K/V only (no Q): used to fill the cache for tokens that exited below this layer."""
         c = self.config
         w = self.wqkv.weight[c.q_size :]
@@ -124,21 +157,26 @@ class Attention(nn.Module):
         k, v = F.linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
         k = k.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         v = v.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
-        if cos is not None:
-            k = apply_rope(k, cos, sin)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if rope is not None:
+            k = apply_rope(k, rope)
         return k, v
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv: KVAccess, layer: int) -> Tensor:
         c = self.config
         n, t, _ = x.shape
         qk, v = self.wqkv(x).split([c.q_size + c.kv_size, c.kv_size], dim=-1)
         qk = qk.reshape(n, t, c.num_heads + c.num_kv_heads, c.head_dim)
-        if cos is not None:
-            qk = apply_rope(qk, cos, sin)  # Q and K heads rotated in one pass
+        if self.q_norm is not None:
+            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        if rope is not None:
+            qk = apply_rope(qk, rope)  # Q and K heads rotated in one pass
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         v = v.view(n, t, c.num_kv_heads, c.head_dim)
         keys, values, mask = kv.update(layer, k, v)
-        return self.wo(attend(q, keys, values, mask))
+        return self.wo(attend(q, keys, values, mask, c.attn_scale))
 
 
 class MLP(nn.Module):
@@ -159,30 +197,45 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; every family we support is pre-norm."""
+    """Pre-norm residual block; every family we support is pre-norm. With sandwich norms (Gemma) the
+    attention and MLP outputs are normalised as well before they are added to the residual."""
 
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.index = index
+        self.rope_index = config.rope_index(index)
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        self.post_attn_norm = make_norm(config) if config.sandwich_norms else None
+        self.post_mlp_norm = make_norm(config) if config.sandwich_norms else None
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess,
-                rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: RopeTables, kv: KVAccess, rows: Tensor | None = None) -> Tensor:
         """rows: indices of the rows that advance (None = all). The others are exited tokens: they
         still write this layer's K/V from their frozen state, and come back unchanged."""
-        a = self.attn(self.attn_norm(x), cos, sin, kv, self.index)
+        a = self.attn(self.attn_norm(x), self.own_rope(rope), kv, self.index)
         if rows is None:
-            x = x + a
-            return x + self.mlp(self.mlp_norm(x))
-        h = x[rows] + a[rows]
-        return x.index_copy(0, rows, h + self.mlp(self.mlp_norm(h)))
+            return self._residuals(x, a)
+        return x.index_copy(0, rows, self._residuals(x[rows], a[rows]))
 
-    def fill_kv(self, h: Tensor, cos: Tensor | None, sin: Tensor | None, kv: KVAccess) -> None:
+    def own_rope(self, rope: RopeTables) -> tuple[Tensor, Tensor] | None:
+        """This layer's cos/sin among the model's RoPE variants."""
+        return None if rope is None else rope[self.rope_index]
+
+    def _residuals(self, x: Tensor, a: Tensor) -> Tensor:
+        """Add the attention output `a` to the residual stream x, then the MLP's output."""
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        h = x + a
+        m = self.mlp(self.mlp_norm(h))
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return h + m
+
+    def fill_kv(self, h: Tensor, rope: RopeTables, kv: KVAccess) -> None:
         """Write this layer's K/V for hidden states that skip it (an exited token's frozen state)."""
-        k, v = self.attn.project_kv(self.attn_norm(h), cos, sin)
+        k, v = self.attn.project_kv(self.attn_norm(h), self.own_rope(rope))
         kv.write(self.index, k, v)
 
 
@@ -203,21 +256,27 @@ class Transformer(nn.Module):
         return len(self.layers)
 
     def setup_rope(self, max_len: int) -> None:
-        if self.config.positions == "rope":
-            cos, sin = rope_tables(self.config.rope, self.config.head_dim, max_len)
+        c = self.config
+        if c.positions == "rope":
+            ropes = [c.rope] if c.local_rope is None else [c.rope, c.local_rope]  # indexed by config.rope_index
+            tables = [rope_tables(rope, c.head_dim, max_len) for rope in ropes]
             # Tables in the model dtype with a head axis, so applying RoPE costs no casts or reshapes.
             w = self.embed.weight
-            self.register_buffer("rope_cos", cos[:, None].to(w.device, w.dtype), persistent=False)
-            self.register_buffer("rope_sin", sin[:, None].to(w.device, w.dtype), persistent=False)
+            for name, part in (("rope_cos", 0), ("rope_sin", 1)):
+                stacked = torch.stack([table[part] for table in tables])[:, :, None]  # (variants, max_len, 1, D)
+                self.register_buffer(name, stacked.to(w.device, w.dtype), persistent=False)
 
-    def rope(self, positions: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """cos/sin for positions (N, T), shaped (N, T, 1, D) to broadcast over heads."""
+    def rope(self, positions: Tensor) -> RopeTables:
+        """cos/sin of every RoPE variant for positions (N, T), each shaped (N, T, 1, D) to broadcast over
+        heads; block i uses variant `config.rope_index(i)`. None with learned positions."""
         if self.config.positions != "rope":
-            return None, None
-        return self.rope_cos[positions], self.rope_sin[positions]
+            return None
+        return tuple(zip(self.rope_cos[:, positions].unbind(0), self.rope_sin[:, positions].unbind(0)))
 
     def embed_tokens(self, tokens: Tensor, positions: Tensor) -> Tensor:
         x = self.embed(tokens)
+        if self.config.embed_scale != 1.0:
+            x = x * _in_dtype(self.config.embed_scale, x.dtype)
         if self.config.positions == "learned":
             x = x + self.pos_embed(positions + self.config.position_offset)
         return x
@@ -242,14 +301,20 @@ class Transformer(nn.Module):
         n, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(n, t)
         x = self.embed_tokens(tokens, positions)
-        cos, sin = self.rope(positions)
-        kv = NoCache(causal_mask(t, t, 0, self.config.sliding_window, x.device))
+        rope = self.rope(positions)
+        kv = NoCache(causal_masks(self.config, t, t, 0, x.device))
         hidden = []
         for layer in self.layers:
-            x = layer(x, cos, sin, kv)
+            x = layer(x, rope, kv)
             hidden.append(x)
         logits = self.lm_head(self.norm(x))
         return (logits, hidden) if output_hidden_states else logits
+
+
+@lru_cache(maxsize=None)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (via fp32), as transformers rounds Gemma's embedding scale."""
+    return torch.tensor(value).to(dtype).item()
 
 
 def causal_mask(t: int, s: int, start: int, window: int | None, device: torch.device) -> Tensor:
@@ -262,14 +327,25 @@ def causal_mask(t: int, s: int, start: int, window: int | None, device: torch.de
     return allowed[None, None]
 
 
-class NoCache:
-    """Attend within the given tokens only (full-sequence forward)."""
+def per_layer(windows: tuple[int | None, ...], mask: Callable[[int | None], Tensor]) -> tuple[Tensor, ...]:
+    """The mask of every layer, given the layers' windows: built once per distinct window."""
+    built = {window: mask(window) for window in set(windows)}
+    return tuple(built[window] for window in windows)
 
-    def __init__(self, mask: Tensor):
-        self.mask = mask
+
+def causal_masks(config: ModelConfig, t: int, s: int, start: int, device: torch.device) -> tuple[Tensor, ...]:
+    """`causal_mask` for every layer of the model."""
+    return per_layer(config.layer_windows, lambda window: causal_mask(t, s, start, window, device))
+
+
+class NoCache:
+    """Attend within the given tokens only (full-sequence forward). masks: one per layer."""
+
+    def __init__(self, masks: tuple[Tensor, ...]):
+        self.masks = masks
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         pass  # nothing persists between calls
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return k.transpose(1, 2), v.transpose(1, 2), self.mask
+        return k.transpose(1, 2), v.transpose(1, 2), self.masks[layer]
