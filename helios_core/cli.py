@@ -100,11 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"default {defaults[name]}")
     te.add_argument("--lr", type=float, default=None, help="default 3e-3 (heads), 3e-2 (--probes)")
     te.add_argument("--proj", action="store_true", help="also train a residual adapter h + proj(h) per head")
+    te.add_argument("--rank", type=int, default=None, help="a low-rank residual adapter h + up(down(h)) per head")
     te.add_argument("--lm-head", action="store_true", help="train an own LM head per depth (default: shared)")
     te.add_argument("--probes", action="store_true",
                     help="train exit probes for the shared head instead (for --measure probe); --steps are Adam "
                          "steps over --train-tokens collected positions")
     te.add_argument("--train-tokens", type=int, default=32768, help="--probes: positions to fit on (default 32768)")
+    te.add_argument("--heads", default=None,
+                    help="--probes: trained exit heads to write probes for (the output then holds both)")
+    te.add_argument("--topk", type=int, default=None,
+                    help="distil on the final layer's top-k tokens plus sampled negatives, not the whole vocabulary "
+                         "(for large vocabularies, e.g. 32)")
+    te.add_argument("--time-limit", type=float, default=None,
+                    help="stop after this many seconds, checkpointed; the same command resumes")
+    te.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16"), help="dtype of the stored heads")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = sub.add_parser("serve", help="start a local Ray cluster serving the registry's models over the OpenAI API")
@@ -230,15 +239,25 @@ def train_exits(args: argparse.Namespace) -> int:
     from .train_exits import format_probe_report, format_report, train_exit_heads, train_exit_probes
 
     if args.probes:
-        if args.proj or args.lm_head or args.ce_weight:
-            raise ValueError("--probes trains probes for the shared head: drop --proj, --lm-head and --ce-weight")
+        if args.proj or args.rank or args.lm_head or args.ce_weight or args.topk or args.time_limit or args.save_dtype:
+            raise ValueError("--probes fits probes for the shared head or --heads: drop --proj, --rank, --lm-head, "
+                             "--ce-weight, --topk, --time-limit and --save-dtype")
         train, report, knobs = train_exit_probes, format_probe_report, ("train_tokens",)
+        knobs += ("heads_path",)
+        args.heads_path = args.heads
     else:
-        train, report, knobs = train_exit_heads, format_report, ("proj", "lm_head", "ce_weight")
+        if args.heads:
+            raise ValueError("--heads goes with --probes")
+        train, report, knobs = train_exit_heads, format_report, ("proj", "rank", "lm_head", "ce_weight",
+                                                                 "topk", "time_limit", "save_dtype")
     knobs += ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "eval_tokens", "seed", "device")
     lr = {} if args.lr is None else {"lr": args.lr}
     result = train(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr, progress=not args.quiet)
-    print(report(result), file=sys.stderr)
+    if not result.get("finished", True):
+        print(f"stopped at step {result['steps_done']} of {result['steps']} (--time-limit), checkpointed in "
+              f"{result['checkpoint']}: run the same command to resume", file=sys.stderr)
+    else:
+        print(report(result), file=sys.stderr)
     print(json.dumps(result))
     return 0
 

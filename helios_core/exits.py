@@ -16,11 +16,13 @@ also *gate* max_prob or margin (`probe_gate`): only the rows whose probe reaches
 the LM head, and the logit measure still makes the decision, so a gate only ever delays an exit.
 
 Adapter format (`*.safetensors`, written by `save_exit_heads`):
-  metadata: format="helios-exit-heads", version="2", hidden_size, vocab_size, norm ("rms"|"gemma_rms"|"layer")
+  metadata: format="helios-exit-heads", version="3", hidden_size, vocab_size, norm ("rms"|"gemma_rms"|"layer")
   tensors per exit depth d (any subset of depths):
     exit.{d}.norm.weight       (D,)     the head's own norm; required when the depth has a trained head
     exit.{d}.norm.bias         (D,)     layer norm only
     exit.{d}.proj.weight       (D, D)   optional residual adapter: h + proj(h) before the norm
+    exit.{d}.down.weight       (R, D)   optional low-rank residual adapter (version 3): h + up(down(h))
+    exit.{d}.up.weight         (D, R)   with down.weight
     exit.{d}.lm_head.weight    (V, D)   optional; the model's LM head is shared when absent
     exit.{d}.probe.weight      (1, D)   optional exit probe (version 2), on the model's final norm of h
     exit.{d}.probe.bias        (1,)     with probe.weight
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from .models.checkpoint import ADAPTER_FORMAT
 from .models.transformer import Transformer, make_norm
 
-ADAPTER_VERSIONS = ("1", "2")  # 2 added exit probes
+ADAPTER_VERSIONS = ("1", "2", "3")  # 2 added exit probes, 3 low-rank adapters
 MEASURES = ("max_prob", "margin", "cosine", "probe")
 LOGIT_FREE = ("cosine", "probe")  # measures that decide without the LM head
 
@@ -79,12 +81,17 @@ class ExitConfig:
 
 
 class ExitHead(nn.Module):
-    """A trained head at one depth: optional residual projection, its own norm, optional LM head."""
+    """A trained head at one depth: optional residual adapter (full-rank `proj`, or low-rank `down` and
+    `up` of rank `rank`), its own norm, optional LM head."""
 
-    def __init__(self, model: Transformer, proj: bool, lm_head: bool):
+    def __init__(self, model: Transformer, proj: bool, lm_head: bool, rank: int | None = None):
         super().__init__()
         c = model.config
+        if proj and rank:
+            raise ValueError("an exit head's adapter is full-rank (proj) or low-rank (rank), not both")
         self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False) if proj else None
+        self.down = nn.Linear(c.hidden_size, rank, bias=False) if rank else None
+        self.up = nn.Linear(rank, c.hidden_size, bias=False) if rank else None
         self.norm = make_norm(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
 
@@ -92,6 +99,8 @@ class ExitHead(nn.Module):
         """What the LM head reads: the normed (and adapted) hidden state."""
         if self.proj is not None:
             h = h + self.proj(h)
+        elif self.down is not None:
+            h = h + self.up(self.down(h))
         return self.norm(h)
 
     def forward(self, h: Tensor, shared_lm_head: nn.Linear) -> Tensor:
@@ -171,7 +180,8 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
         if probe:
             probes[d] = _load_module(path, f"exit probe at depth {d}", make_probe(model), probe).to(device)
         if own:
-            head = ExitHead(model, proj="proj.weight" in own, lm_head="lm_head.weight" in own)
+            rank = own["down.weight"].shape[0] if "down.weight" in own else None
+            head = ExitHead(model, proj="proj.weight" in own, lm_head="lm_head.weight" in own, rank=rank)
             trained[d] = _load_module(path, f"exit head at depth {d}", head, own).to(device=device, dtype=dtype)
     return ExitHeads(model, trained, probes)
 

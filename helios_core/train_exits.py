@@ -57,6 +57,7 @@ def train_exit_heads(
     lm_head: bool = False,
     ce_weight: float = 0.0,
     topk: int | None = None,
+    rank: int | None = None,
     eval_tokens: int = 16384,
     seed: int = 0,
     device: str = "auto",
@@ -69,6 +70,8 @@ def train_exit_heads(
     corpus: data sources "[NAME=]PATH[:WEIGHT]" as for `helios train` (default: code=stdlib).
     topk: distil on the final layer's top-k tokens plus shared sampled negatives instead of the whole
     vocabulary (see `candidate_kl`); None = the whole vocabulary.
+    rank: a low-rank residual adapter h + up(down(h)) per head (`proj` is the full-rank one). On
+    SmolLM2 a rank-64 adapter beat a full-rank one on held-out text (less to overfit).
     Training checkpoints beside `out_path` (`*.ckpt.safetensors`) every few steps and after
     `time_limit` seconds, and a later call with the same arguments resumes from there; the
     checkpoint is removed once the heads are written. Returns the run's figures, with the held-out
@@ -86,7 +89,7 @@ def train_exit_heads(
     train_data, eval_data = load_corpus(corpus, tokenizer, steps * batch_size * (seq_len + 1), eval_tokens,
                                         seq_len, seed)
 
-    trained = {d: make_head(model, proj, lm_head).to(dev) for d in depths}
+    trained = {d: make_head(model, proj, lm_head, rank).to(dev) for d in depths}
     heads = ExitHeads(model, trained)
     optimizer = torch.optim.Adam(heads.trained.parameters(), lr=lr)  # no weight decay: it pulls norm gains to 0
     checkpoint = out_path.with_suffix(".ckpt.safetensors")
@@ -126,6 +129,7 @@ def train_exit_heads(
         "out": str(out_path),
         "finished": True,
         "topk": topk,
+        "rank": rank,
         "model": str(model_dir),
         "exit_layers": list(depths),
         "num_layers": num_layers,
@@ -166,12 +170,15 @@ def _frozen_model(model_dir: str | Path, exit_layers, seq_len: int, dev: str) ->
     return model, depths, AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def make_head(model: Transformer, proj: bool, lm_head: bool) -> ExitHead:
-    """A head that starts out computing exactly the shared head (final norm + LM head)."""
-    head = ExitHead(model, proj=proj, lm_head=lm_head).to(model.embed.weight.dtype)
+def make_head(model: Transformer, proj: bool, lm_head: bool, rank: int | None = None) -> ExitHead:
+    """A head that starts out computing exactly the shared head (final norm + LM head): its adapter's
+    last matrix is zero."""
+    head = ExitHead(model, proj=proj, lm_head=lm_head, rank=rank).to(model.embed.weight.dtype)
     head.norm.load_state_dict(model.norm.state_dict())
     if head.proj is not None:
         torch.nn.init.zeros_(head.proj.weight)
+    if head.up is not None:
+        torch.nn.init.zeros_(head.up.weight)
     if head.lm_head is not None:
         head.lm_head.weight.data.copy_(model.lm_head.weight)
     return head

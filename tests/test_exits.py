@@ -231,7 +231,7 @@ def test_exit_probes_roundtrip(tiny_llama, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        assert f.metadata()["version"] == "2"
+        assert f.metadata()["version"] == "3"
         assert sorted(f.keys()) == ["exit.1.probe.bias", "exit.1.probe.weight", "exit.3.norm.weight",
                                     "exit.3.probe.bias", "exit.3.probe.weight", "exit.5.probe.bias",
                                     "exit.5.probe.weight"]
@@ -257,7 +257,7 @@ def test_exit_probe_files_are_checked(tiny_llama, tmp_path):
         ({**good, "exit.2.probe.scale": torch.zeros(1)}, meta, r"unexpected \['scale'\]"),
         ({"exit.6.probe.weight": torch.zeros(1, c.hidden_size), "exit.6.probe.bias": torch.zeros(1)}, meta,
          r"'exit.6.probe.(weight|bias)' is not exit.\{depth\}.<name> with depth in 1..5"),
-        (good, meta | {"version": "3"}, r"version '3' is not supported \(this Helios reads 1, 2\)"),
+        (good, meta | {"version": "4"}, r"version '4' is not supported \(this Helios reads 1, 2, 3\)"),
     ]
     for i, (tensors, metadata, error) in enumerate(cases):
         path = tmp_path / f"bad{i}.safetensors"
@@ -407,3 +407,23 @@ def test_probe_gate_validation(tiny_llama, tmp_path):
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  probe_gate: 0.4\n")
     with pytest.raises(ValueError, match="probe_gate need exit_heads"):
         Registry.load(path)
+
+
+def test_low_rank_heads_round_trip_and_start_as_the_shared_head(tiny_llama, tmp_path):
+    from helios_core.train_exits import make_head
+
+    model = engine(tiny_llama).model
+    torch.manual_seed(0)
+    head = make_head(model, proj=False, lm_head=False, rank=4)
+    h = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(head(h, model.lm_head), model.lm_head(model.norm(h)))  # up starts at zero
+        head.up.weight.normal_()
+        path = tmp_path / "low_rank.safetensors"
+        save_exit_heads(path, ExitHeads(model, {2: head}))
+        loaded = load_exit_heads(path, model)
+        assert loaded.trained["2"].down.weight.shape == (4, model.config.hidden_size)
+        torch.testing.assert_close(loaded.logits(2, h), head(h, model.lm_head))
+        assert not torch.allclose(loaded.logits(2, h), model.lm_head(model.norm(h)))
+    with pytest.raises(ValueError, match="full-rank .* or low-rank"):
+        ExitHead(model, proj=True, lm_head=False, rank=4)

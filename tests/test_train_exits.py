@@ -173,7 +173,22 @@ def test_cli_trains_probes(tiny_llama, corpus, tmp_path):
     assert gen.returncode == 0, gen.stderr
     assert set(json.loads(gen.stdout)["exit_layers"]) <= {2, 4, 6}
     bad = helios("train-exits", "--probes", "--proj", "--model", str(tiny_llama), "--out", str(out))
-    assert bad.returncode == 2 and "--probes trains probes for the shared head" in bad.stderr
+    assert bad.returncode == 2 and "--probes fits probes for the shared head or --heads" in bad.stderr
+    bad = helios("train-exits", "--heads", str(out), "--model", str(tiny_llama), "--out", str(out))
+    assert bad.returncode == 2 and "--heads goes with --probes" in bad.stderr
+
+
+def test_cli_stops_at_the_time_limit_and_resumes(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "cli.safetensors"
+    args = ("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus, "--exit-layers", "2",
+            "--steps", "3", "--seq-len", "32", "--eval-tokens", "256", "--topk", "4", "--save-dtype", "bfloat16",
+            "--quiet")
+    first = helios(*args, "--time-limit", "0")
+    assert first.returncode == 0 and "stopped at step 1 of 3" in first.stderr and not out.exists()
+    rest = helios(*args)
+    assert rest.returncode == 0, rest.stderr
+    assert json.loads(rest.stdout.splitlines()[-1])["finished"] and "agreement" in rest.stderr
+    assert {t.dtype for t in load_file(str(out)).values()} == {torch.bfloat16}
 
 
 def test_cli_errors_are_one_clear_line(tiny_llama, tmp_path, capsys):
@@ -197,11 +212,13 @@ def test_candidate_kl_is_the_full_kl_when_the_candidates_are_the_vocabulary():
 
 
 def test_topk_distillation_raises_agreement_with_the_final_layer(tiny_llama, corpus, tmp_path):
-    result = train_exit_heads(tiny_llama, tmp_path / "topk.safetensors", [corpus], **FAST, topk=8)
+    out = tmp_path / "topk.safetensors"
+    result = train_exit_heads(tiny_llama, out, [corpus], **(FAST | {"proj": False}), topk=8, rank=8)
     before, after = result["before"]["rows"], result["after"]["rows"]
     for b, a in zip(before[:-1], after[:-1]):
         assert a["agreement"] > b["agreement"] and a["perplexity"] < b["perplexity"]
-    assert result["topk"] == 8
+    assert result["topk"] == 8 and result["rank"] == 8
+    assert sorted(load_file(str(out))) == sorted(f"exit.{d}.{n}.weight" for d in DEPTHS for n in ("norm", "down", "up"))
 
 
 def test_interrupted_training_resumes_to_the_same_heads(tiny_llama, corpus, trained, tmp_path):
