@@ -2,7 +2,11 @@
 
 `serve run serve_config.yaml` calls `build_app(args)` with the config's `args`:
 
-    registry          registry YAML (default models/registry.yaml, relative to the working dir)
+    registry          registry YAML (default registry.yaml: the demo family). A path that exists
+                      (relative to the working directory, or absolute) is used as is; otherwise
+                      `NAME` or `models/NAME` is the file NAME of the package helios_models (the
+                      checkout's models/ directory), so the shipped configs work from anywhere.
+                      Its `pull:` models missing here are pulled first (helios pull, progress on stderr)
     memory_budget     bytes or "96MiB" for each model replica's weights + KV (default 64MiB)
     max_model_len     tokens per sequence (default 1024)
     max_tokens        the API's max_tokens limit (default 512)
@@ -31,21 +35,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray.serve import Application
 
+import helios_models
 from helios_core.cli import parse_bytes
 from helios_core.policy import Registry
+from helios_core.pull import pull_registry
 
 from .ingress import MAX_BODY_BYTES, Ingress
+from .launch import say
 from .replica import ENGINE_NICENESS, MAX_HOLD_S, ModelReplica
 from .router import Router
 
 
 def build_app(args: dict | None = None) -> Application:
     args = dict(args or {})
-    registry = str(Path(args.pop("registry", "models/registry.yaml")).resolve())
+    registry = str(helios_models.resolve(args.pop("registry", "registry.yaml")))
     budget = args.pop("memory_budget", "64MiB")
     budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     max_model_len = int(args.pop("max_model_len", 1024))
@@ -69,6 +74,7 @@ def build_app(args: dict | None = None) -> Application:
     if args:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
 
+    pull_registry(registry, progress=say)  # `serve run` too: replicas load the models from disk
     entries = list(Registry.load(registry, dtype))
     router = Router.bind(registry, budget, max_model_len, policy)
     replicas = {}

@@ -132,11 +132,10 @@ class Ingress:
         self.api_key = api_key
         self.max_model_len, self.max_body_bytes = max_model_len, max_body_bytes
         entries = Registry.load(registry)
-        tokenizers = [load_tokenizer(entries[m].path) for m in self.models]
-        self.tokenizer = tokenizers[0]
+        self.tokenizers = {m: load_tokenizer(entries[m].path) for m in self.models}  # each renders its own chats
         # The longest text any model could take: beyond it a prompt is refused without a tokenizer.
-        self.max_prompt_chars = max((max_prompt_chars(t, max_model_len) for t in tokenizers if t is not None),
-                                    default=None)
+        self.max_prompt_chars = max((max_prompt_chars(t, max_model_len) for t in self.tokenizers.values()
+                                     if t is not None), default=None)
         self.created = int(time.time())
         self._table: dict | None = None
         self._table_time = 0.0
@@ -176,12 +175,22 @@ class Ingress:
         validate = oa.validate_chat if chat else oa.validate_completion
         return validate(payload, self.max_tokens_limit, models=[AUTO_MODEL, *self.models])
 
-    async def _stream(self, model: str, prompt, params, task, routed: bool):
+    def _chat_prompt(self, model: str, messages) -> str:
+        """The chat rendered for `model`: its own chat template, or the plain fallback without one."""
+        prompt = oa.chat_prompt(self.tokenizers[model], messages)
+        try:
+            check_prompt_size(prompt, self.max_model_len, self.max_prompt_chars)
+        except PromptTooLong as err:
+            raise oa.ProtocolError(f"Invalid value for 'messages': {err}.", param="messages") from None
+        return prompt
+
+    async def _stream(self, model: str, prompt, params, task, routed: bool, messages=None):
         """The replica's stream, with the first item already taken (a refused prompt -> 400).
 
         A `routed` request (the policy chose its model) that a switch hands back before it started
         goes to the model the router now serves; at most once per model and once more (a profiling
-        round visits every model, then the choice), then it stays where it is."""
+        round visits every model, then the choice), then it stays where it is. A chat (`messages`)
+        is rendered again with the new model's template."""
         for moves_left in range(len(self.models) + 1, -1, -1):
             stream = self.replicas[model].options(stream=True).generate.remote(prompt, params, task,
                                                                                routed and moves_left > 0)
@@ -196,6 +205,8 @@ class Ingress:
             if "moved" not in first:
                 break
             model = first["moved"]
+            if messages is not None:
+                prompt = self._chat_prompt(model, messages)
             self._table_time = 0.0  # the router switched: new requests follow at once
         if "error" in first:
             raise oa.ProtocolError(first["error"], param="prompt" if "prompt" in first["error"] else None)
@@ -248,18 +259,19 @@ class Ingress:
         return await retrying(functools.partial(self._collect, call, chat, rid, created, req))
 
     async def _call(self, req, chat: bool) -> tuple:
-        """(model, prompt, params, task, routed): the model is chosen once, so a retry after a lost
-        replica goes to the same model; only a switch moves a routed request (`_stream`)."""
+        """(model, prompt, params, task, routed, messages): the model is chosen once, so a retry after a
+        lost replica goes to the same model; only a switch moves a routed request (`_stream`). A chat
+        is rendered with the chosen model's template (`messages` is None for a completion)."""
         params = oa.to_sampling_params(req, self.max_tokens_limit)
         field = "messages" if chat else "prompt"
-        try:
-            if chat:  # the messages alone, before a template is rendered over them
-                check_prompt_size("".join(m.content for m in req.messages), self.max_model_len, self.max_prompt_chars)
-            prompt = oa.chat_prompt(self.tokenizer, req.messages) if chat else req.prompt
-            check_prompt_size(prompt, self.max_model_len, self.max_prompt_chars)
+        try:  # a chat's messages alone, before a template is rendered over them
+            text = "".join(m.content for m in req.messages) if chat else req.prompt
+            check_prompt_size(text, self.max_model_len, self.max_prompt_chars)
         except PromptTooLong as err:
             raise oa.ProtocolError(f"Invalid value for '{field}': {err}.", param=field) from None
-        return await self._model_for(req.model, req.task), prompt, params, req.task, req.model == AUTO_MODEL
+        model = await self._model_for(req.model, req.task)
+        prompt = self._chat_prompt(model, req.messages) if chat else req.prompt
+        return model, prompt, params, req.task, req.model == AUTO_MODEL, req.messages if chat else None
 
     async def _collect(self, call: tuple, chat: bool, rid: str, created: int, req) -> dict:
         first, stream = await self._stream(*call)

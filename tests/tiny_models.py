@@ -200,16 +200,19 @@ def _make_tokenizer():
     )
 
 
-def build_tokenizer(path) -> "PreTrainedTokenizerFast":  # noqa: F821
+def build_tokenizer(path, chat_template: str | None = None,
+                    add_bos: bool = False) -> "PreTrainedTokenizerFast":  # noqa: F821
     """Build the deterministic test tokenizer and save it to ``path``.
 
     Byte-level BPE (~384 tokens: 256 byte symbols, ``<|endoftext|>`` and merges learnt from the
-    inline corpus). ``<|endoftext|>`` is eos, bos and pad. ``AutoTokenizer.from_pretrained(path)``
-    loads it back (``tokenizer.json`` + ``tokenizer_config.json``).
+    inline corpus). ``<|endoftext|>`` is eos, bos and pad; ``add_bos``: encoding puts it first.
+    ``AutoTokenizer.from_pretrained(path)`` loads it back, with ``chat_template`` if given.
     """
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _make_tokenizer()
+    tokenizer.add_bos_token = add_bos
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(path))
     return tokenizer
 
@@ -365,8 +368,11 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
     seed: int = 0,
+    chat_template: str | None = None,
+    add_bos: bool = False,
 ) -> pathlib.Path:
-    """Build a tiny random ``family`` model and save it (safetensors) with its tokenizer.
+    """Build a tiny random ``family`` model and save it (safetensors) with its tokenizer
+    (``chat_template``, ``add_bos``: ``build_tokenizer``'s).
 
     ``max_shard_size`` is passed to ``save_pretrained`` (e.g. ``"20KB"`` gives several
     ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``).
@@ -378,7 +384,7 @@ def make_tiny_checkpoint(
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
+    tokenizer = build_tokenizer(path, chat_template, add_bos)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     config = _make_config(
         family, vocab_size=len(tokenizer), eos_id=eos_id, num_layers=num_layers, hidden=hidden

@@ -4,13 +4,17 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
 
     models:
       - name: helios-demo-code-6l          # served name; requests may only name registry models
-        path: helios-demo-code-6l          # model directory, relative to the registry file
+        path: helios-demo-code-6l          # model directory, relative to the registry file (absolute ok)
         threshold: 0.8                     # exit confidence threshold (default 0.8)
-        exit_layers: null                  # exit depths, null = every layer
+        exit_layers: null                  # exit depths, null = every layer, [] = none (full depth)
         exit_heads: null                   # trained exit-head adapter (.safetensors), optional
         measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
         probe_gate: null                   # max_prob/margin: LM head only where exit_heads' probe reaches this
         profile: {...}                     # offline telemetry, written by `helios profile`
+
+Instead of `path`, an entry may name a model of `helios pull`'s catalog: `pull: smollm2-135m-instruct`
+serves the directory that `helios pull smollm2-135m-instruct` writes (`$HELIOS_HOME/models/NAME`);
+loading refuses it until it is pulled (`helios_core.pull.pull_registry` pulls a registry's missing ones).
 
 The sizes the policy reasons with (layers, weight bytes of the fixed part and of one layer, KV bytes
 per token per layer) are derived from the checkpoint itself when the registry loads; `helios profile`
@@ -20,6 +24,7 @@ and refused.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,12 +33,15 @@ import torch
 import yaml
 from safetensors import safe_open
 
+import helios_models
+
 from ..exits import ExitConfig
 from ..kv_cache import MemoryPlan, plan_memory
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.loader import resolve_dtype
 from ..models.transformer import Transformer
+from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
 
 
@@ -86,6 +94,7 @@ class ModelEntry:
     profile: OfflineProfile | None = None
     measure: str = "max_prob"
     probe_gate: float | None = None
+    pull: str | None = None  # the catalog name when `path` is its pull directory
 
     @property
     def num_layers(self) -> int:
@@ -158,9 +167,11 @@ class Registry:
 
     @staticmethod
     def load(path: str | Path, dtype: str = "float32") -> "Registry":
-        path = Path(path)
+        """A registry file; `registry.yaml` or `models/registry-real.yaml` not found relative to the
+        working directory is the package's (`helios_models.resolve`)."""
+        path = helios_models.resolve(path)
         if not path.is_file():
-            raise FileNotFoundError(f"registry file {path} does not exist")
+            raise FileNotFoundError(f"registry file {path} is not a file")
         try:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -175,9 +186,9 @@ class Registry:
         for e in self:
             item = {
                 "name": e.name,
-                "path": _relative(e.path, path.parent),
+                **({"pull": e.pull} if e.pull else {"path": _relative(e.path, path.parent)}),
                 "threshold": e.threshold,
-                "exit_layers": list(e.exit_layers) if e.exit_layers else None,
+                "exit_layers": None if e.exit_layers is None else list(e.exit_layers),
                 "exit_heads": _relative(e.exit_heads, path.parent) if e.exit_heads else None,
                 **({"measure": e.measure} if e.measure != "max_prob" else {}),
                 **({"probe_gate": e.probe_gate} if e.probe_gate is not None else {}),
@@ -190,9 +201,18 @@ class Registry:
             if e.profile is not None:
                 item["profile"] = asdict(e.profile)
             models.append(item)
-        header = ("# Helios model registry (format: helios_core/policy/registry.py). Sizes and profiles are\n"
-                  "# written by `helios profile`; the sizes are checked against each checkpoint when it loads.\n")
-        path.write_text(header + yaml.safe_dump({"models": models}, sort_keys=False))
+        path.write_text(_header(path) + yaml.safe_dump({"models": models}, sort_keys=False))
+
+
+def _header(path: Path) -> str:
+    """The file's leading comment block, kept when it is rewritten (it says what the file is for)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+        if kept:
+            return kept
+    return ("# Helios model registry (format: helios_core/policy/registry.py). Sizes and profiles are\n"
+            "# written by `helios profile`; the sizes are checked against each checkpoint when it loads.\n")
 
 
 def _relative(p: Path, base: Path) -> str:
@@ -202,19 +222,19 @@ def _relative(p: Path, base: Path) -> str:
         return str(p)
 
 
-KNOWN_KEYS = {"name", "path", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile", "layers",
-              "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
+KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile",
+              "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
 
 
 def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     where = f"registry {file}, model #{index + 1}"
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("path"), str):
-        raise RegistryError(f"{where}: each model needs a string 'name' and 'path'")
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise RegistryError(f"{where}: each model needs a string 'name'")
     where = f"registry {file}, model {raw['name']!r}"
     unknown = set(raw) - KNOWN_KEYS
     if unknown:
         raise RegistryError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(KNOWN_KEYS)})")
-    path = (file.parent / raw["path"]).resolve()
+    path = _model_path(where, file, raw)
     try:
         config = ModelConfig.from_pretrained(path)
         Checkpoint(path)  # safetensors present, no pickles
@@ -226,7 +246,7 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     dtype = raw.get("dtype", dtype)
     try:
         exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), measure=raw.get("measure", "max_prob"),
-                              exit_layers=tuple(raw["exit_layers"]) if raw.get("exit_layers") else None,
+                              exit_layers=None if raw.get("exit_layers") is None else tuple(raw["exit_layers"]),
                               probe_gate=raw.get("probe_gate"))
         if (exit_cfg.measure == "probe" or exit_cfg.probe_gate is not None) and heads is None:
             raise ValueError("measure 'probe' and probe_gate need exit_heads: a file with exit probes")
@@ -237,7 +257,7 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     except (TypeError, ValueError) as err:
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
-                       _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate)
+                       _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"))
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
                 "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
@@ -245,6 +265,23 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
         raise RegistryError(f"{where}: recorded sizes disagree with the checkpoint (recorded, actual): {stale}; "
                             "run `helios profile` again")
     return entry
+
+
+def _model_path(where: str, file: Path, raw: dict) -> Path:
+    """The entry's model directory: `path` (relative to the registry file) or `pull`'s directory."""
+    given = [k for k in ("path", "pull") if raw.get(k) is not None]
+    if len(given) != 1 or not isinstance(raw[given[0]], str):
+        raise RegistryError(f"{where}: give exactly one of 'path' (a model directory) and 'pull' (a name of "
+                            f"`helios pull`'s catalog: {', '.join(sorted(CATALOG))}), as a string")
+    if given == ["path"]:
+        return (file.parent / raw["path"]).resolve()
+    name = raw["pull"]
+    if name not in CATALOG:
+        raise RegistryError(f"{where}: unknown pull name {name!r}; the catalog has: {', '.join(sorted(CATALOG))}")
+    if not is_pulled(name):
+        raise RegistryError(f"{where}: {name} is not pulled yet (expected in {model_dir(name)}); "
+                            f"run `helios pull {name}`")
+    return model_dir(name)
 
 
 def _profile(where: str, raw) -> OfflineProfile | None:
