@@ -277,7 +277,7 @@ def profile(args: argparse.Namespace) -> int:
 
     if args.limit < 1 or args.max_tokens < 1:
         raise ValueError("--limit and --max-tokens must be positive")
-    registry = Registry.load(args.registry)
+    registry = Registry.load(args.registry, check_sizes=False)  # the sizes are written again below
     prompts = load_prompts(args.prompts)[: args.limit]
     for entry in registry:
         p = profile_model(entry, prompts, str(args.prompts), args.max_tokens, args.max_model_len, args.device)

@@ -166,9 +166,10 @@ class Registry:
         self.entries[name] = replace(self[name], profile=profile)
 
     @staticmethod
-    def load(path: str | Path, dtype: str = "float32") -> "Registry":
+    def load(path: str | Path, dtype: str = "float32", check_sizes: bool = True) -> "Registry":
         """A registry file; `registry.yaml` or `models/registry-real.yaml` not found relative to the
-        working directory is the package's (`helios_models.resolve`)."""
+        working directory is the package's (`helios_models.resolve`). `check_sizes=False` accepts
+        recorded sizes that disagree with the checkpoint (for `helios profile`, which rewrites them)."""
         path = helios_models.resolve(path)
         if not path.is_file():
             raise FileNotFoundError(f"registry file {path} is not a file")
@@ -178,7 +179,7 @@ class Registry:
             raise RegistryError(f"registry {path} is not valid YAML: {err}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
             raise RegistryError(f"registry {path} must have a non-empty list under 'models'")
-        return Registry([_entry(path, i, raw, dtype) for i, raw in enumerate(doc["models"])], path)
+        return Registry([_entry(path, i, raw, dtype, check_sizes) for i, raw in enumerate(doc["models"])], path)
 
     def save(self, path: str | Path | None = None) -> None:
         path = Path(path or self.path)
@@ -226,7 +227,7 @@ KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", 
               "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
 
 
-def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
+def _entry(file: Path, index: int, raw, dtype: str, check_sizes: bool = True) -> ModelEntry:
     where = f"registry {file}, model #{index + 1}"
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise RegistryError(f"{where}: each model needs a string 'name'")
@@ -261,7 +262,7 @@ def _entry(file: Path, index: int, raw, dtype: str) -> ModelEntry:
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
                 "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
-    if stale:
+    if stale and check_sizes:
         raise RegistryError(f"{where}: recorded sizes disagree with the checkpoint (recorded, actual): {stale}; "
                             "run `helios profile` again")
     return entry
