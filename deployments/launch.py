@@ -214,8 +214,8 @@ def stop(name: str = "helios") -> None:
     application `name` on a cluster it joined.
 
     A cluster of our own is shut down directly, not through `serve.shutdown()` first: its Serve
-    processes die with it, and Serve's graceful shutdown of every replica took over two minutes
-    with both cores busy (Ray's workers run at niceness 15)."""
+    processes die with it, and nothing waits for each replica's graceful shutdown (1-2 s here with
+    both cores busy, where Ray's workers run at niceness 15 and get little CPU)."""
     global _own_cluster
     import ray
     from ray import serve
