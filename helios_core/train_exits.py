@@ -24,6 +24,7 @@ tokens: an estimate of the engine's exits, exact for the first generated token.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -93,8 +94,8 @@ def train_exit_heads(
     heads = ExitHeads(model, trained)
     optimizer = torch.optim.Adam(heads.trained.parameters(), lr=lr)  # no weight decay: it pulls norm gains to 0
     checkpoint = out_path.with_suffix(".ckpt.safetensors")
-    start, loss_value, seconds = resume(checkpoint, heads, optimizer, steps, dev)
-    before = evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
+    start, loss_value, seconds, before = resume(checkpoint, heads, optimizer, steps, dev)
+    before = before or evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
 
     from tqdm import tqdm
 
@@ -114,7 +115,7 @@ def train_exit_heads(
         now = time.perf_counter()
         out_of_time = time_limit is not None and now - started >= time_limit
         if step + 1 < steps and (out_of_time or now - last_saved >= CHECKPOINT_EVERY_S):
-            save_checkpoint(checkpoint, heads, optimizer, step + 1, loss_value, seconds + now - started)
+            save_checkpoint(checkpoint, heads, optimizer, step + 1, loss_value, seconds + now - started, before)
             last_saved = now
             if out_of_time:
                 return {"out": str(out_path), "finished": False, "steps_done": step + 1, "steps": steps,
@@ -247,7 +248,7 @@ def candidate_kl(features: Tensor, weight: Tensor, teacher: Tensor, top: Tensor,
 
 
 def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, step: int, loss: float,
-                    seconds: float) -> None:
+                    seconds: float, before: dict) -> None:
     """Heads and Adam's moments as safetensors (never a pickle), the step in the metadata; written
     to a temporary file and renamed, so an interruption leaves the previous checkpoint whole."""
     tensors = {f"heads.{k}": v.detach().contiguous().cpu() for k, v in heads.trained.state_dict().items()}
@@ -260,15 +261,17 @@ def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimiz
         if "step" in state:
             tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "loss": repr(loss), "seconds": repr(seconds)})
+    save_file(tensors, str(tmp), metadata={"step": str(step), "loss": repr(loss), "seconds": repr(seconds),
+                                           "before": json.dumps(before)})  # held-out "before": not evaluated again
     tmp.replace(path)
 
 
 def resume(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, steps: int,
-           device: str) -> tuple[int, float, float]:
-    """Load a checkpoint written by `save_checkpoint` if there is one: (next step, loss, seconds so far)."""
+           device: str) -> tuple[int, float, float, dict | None]:
+    """Load a checkpoint written by `save_checkpoint` if there is one: (next step, loss, seconds so far,
+    the held-out "before" table)."""
     if not path.is_file():
-        return 0, float("nan"), 0.0
+        return 0, float("nan"), 0.0, None
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -281,7 +284,7 @@ def resume(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, steps
             optimizer.state[p] = {"step": tensors[f"adam.{i}.step"][0].clone(),
                                   "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
                                   "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
-    return step, float(meta["loss"]), float(meta["seconds"])
+    return step, float(meta["loss"]), float(meta["seconds"]), json.loads(meta["before"])
 
 
 @torch.no_grad()
