@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--time-limit", type=float, default=None,
                     help="stop after this many seconds, checkpointed; the same command resumes")
     te.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16"), help="dtype of the stored heads")
+    te.add_argument("--init-heads", default=None, help="start from these trained heads (same depths)")
+    te.add_argument("--backbone-rank", type=int, default=None,
+                    help="LayerSkip variant: also train a low-rank adapter of the backbone below the deepest exit, "
+                         "distilled from the original model (saved in --out, merged into the weights at load)")
+    for name in ("backbone_lr", "final_weight"):
+        te.add_argument(f"--{name.replace('_', '-')}", type=float, default=defaults[name],
+                        help=f"--backbone-rank: default {defaults[name]}")
     te.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sv = sub.add_parser("serve", help="start a local Ray cluster serving models over the OpenAI API (default: "
@@ -247,9 +254,10 @@ def train_exits(args: argparse.Namespace) -> int:
     from .train_exits import format_probe_report, format_report, train_exit_heads, train_exit_probes
 
     if args.probes:
-        if args.proj or args.rank or args.lm_head or args.ce_weight or args.topk or args.time_limit or args.save_dtype:
+        if (args.proj or args.rank or args.lm_head or args.ce_weight or args.topk or args.time_limit
+                or args.save_dtype or args.init_heads or args.backbone_rank):
             raise ValueError("--probes fits probes for the shared head or --heads: drop --proj, --rank, --lm-head, "
-                             "--ce-weight, --topk, --time-limit and --save-dtype")
+                             "--ce-weight, --topk, --time-limit, --save-dtype, --init-heads and --backbone-rank")
         train, report, knobs = train_exit_probes, format_probe_report, ("train_tokens",)
         knobs += ("heads_path",)
         args.heads_path = args.heads
@@ -257,7 +265,8 @@ def train_exits(args: argparse.Namespace) -> int:
         if args.heads:
             raise ValueError("--heads goes with --probes")
         train, report, knobs = train_exit_heads, format_report, ("proj", "rank", "lm_head", "ce_weight",
-                                                                 "topk", "time_limit", "save_dtype")
+                                                                 "topk", "time_limit", "save_dtype", "init_heads",
+                                                                 "backbone_rank", "backbone_lr", "final_weight")
     knobs += ("corpus", "exit_layers", "steps", "batch_size", "seq_len", "eval_tokens", "seed", "device")
     lr = {} if args.lr is None else {"lr": args.lr}
     result = train(args.model, args.out, **{k: getattr(args, k) for k in knobs}, **lr, progress=not args.quiet)

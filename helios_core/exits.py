@@ -26,8 +26,11 @@ Adapter format (`*.safetensors`, written by `save_exit_heads`):
     exit.{d}.lm_head.weight    (V, D)   optional; the model's LM head is shared when absent
     exit.{d}.probe.weight      (1, D)   optional exit probe (version 2), on the model's final norm of h
     exit.{d}.probe.bias        (1,)     with probe.weight
-Depths without a trained head use the shared head; a file may hold probes only. Version 1 files
-(heads only) load unchanged.
+  optional (version 4): a low-rank adapter of the backbone the heads were trained with (LayerSkip
+  variant), `backbone.{layer}.{matrix}.a|b` (see `models/low_rank.py`); loading the file merges it
+  into the model's weights, so such heads always run on the backbone they were trained for.
+Depths without a trained head use the shared head; a file may hold probes only. Older versions
+load unchanged.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .models.checkpoint import ADAPTER_FORMAT
+from .models.low_rank import PREFIX as BACKBONE, apply_backbone, parse_backbone
 from .models.transformer import Transformer, make_norm
 
-ADAPTER_VERSIONS = ("1", "2", "3")  # 2 added exit probes, 3 low-rank adapters
+ADAPTER_VERSIONS = ("1", "2", "3", "4")  # 2 added exit probes, 3 low-rank heads, 4 a backbone adapter
 MEASURES = ("max_prob", "margin", "cosine", "probe")
 LOGIT_FREE = ("cosine", "probe")  # measures that decide without the LM head
 
@@ -113,14 +117,15 @@ def make_probe(model: Transformer) -> nn.Linear:
 
 class ExitHeads(nn.Module):
     """Logits at any depth: a trained head where one exists, else the model's final norm + LM head.
-    Also the exit probes, where trained."""
+    Also the exit probes, where trained, and the backbone adapter's tensors (merged into the model)."""
 
     def __init__(self, model: Transformer, trained: dict[int, ExitHead] | None = None,
-                 probes: dict[int, nn.Linear] | None = None):
+                 probes: dict[int, nn.Linear] | None = None, backbone: dict[str, Tensor] | None = None):
         super().__init__()
         self.model = [model]  # a list, so the model is not registered as a submodule of the heads
         self.trained = nn.ModuleDict({str(d): head for d, head in (trained or {}).items()})
         self.probes = nn.ModuleDict({str(d): probe for d, probe in (probes or {}).items()})
+        self.backbone = backbone or {}  # kept to be saved again with new probes; not parameters
 
     def probe_depths(self) -> tuple[int, ...]:
         return tuple(sorted(int(d) for d in self.probes))
@@ -170,6 +175,9 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
                 f"the model has {c.hidden_size} and {c.vocab_size}"
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    backbone = {k: tensors.pop(k) for k in list(tensors) if k.startswith(BACKBONE)}
+    if backbone:
+        apply_backbone(model, parse_backbone(backbone, model, str(path)))
     depths = sorted({_depth(path, k, c.num_layers) for k in tensors})
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     trained, probes = {}, {}
@@ -183,7 +191,7 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
             rank = own["down.weight"].shape[0] if "down.weight" in own else None
             head = ExitHead(model, proj="proj.weight" in own, lm_head="lm_head.weight" in own, rank=rank)
             trained[d] = _load_module(path, f"exit head at depth {d}", head, own).to(device=device, dtype=dtype)
-    return ExitHeads(model, trained, probes)
+    return ExitHeads(model, trained, probes, backbone)
 
 
 def _depth(path: Path, key: str, num_layers: int) -> int:
@@ -207,17 +215,18 @@ def _load_module(path: Path, what: str, module: nn.Module, state: dict[str, Tens
 
 
 def save_exit_heads(path: str | Path, heads: ExitHeads, dtype: torch.dtype | None = None) -> None:
-    """dtype: store the trained heads in it (e.g. bfloat16 to halve the file); probes stay fp32."""
+    """dtype: store the trained heads and the backbone adapter in it (e.g. bfloat16 to halve the file);
+    probes stay fp32."""
     model = heads.model[0]
     tensors = {
         f"exit.{d}.{prefix}{name}": p.detach().to(dtype if dtype and prefix == "" else p.dtype).contiguous().cpu()
         for prefix, modules in (("", heads.trained), ("probe.", heads.probes))
         for d, module in modules.items()
         for name, p in module.state_dict().items()
-    }
+    } | {k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in heads.backbone.items()}
     meta = {
         "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSIONS[-1],
+        "version": "4" if heads.backbone else "3",  # readable by older Helios where it can be
         "hidden_size": str(model.config.hidden_size),
         "vocab_size": str(model.config.vocab_size),
         "norm": model.config.norm,

@@ -24,6 +24,8 @@ tokens: an estimate of the engine's exits, exact for the first generated token.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import random
@@ -35,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .exits import ExitHead, ExitHeads, load_exit_heads, make_probe, save_exit_heads
 from .models import Transformer, load_model, resolve_dtype
+from .models.low_rank import BackboneAdapter
 from .train import is_held_out, parse_sources, resolve_device
 
 EVAL_THRESHOLD = 0.8  # the engine's default exit threshold
@@ -65,6 +68,10 @@ def train_exit_heads(
     progress: bool = True,
     time_limit: float | None = None,
     save_dtype: str | None = None,
+    init_heads: str | Path | None = None,
+    backbone_rank: int | None = None,
+    backbone_lr: float = 3e-4,
+    final_weight: float = 4.0,
 ) -> dict:
     """Train exit heads at `exit_layers` (default: every layer but the last) and write them to `out_path`.
 
@@ -79,6 +86,12 @@ def train_exit_heads(
     "before" and "after" tables (see `evaluate`); `finished` is False when the time limit stopped it.
     Deterministic for a seed on CPU (for a given thread count), resumed or not.
     save_dtype: the dtype the heads are stored in (default: fp32).
+    init_heads: start from the heads in this file (e.g. the frozen-backbone ones when training the
+    LayerSkip variant); the "before" table is then theirs.
+    backbone_rank: also train a low-rank adapter of the backbone's layers below the deepest exit
+    (`models/low_rank.py`), LayerSkip's recipe without touching the checkpoint: the exits' loss flows
+    into the layers, and `final_weight` x KL(original model || adapted model) at the last layer keeps
+    full depth close to the original. The adapter is saved in the heads file and merged at load.
     """
     out_path = _check_out(out_path)
     if steps < 0 or batch_size < 1 or seq_len < 2 or eval_tokens < seq_len:
@@ -91,38 +104,57 @@ def train_exit_heads(
                                         seq_len, seed)
 
     trained = {d: make_head(model, proj, lm_head, rank).to(dev) for d in depths}
+    initial = ExitHeads(model)
+    if init_heads is not None:
+        initial = load_exit_heads(init_heads, model)
+        if initial.backbone or set(initial.trained) != {str(d) for d in depths}:
+            raise ValueError(f"--init-heads {init_heads}: need heads at exactly {list(depths)} on the original "
+                             f"backbone, the file has {sorted(int(d) for d in initial.trained)}"
+                             + (" and a backbone adapter" if initial.backbone else ""))
+        trained = {d: initial.trained[str(d)] for d in depths}
+        initial = ExitHeads(model, {d: copy.deepcopy(h) for d, h in trained.items()})
     heads = ExitHeads(model, trained)
-    optimizer = torch.optim.Adam(heads.trained.parameters(), lr=lr)  # no weight decay: it pulls norm gains to 0
+    backbone = BackboneAdapter(model, backbone_rank, range(max(depths))).to(dev) if backbone_rank else None
+    groups = [{"params": list(heads.trained.parameters()), "lr": lr}]
+    trainable: nn.Module = heads.trained
+    if backbone is not None:
+        groups.append({"params": list(backbone.parameters()), "lr": backbone_lr})
+        trainable = nn.ModuleDict({"exits": heads.trained, "backbone": backbone})
+    optimizer = torch.optim.Adam(groups)  # no weight decay: it pulls norm gains to 0
     checkpoint = out_path.with_suffix(".ckpt.safetensors")
-    start, loss_value, seconds, before = resume(checkpoint, heads, optimizer, steps, dev)
-    before = before or evaluate(model, ExitHeads(model), depths, eval_data, batch_size)
+    start, loss_value, seconds, before = resume(checkpoint, trainable, optimizer, steps, dev)
+    before = before or evaluate(model, initial, depths, eval_data, batch_size)
+    lrs = [group["lr"] for group in optimizer.param_groups]
 
     from tqdm import tqdm
 
     started = time.perf_counter()
     last_saved = started
-    for step in tqdm(range(start, steps), disable=not progress, desc="train-exits", unit="step",
-                     initial=start, total=steps):
-        for group in optimizer.param_groups:  # cosine decay to 10%: heads start at a good point, no warmup
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
-        rng = random.Random(seed * 1_000_003 + step)  # a step's batch depends on the step only: resumable
-        batch = sample_batch(train_data, batch_size, seq_len, rng).to(dev)
-        loss = distillation_loss(model, heads, depths, batch, ce_weight, topk, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        now = time.perf_counter()
-        out_of_time = time_limit is not None and now - started >= time_limit
-        if step + 1 < steps and (out_of_time or now - last_saved >= CHECKPOINT_EVERY_S):
-            save_checkpoint(checkpoint, heads, optimizer, step + 1, loss_value, seconds + now - started, before)
-            last_saved = now
-            if out_of_time:
-                return {"out": str(out_path), "finished": False, "steps_done": step + 1, "steps": steps,
-                        "checkpoint": str(checkpoint), "final_loss": loss_value}
-    seconds += time.perf_counter() - started
+    with backbone.attached() if backbone is not None else contextlib.nullcontext():
+        for step in tqdm(range(start, steps), disable=not progress, desc="train-exits", unit="step",
+                         initial=start, total=steps):
+            for group, group_lr in zip(optimizer.param_groups, lrs):  # cosine decay to 10%, no warmup
+                group["lr"] = group_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            rng = random.Random(seed * 1_000_003 + step)  # a step's batch depends on the step only: resumable
+            batch = sample_batch(train_data, batch_size, seq_len, rng).to(dev)
+            loss = distillation_loss(model, heads, depths, batch, ce_weight, topk, rng, backbone, final_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss.detach())
+            now = time.perf_counter()
+            out_of_time = time_limit is not None and now - started >= time_limit
+            if step + 1 < steps and (out_of_time or now - last_saved >= CHECKPOINT_EVERY_S):
+                save_checkpoint(checkpoint, trainable, optimizer, step + 1, loss_value, seconds + now - started,
+                                before)
+                last_saved = now
+                if out_of_time:
+                    return {"out": str(out_path), "finished": False, "steps_done": step + 1, "steps": steps,
+                            "checkpoint": str(checkpoint), "final_loss": loss_value}
+        seconds += time.perf_counter() - started
+        after = evaluate(model, heads, depths, eval_data, batch_size)
 
-    after = evaluate(model, heads, depths, eval_data, batch_size)
+    heads.backbone = backbone.tensors() if backbone is not None else {}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_exit_heads(out_path, heads, resolve_dtype(save_dtype) if save_dtype else None)
     checkpoint.unlink(missing_ok=True)
@@ -131,6 +163,7 @@ def train_exit_heads(
         "finished": True,
         "topk": topk,
         "rank": rank,
+        "backbone_rank": backbone_rank,
         "model": str(model_dir),
         "exit_layers": list(depths),
         "num_layers": num_layers,
@@ -193,7 +226,8 @@ def frozen_forward(model: Transformer, tokens: Tensor, depths: tuple[int, ...]) 
 
 
 def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], batch: Tensor,
-                      ce_weight: float, topk: int | None = None, rng: random.Random | None = None) -> Tensor:
+                      ce_weight: float, topk: int | None = None, rng: random.Random | None = None,
+                      backbone: BackboneAdapter | None = None, final_weight: float = 4.0) -> Tensor:
     """Sum over heads of KL(final || head), plus ce_weight x cross-entropy to the next token.
 
     Summed, not averaged: every head has its own parameters, so each gets the gradient of its own loss.
@@ -201,17 +235,29 @@ def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, .
     at each position plus NEGATIVES_PER_TOPK x topk tokens sampled for the batch (rng). A real model's
     LM head costs as much as several blocks (SmolLM2: 8; Gemma 3 270M: 30), so the full vocabulary at
     every exit would cost more than the frozen forward itself.
+    With a `backbone` adapter (attached), "final" is the original model's last layer, hidden states
+    come from the adapted model with gradients, and final_weight x KL(original || adapted) over the
+    whole vocabulary at the last layer is added.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
-    hidden, teacher = frozen_forward(model, inputs, depths)
-    teacher = teacher.flatten(0, 1)
+    loss = torch.zeros((), device=batch.device)
+    if backbone is None:
+        hidden, teacher = frozen_forward(model, inputs, depths)
+        teacher = teacher.flatten(0, 1)
+    else:
+        with backbone.disabled():
+            _, teacher = frozen_forward(model, inputs, ())
+        teacher = teacher.flatten(0, 1)
+        logits, states = model.forward_with_grad(inputs, output_hidden_states=True)
+        hidden = {d: states[d - 1] for d in depths}
+        student = F.log_softmax(logits.float().flatten(0, 1), dim=-1)
+        loss = loss + final_weight * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     if topk:
         top = teacher.topk(topk, dim=-1).indices  # (N, k)
         generator = torch.Generator().manual_seed((rng or random.Random(0)).randrange(2**62))
         sampled = torch.randint(teacher.shape[1], (NEGATIVES_PER_TOPK * topk,), generator=generator).to(top.device)
         if ce_weight:
             top = torch.cat([top, targets[:, None]], dim=1)
-    loss = torch.zeros((), device=batch.device)
     for d in depths:
         if topk:
             features, weight = heads.features(d, hidden[d])
@@ -247,12 +293,13 @@ def candidate_kl(features: Tensor, weight: Tensor, teacher: Tensor, top: Tensor,
     return kl, student[:, top.shape[1] - 1]
 
 
-def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, step: int, loss: float,
+def save_checkpoint(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float,
                     seconds: float, before: dict) -> None:
-    """Heads and Adam's moments as safetensors (never a pickle), the step in the metadata; written
-    to a temporary file and renamed, so an interruption leaves the previous checkpoint whole."""
-    tensors = {f"heads.{k}": v.detach().contiguous().cpu() for k, v in heads.trained.state_dict().items()}
-    params = list(heads.trained.parameters())
+    """The trained parameters (under "heads.") and Adam's moments as safetensors (never a pickle), the
+    step in the metadata; written to a temporary file and renamed, so an interruption leaves the
+    previous checkpoint whole."""
+    tensors = {f"heads.{k}": v.detach().contiguous().cpu() for k, v in trainable.state_dict().items()}
+    params = list(trainable.parameters())
     for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -266,7 +313,7 @@ def save_checkpoint(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimiz
     tmp.replace(path)
 
 
-def resume(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, steps: int,
+def resume(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
            device: str) -> tuple[int, float, float, dict | None]:
     """Load a checkpoint written by `save_checkpoint` if there is one: (next step, loss, seconds so far,
     the held-out "before" table)."""
@@ -278,13 +325,14 @@ def resume(path: Path, heads: ExitHeads, optimizer: torch.optim.Optimizer, steps
     step = int(meta["step"])
     if step > steps:
         raise ValueError(f"{path} is at step {step}, beyond --steps {steps}: remove it to start over")
-    heads.trained.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
-    for i, p in enumerate(heads.trained.parameters()):
+    trainable.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+    for i, p in enumerate(trainable.parameters()):
         if f"adam.{i}.exp_avg" in tensors:
             optimizer.state[p] = {"step": tensors[f"adam.{i}.step"][0].clone(),
                                   "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
                                   "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
-    return step, float(meta["loss"]), float(meta["seconds"]), json.loads(meta["before"])
+    before = json.loads(meta["before"]) if "before" in meta else None  # older checkpoints: evaluated again
+    return step, float(meta["loss"]), float(meta["seconds"]), before
 
 
 @torch.no_grad()
@@ -383,7 +431,8 @@ def train_exit_probes(
         probes[d].bias.data.copy_(bias[i : i + 1])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     trained = {int(d): head for d, head in heads.trained.items()}
-    save_exit_heads(out_path, ExitHeads(model, trained, probes), _stored_dtype(heads_path) if heads_path else None)
+    save_exit_heads(out_path, ExitHeads(model, trained, probes, heads.backbone),
+                    _stored_dtype(heads_path) if heads_path else None)
     del x, y  # free the training features before the held-out pass collects its own
     report = probe_report(heads, depths, weight, bias, eval_windows, batch_size)
     return {"out": str(out_path), "model": str(model_dir), "exit_layers": list(depths),

@@ -257,7 +257,7 @@ def test_exit_probe_files_are_checked(tiny_llama, tmp_path):
         ({**good, "exit.2.probe.scale": torch.zeros(1)}, meta, r"unexpected \['scale'\]"),
         ({"exit.6.probe.weight": torch.zeros(1, c.hidden_size), "exit.6.probe.bias": torch.zeros(1)}, meta,
          r"'exit.6.probe.(weight|bias)' is not exit.\{depth\}.<name> with depth in 1..5"),
-        (good, meta | {"version": "4"}, r"version '4' is not supported \(this Helios reads 1, 2, 3\)"),
+        (good, meta | {"version": "5"}, r"version '5' is not supported \(this Helios reads 1, 2, 3, 4\)"),
     ]
     for i, (tensors, metadata, error) in enumerate(cases):
         path = tmp_path / f"bad{i}.safetensors"

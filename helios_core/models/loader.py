@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sources, read_params
 from .config import ModelConfig
+from .low_rank import merge
 from .transformer import Block, Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -54,6 +55,7 @@ def load_model(
     if tie:
         model.lm_head.weight = model.embed.weight
     model.checkpoint = checkpoint
+    model.backbone_adapter = {}  # low-rank deltas merged into every layer loaded (low_rank.apply_backbone)
     model.setup_rope(max_len or min(config.max_position_embeddings, 4096))
     load_layers(model, num_layers)
     return model
@@ -73,6 +75,7 @@ def load_layers(model: Transformer, num_layers: int) -> int:
         with torch.device("meta"):
             block = Block(model.config, i)
         _assign(block, read_params(checkpoint, layer_sources(model.config, i), "", dtype, device))
+        merge(block, model.backbone_adapter.get(i, {}))
         blocks.append(block)
     model.layers.extend(blocks)
     return checkpoint.bytes_read - before

@@ -297,6 +297,10 @@ class Transformer(nn.Module):
         tokens: (N, T). Returns logits (N, T, V) from the last loaded layer, and optionally the hidden
         state after every loaded layer (before the final norm).
         """
+        return self.forward_with_grad(tokens, output_hidden_states)
+
+    def forward_with_grad(self, tokens: Tensor, output_hidden_states: bool = False):
+        """`forward` outside inference mode, for training adapters of the (frozen) model."""
         tokens = tokens.to(self.embed.weight.device)  # callers may build token ids on the CPU
         n, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(n, t)
