@@ -38,6 +38,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 @pytest.fixture(scope="session")
+def exit_corpus(tmp_path_factory) -> str:
+    """A text file of the tiny models' corpus, for training exit heads on them."""
+    path = tmp_path_factory.mktemp("exit_corpus") / "text.txt"
+    path.write_text("\n\n".join(tiny_models._CORPUS) * 6)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> pathlib.Path:
     """Directory of a 6-layer "llama_gqa" checkpoint (GQA, untied embeddings)."""
     root = tmp_path_factory.mktemp("tiny_llama")

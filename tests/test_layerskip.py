@@ -1,5 +1,6 @@
 """The LayerSkip variant: exit heads trained together with a low-rank adapter of the backbone, merged at load."""
 
+import json
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from helios_core.models import load_model
 from helios_core.models.loader import load_layers
 from helios_core.sampling import SamplingParams
 from helios_core.train_exits import train_exit_heads, train_exit_probes
-from tiny_models import _CORPUS, hf_greedy, hf_logits
+from tiny_models import hf_greedy, hf_logits
 
 DEPTHS = (2, 4)
 FAST = dict(exit_layers=DEPTHS, steps=40, batch_size=8, seq_len=64, lr=1e-2, rank=8, topk=8, eval_tokens=1024,
@@ -23,20 +24,13 @@ HF_ROWS = {"attn.wqkv": ("q_proj", "k_proj", "v_proj"), "attn.wo": ("o_proj",), 
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("layerskip_corpus") / "text.txt"
-    path.write_text("\n\n".join(_CORPUS) * 6)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def variants(tiny_llama, corpus, tmp_path_factory):
+def variants(tiny_llama, exit_corpus, tmp_path_factory):
     """(frozen-backbone heads, LayerSkip heads started from them, the LayerSkip run's result)."""
     root = tmp_path_factory.mktemp("layerskip")
     frozen = root / "frozen.safetensors"
-    train_exit_heads(tiny_llama, frozen, [corpus], **FAST)
+    train_exit_heads(tiny_llama, frozen, [exit_corpus], **FAST)
     adapted = root / "layerskip.safetensors"
-    result = train_exit_heads(tiny_llama, adapted, [corpus], **FAST, init_heads=frozen, backbone_rank=4,
+    result = train_exit_heads(tiny_llama, adapted, [exit_corpus], **FAST, init_heads=frozen, backbone_rank=4,
                               backbone_lr=3e-3)
     return frozen, adapted, result
 
@@ -95,10 +89,10 @@ def test_layers_loaded_later_get_the_adapter_too(tiny_llama, variants):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_probes_and_resaving_keep_the_adapter(tiny_llama, corpus, variants, tmp_path):
+def test_probes_and_resaving_keep_the_adapter(tiny_llama, exit_corpus, variants, tmp_path):
     _, adapted, _ = variants
     out = tmp_path / "with_probes.safetensors"
-    train_exit_probes(tiny_llama, out, [corpus], steps=20, train_tokens=1024, batch_size=8, seq_len=64,
+    train_exit_probes(tiny_llama, out, [exit_corpus], steps=20, train_tokens=1024, batch_size=8, seq_len=64,
                       eval_tokens=512, progress=False, heads_path=adapted)
     stored, original = load_file(str(out)), load_file(str(adapted))
     assert all(torch.equal(stored[k], v) for k, v in original.items())
@@ -108,7 +102,7 @@ def test_probes_and_resaving_keep_the_adapter(tiny_llama, corpus, variants, tmp_
     assert len(eng.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))) == 3
 
 
-def test_bad_adapters_are_refused_with_the_reason(tiny_llama, corpus, variants, tmp_path):
+def test_bad_adapters_are_refused_with_the_reason(tiny_llama, exit_corpus, variants, tmp_path):
     frozen, adapted, _ = variants
     model = load_model(tiny_llama)
     heads = load_exit_heads(adapted, model)
@@ -124,4 +118,21 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_llama, corpus, variants, 
     with pytest.raises(ValueError, match=r"'backbone.9.attn.wo.a' is not backbone.\{layer\}"):
         load_exit_heads(wrong, load_model(tiny_llama))
     with pytest.raises(ValueError, match="need heads at exactly"):  # warm starts only from frozen-backbone heads
-        train_exit_heads(tiny_llama, tmp_path / "x.safetensors", [corpus], **FAST, init_heads=adapted, backbone_rank=4)
+        train_exit_heads(tiny_llama, tmp_path / "x.safetensors", [exit_corpus], **FAST, init_heads=adapted,
+                         backbone_rank=4)
+
+
+def test_cli_trains_the_variant_and_refuses_it_with_probes(tiny_llama, exit_corpus, variants, tmp_path):
+    from test_train_exits import helios
+
+    frozen, _, _ = variants
+    out = tmp_path / "cli.safetensors"
+    run = helios("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", exit_corpus,
+                 "--exit-layers", "2,4", "--rank", "8", "--topk", "8", "--steps", "2", "--seq-len", "32",
+                 "--eval-tokens", "256", "--init-heads", str(frozen), "--backbone-rank", "2", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["backbone_rank"] == 2
+    assert {k for k in load_file(str(out)) if k.startswith("backbone.")} == {
+        f"backbone.{i}.{m}.{p}" for i in range(4) for m in HF_ROWS for p in "ab"}
+    refused = helios("train-exits", "--probes", "--model", str(tiny_llama), "--out", str(out), "--backbone-rank", "2")
+    assert refused.returncode != 0 and "drop" in refused.stderr and "--backbone-rank" in refused.stderr

@@ -14,7 +14,7 @@ from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig, confidence_from_logits, load_exit_heads
 from helios_core.sampling import SamplingParams
 from helios_core.train_exits import candidate_kl, fit_probes, train_exit_heads, train_exit_probes
-from tiny_models import _CORPUS, hf_greedy, make_pickle_checkpoint
+from tiny_models import hf_greedy, make_pickle_checkpoint
 
 DEPTHS = (1, 2, 3)
 FAST = dict(exit_layers=DEPTHS, steps=60, batch_size=8, seq_len=64, lr=1e-2, proj=True, eval_tokens=1024,
@@ -23,17 +23,10 @@ PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12], [40], [100, 101, 102], [3, 
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("exit_corpus") / "text.txt"
-    path.write_text("\n\n".join(_CORPUS) * 6)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_llama, corpus, tmp_path_factory):
+def trained(tiny_llama, exit_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "heads.safetensors"
     weights = load_file(str(tiny_llama / "model.safetensors"))
-    result = train_exit_heads(tiny_llama, out, [corpus], **FAST)
+    result = train_exit_heads(tiny_llama, out, [exit_corpus], **FAST)
     return out, result, weights
 
 
@@ -49,12 +42,12 @@ def test_training_raises_agreement_with_the_final_layer(trained):
     assert result["after"]["exit_agreement"] > result["before"]["exit_agreement"]
 
 
-def test_base_model_is_unchanged_and_same_seed_gives_the_same_adapter(tiny_llama, corpus, trained, tmp_path):
+def test_base_model_is_unchanged_and_same_seed_gives_the_same_adapter(tiny_llama, exit_corpus, trained, tmp_path):
     path, _, weights_before = trained
     after = load_file(str(tiny_llama / "model.safetensors"))
     assert all(torch.equal(after[k], v) for k, v in weights_before.items())
     again = tmp_path / "again.safetensors"
-    train_exit_heads(tiny_llama, again, [corpus], **FAST)
+    train_exit_heads(tiny_llama, again, [exit_corpus], **FAST)
     a, b = load_file(str(path)), load_file(str(again))
     assert sorted(a) == sorted(f"exit.{d}.{n}" for d in DEPTHS for n in ("norm.weight", "proj.weight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -88,16 +81,16 @@ def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
     assert out.token_ids == hf_greedy(tiny_llama, PROMPTS[0], 16)
 
 
-def test_bad_inputs_raise_clear_errors(tiny_llama, corpus, tmp_path):
+def test_bad_inputs_raise_clear_errors(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "heads.safetensors"
     with pytest.raises(ValueError, match=r"exit layer\(s\) \[6\] out of range.*depths 1..5"):
-        train_exit_heads(tiny_llama, out, [corpus], exit_layers=(2, 6), progress=False)
+        train_exit_heads(tiny_llama, out, [exit_corpus], exit_layers=(2, 6), progress=False)
     with pytest.raises(ValueError, match=r"\.safetensors file"):
-        train_exit_heads(tiny_llama, tmp_path / "heads.pt", [corpus], progress=False)
+        train_exit_heads(tiny_llama, tmp_path / "heads.pt", [exit_corpus], progress=False)
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        train_exit_heads(tmp_path / "nope", out, [corpus], progress=False)
+        train_exit_heads(tmp_path / "nope", out, [exit_corpus], progress=False)
     with pytest.raises(ValueError, match="only pickled weights"):
-        train_exit_heads(make_pickle_checkpoint(tmp_path / "pickled"), out, [corpus], progress=False)
+        train_exit_heads(make_pickle_checkpoint(tmp_path / "pickled"), out, [exit_corpus], progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_exit_heads(tiny_llama, out, [str(tmp_path / "missing.txt")], progress=False)
     assert not out.exists()
@@ -117,15 +110,15 @@ def test_fit_probes_separates_what_a_linear_probe_can():
     assert torch.equal(again[0], weight) and torch.equal(again[1], bias)  # no randomness
 
 
-def test_trained_probes_drive_the_engine(tiny_llama, corpus, tmp_path):
+def test_trained_probes_drive_the_engine(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "probes.safetensors"
-    result = train_exit_probes(tiny_llama, out, [corpus], **PROBES_FAST)
+    result = train_exit_probes(tiny_llama, out, [exit_corpus], **PROBES_FAST)
     assert result["exit_layers"] == [1, 2, 3, 4, 5] and [r["depth"] for r in result["rows"]] == [1, 2, 3, 4, 5]
     assert all(0 <= r["agreement"] <= 1 for r in result["rows"])
     assert {(s["threshold"], s["measure"]) for s in result["simulated"]} >= {(0.9, "probe"), (0.9, "max_prob")}
     assert sorted(load_file(str(out))) == sorted(f"exit.{d}.probe.{n}" for d in range(1, 6) for n in ("weight", "bias"))
     again = tmp_path / "again.safetensors"
-    train_exit_probes(tiny_llama, again, [corpus], **PROBES_FAST)
+    train_exit_probes(tiny_llama, again, [exit_corpus], **PROBES_FAST)
     a, b = load_file(str(out)), load_file(str(again))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same probes
 
@@ -147,9 +140,9 @@ def helios(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
-def test_cli_round_trip(tiny_llama, corpus, tmp_path):
+def test_cli_round_trip(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "cli.safetensors"
-    run = helios("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus,
+    run = helios("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", exit_corpus,
                  "--exit-layers", "2,4", "--steps", "5", "--seq-len", "32", "--eval-tokens", "256", "--quiet")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
@@ -158,9 +151,9 @@ def test_cli_round_trip(tiny_llama, corpus, tmp_path):
     assert sorted(load_file(str(out))) == ["exit.2.norm.weight", "exit.4.norm.weight"]
 
 
-def test_cli_trains_probes(tiny_llama, corpus, tmp_path):
+def test_cli_trains_probes(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "probes.safetensors"
-    run = helios("train-exits", "--probes", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus,
+    run = helios("train-exits", "--probes", "--model", str(tiny_llama), "--out", str(out), "--corpus", exit_corpus,
                  "--exit-layers", "2,4", "--steps", "20", "--train-tokens", "512", "--seq-len", "32",
                  "--eval-tokens", "256", "--quiet")
     assert run.returncode == 0, run.stderr
@@ -178,10 +171,10 @@ def test_cli_trains_probes(tiny_llama, corpus, tmp_path):
     assert bad.returncode == 2 and "--heads goes with --probes" in bad.stderr
 
 
-def test_cli_stops_at_the_time_limit_and_resumes(tiny_llama, corpus, tmp_path):
+def test_cli_stops_at_the_time_limit_and_resumes(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "cli.safetensors"
-    args = ("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", corpus, "--exit-layers", "2",
-            "--steps", "3", "--seq-len", "32", "--eval-tokens", "256", "--topk", "4", "--save-dtype", "bfloat16",
+    args = ("train-exits", "--model", str(tiny_llama), "--out", str(out), "--corpus", exit_corpus,
+            "--exit-layers", "2", "--steps", "3", "--seq-len", "32", "--eval-tokens", "256", "--topk", "4", "--save-dtype", "bfloat16",
             "--quiet")
     first = helios(*args, "--time-limit", "0")
     assert first.returncode == 0 and "stopped at step 1 of 3" in first.stderr and not out.exists()
@@ -211,9 +204,9 @@ def test_candidate_kl_is_the_full_kl_when_the_candidates_are_the_vocabulary():
     assert 0 < float(part) and not torch.isclose(part, full)  # fewer candidates: another (smaller-support) KL
 
 
-def test_topk_distillation_raises_agreement_with_the_final_layer(tiny_llama, corpus, tmp_path):
+def test_topk_distillation_raises_agreement_with_the_final_layer(tiny_llama, exit_corpus, tmp_path):
     out = tmp_path / "topk.safetensors"
-    result = train_exit_heads(tiny_llama, out, [corpus], **(FAST | {"proj": False}), topk=8, rank=8)
+    result = train_exit_heads(tiny_llama, out, [exit_corpus], **(FAST | {"proj": False}), topk=8, rank=8)
     before, after = result["before"]["rows"], result["after"]["rows"]
     # Perplexity, not agreement: on this random model's 1,024 held-out tokens a head's agreement moves by
     # about its noise (0.5-1 point) in 60 steps, while its perplexity falls 7-18x.
@@ -222,12 +215,12 @@ def test_topk_distillation_raises_agreement_with_the_final_layer(tiny_llama, cor
     assert sorted(load_file(str(out))) == sorted(f"exit.{d}.{n}.weight" for d in DEPTHS for n in ("norm", "down", "up"))
 
 
-def test_interrupted_training_resumes_to_the_same_heads(tiny_llama, corpus, trained, tmp_path):
+def test_interrupted_training_resumes_to_the_same_heads(tiny_llama, exit_corpus, trained, tmp_path):
     path, _, _ = trained
     out = tmp_path / "resumed.safetensors"
     calls = 0
     while True:  # time_limit=0: every call trains one step, checkpoints and stops
-        result = train_exit_heads(tiny_llama, out, [corpus], **FAST, time_limit=0)
+        result = train_exit_heads(tiny_llama, out, [exit_corpus], **FAST, time_limit=0)
         calls += 1
         if result["finished"]:
             break
@@ -237,10 +230,10 @@ def test_interrupted_training_resumes_to_the_same_heads(tiny_llama, corpus, trai
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_probes_for_trained_heads_ship_in_one_file_with_them(tiny_llama, corpus, trained, tmp_path):
+def test_probes_for_trained_heads_ship_in_one_file_with_them(tiny_llama, exit_corpus, trained, tmp_path):
     path, _, _ = trained
     out = tmp_path / "heads_probes.safetensors"
-    result = train_exit_probes(tiny_llama, out, [corpus], **PROBES_FAST, heads_path=path)
+    result = train_exit_probes(tiny_llama, out, [exit_corpus], **PROBES_FAST, heads_path=path)
     assert result["exit_layers"] == list(DEPTHS)
     stored, heads = load_file(str(out)), load_file(str(path))
     assert all(torch.equal(stored[k], v) for k, v in heads.items())  # the heads, unchanged
