@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(for large vocabularies, e.g. 32)")
     te.add_argument("--time-limit", type=float, default=None,
                     help="stop after this many seconds, checkpointed; the same command resumes")
-    te.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16"), help="dtype of the stored heads")
+    te.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16"), help="dtype of the stored heads (and backbone adapter); with --probes, of the --heads copied")
     te.add_argument("--init-heads", default=None, help="start from these trained heads (same depths)")
     te.add_argument("--backbone-rank", type=int, default=None,
                     help="LayerSkip variant: also train a low-rank adapter of the backbone below the deepest exit, "
@@ -255,10 +255,12 @@ def train_exits(args: argparse.Namespace) -> int:
 
     if args.probes:
         if (args.proj or args.rank or args.lm_head or args.ce_weight or args.topk or args.time_limit
-                or args.save_dtype or args.init_heads or args.backbone_rank):
+                or args.init_heads or args.backbone_rank):
             raise ValueError("--probes fits probes for the shared head or --heads: drop --proj, --rank, --lm-head, "
-                             "--ce-weight, --topk, --time-limit, --save-dtype, --init-heads and --backbone-rank")
-        train, report, knobs = train_exit_probes, format_probe_report, ("train_tokens",)
+                             "--ce-weight, --topk, --time-limit, --init-heads and --backbone-rank")
+        if args.save_dtype and not args.heads:
+            raise ValueError("--probes --save-dtype sets the dtype of the --heads it stores with the probes: add --heads")
+        train, report, knobs = train_exit_probes, format_probe_report, ("train_tokens", "save_dtype")
         knobs += ("heads_path",)
         args.heads_path = args.heads
     else:

@@ -392,6 +392,7 @@ def train_exit_probes(
     device: str = "auto",
     progress: bool = True,
     heads_path: str | Path | None = None,
+    save_dtype: str | None = None,
 ) -> dict:
     """Train an exit probe per depth for the model's exit heads and write them to `out_path`.
 
@@ -402,6 +403,7 @@ def train_exit_probes(
     heads_path: trained exit heads (from `train_exit_heads`): the probes learn when *those* heads agree
     with the final layer, and `out_path` holds the heads and the probes together (what the engine
     loads); default exit depths are then the heads' depths. None: probes for the shared head.
+    save_dtype: store the heads (and a backbone adapter) in this dtype (default: as in heads_path).
     """
     out_path = _check_out(out_path)
     if steps < 0 or batch_size < 1 or seq_len < 2 or train_tokens < seq_len or eval_tokens < seq_len:
@@ -432,7 +434,7 @@ def train_exit_probes(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     trained = {int(d): head for d, head in heads.trained.items()}
     save_exit_heads(out_path, ExitHeads(model, trained, probes, heads.backbone),
-                    _stored_dtype(heads_path) if heads_path else None)
+                    resolve_dtype(save_dtype) if save_dtype else _stored_dtype(heads_path) if heads_path else None)
     del x, y  # free the training features before the held-out pass collects its own
     report = probe_report(heads, depths, weight, bias, eval_windows, batch_size)
     return {"out": str(out_path), "model": str(model_dir), "exit_layers": list(depths),

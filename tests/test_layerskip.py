@@ -101,6 +101,13 @@ def test_probes_and_resaving_keep_the_adapter(tiny_llama, exit_corpus, variants,
                                                                         exit_layers=DEPTHS, heads_path=str(out))))
     assert len(eng.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))) == 3
 
+    half = tmp_path / "bf16.safetensors"  # stored in bf16 (half the file), probes stay fp32
+    train_exit_probes(tiny_llama, half, [exit_corpus], steps=20, train_tokens=1024, batch_size=8, seq_len=64,
+                      eval_tokens=512, progress=False, heads_path=adapted, save_dtype="bfloat16")
+    stored = load_file(str(half))
+    assert {k for k, v in stored.items() if v.dtype == torch.float32} == {k for k in stored if ".probe." in k}
+    assert all(torch.equal(stored[k], v.to(torch.bfloat16)) for k, v in original.items())
+
 
 def test_bad_adapters_are_refused_with_the_reason(tiny_llama, exit_corpus, variants, tmp_path):
     frozen, adapted, _ = variants
