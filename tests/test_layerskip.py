@@ -143,3 +143,17 @@ def test_cli_trains_the_variant_and_refuses_it_with_probes(tiny_llama, exit_corp
         f"backbone.{i}.{m}.{p}" for i in range(4) for m in HF_ROWS for p in "ab"}
     refused = helios("train-exits", "--probes", "--model", str(tiny_llama), "--out", str(out), "--backbone-rank", "2")
     assert refused.returncode != 0 and "drop" in refused.stderr and "--backbone-rank" in refused.stderr
+
+
+def test_the_registry_counts_no_memory_for_a_merged_adapter(tiny_llama, variants, tmp_path):
+    from helios_core.policy import Registry
+
+    frozen, adapted, _ = variants
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("models:\n" + "".join(
+        f"- name: {name}\n  path: {tiny_llama}\n  exit_heads: {heads}\n  exit_layers: [2, 4]\n"
+        for name, heads in (("frozen", frozen), ("layerskip", adapted))))
+    entries = Registry.load(registry)
+    assert entries["layerskip"].weight_bytes(6) == entries["frozen"].weight_bytes(6)  # same heads, adapter merged
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), exit=entries["layerskip"].exit_config()))
+    assert entries["layerskip"].weight_bytes(6) == engine.memory.weight_bytes

@@ -40,6 +40,7 @@ from ..kv_cache import MemoryPlan, plan_memory
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.loader import resolve_dtype
+from ..models.low_rank import PREFIX as BACKBONE
 from ..models.transformer import Transformer
 from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
@@ -135,7 +136,8 @@ def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Pat
     heads = 0
     if exit_heads is not None:
         with safe_open(str(exit_heads), "pt") as f:
-            heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            # A backbone adapter is merged into the blocks' weights at load: it holds no memory of its own.
+            heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(BACKBONE))
     return (fixed + heads) * size, block * size
 
 
