@@ -249,12 +249,13 @@ def check_probes(heads: ExitHeads, exit_config: ExitConfig) -> None:
 
 
 def exit_check(heads: ExitHeads, exit_config: ExitConfig, depth: int, h: Tensor, previous: Tensor,
-               thresholds: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+               thresholds: Tensor, with_logits: bool = True) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """The rows of h (N, D) that leave at exit point `depth`: (their indices in h, their confidence,
     their fp32 logits), or None. thresholds (N,): inf for a row that may not leave.
 
     Logits are computed for as few rows as the measure allows: the probe gate's candidates for
-    max_prob and margin, the leaving rows only for the logit-free measures."""
+    max_prob and margin, the leaving rows only for the logit-free measures; with `with_logits=False`
+    a logit-free measure computes none (None in their place: the caller runs the LM head later)."""
     measure, gate = exit_config.measure, exit_config.probe_gate
     candidates = None
     if gate is not None:
@@ -269,8 +270,11 @@ def exit_check(heads: ExitHeads, exit_config: ExitConfig, depth: int, h: Tensor,
     if not bool(leave.any()):
         return None
     rows = leave.nonzero()[:, 0]
-    logits = logits[rows] if logits is not None else heads.logits(depth, h[rows])
-    return (rows if candidates is None else candidates[rows]), conf[rows], logits.float()
+    if logits is not None:
+        logits = logits[rows].float()
+    elif with_logits:
+        logits = heads.logits(depth, h[rows]).float()
+    return (rows if candidates is None else candidates[rows]), conf[rows], logits
 
 
 def exit_confidence(heads: ExitHeads, measure: str, depth: int, h: Tensor, previous: Tensor | None,

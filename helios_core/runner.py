@@ -8,7 +8,11 @@ The decode step keeps every row of the batch in one (B, 1, D) hidden state and, 
   3. at an exit point, the running rows whose confidence reaches their threshold leave with their
      logits (`exits.exit_check`: with a probe gate or a logit-free measure, the LM head runs on
      fewer rows than are running);
-  4. once every row has left, the remaining layers only project K/V from the frozen states.
+  4. once every row has left, the remaining layers only project K/V from the frozen states;
+  5. with a logit-free measure, the leaving rows keep the features their head's LM head reads, and
+     one LM-head product at the end of the step serves every row that shares the model's LM head:
+     the LM head is memory-bound (SmolLM2's: 113 MB in fp32; Gemma 3 270M's: 671 MB), so reading it
+     once per step instead of once per exit point with leavers is what keeps exits cheap.
 Attention runs for exited rows too rather than on a compacted batch: gathering the running rows'
 K/V at every deeper layer, plus a separate K/V projection for the exited rows, cost more than the
 discarded rows (bench/decode_ab.py measures the two side by side).
@@ -21,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .exits import ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
+from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
 
@@ -80,6 +85,9 @@ class ModelRunner:
         )
         run: Tensor | None = None  # indices of the running rows once some row has left; None while all run
         all_gone = False
+        defer = measure in LOGIT_FREE  # leaving rows keep their LM-head input; one product at the end
+        features = torch.empty(n_rows, model.config.hidden_size, dtype=x.dtype, device=device) if defer else None
+        deferred = torch.zeros(n_rows, dtype=torch.bool, device=device)
 
         for layer in model.layers:
             depth = layer.index + 1
@@ -90,13 +98,21 @@ class ModelRunner:
             if depth not in exit_points:
                 continue
             rows = slice(None) if run is None else run  # only the running rows are checked
-            found = exit_check(heads, self.exit_config, depth, x[rows, 0], previous[rows, 0], limits[rows])
+            found = exit_check(heads, self.exit_config, depth, x[rows, 0], previous[rows, 0], limits[rows],
+                               with_logits=not defer)
             previous = x
             if found is None:
                 continue
             sel, conf, logits = found
             left = sel if run is None else run[sel]
-            out.logits[left] = logits
+            if logits is None:
+                f, weight = heads.features(depth, x[left, 0])
+                if weight is model.lm_head.weight:
+                    features[left], deferred[left] = f, True
+                else:  # a head with its own LM head
+                    out.logits[left] = F.linear(f, weight).float()
+            else:
+                out.logits[left] = logits
             out.depth[left] = depth
             out.confidence[left] = conf
             stay = torch.ones(n_rows if run is None else run.numel(), dtype=torch.bool, device=device)
@@ -106,8 +122,19 @@ class ModelRunner:
 
         if not all_gone:  # greedy exit: whatever still runs leaves at the last loaded layer
             rows = slice(None) if run is None else run
-            logits = heads.logits(n_loaded, x[rows, 0])
-            out.logits[rows] = logits.float()
-            out.confidence[rows] = exit_confidence(heads, measure, n_loaded, x[rows, 0], previous[rows, 0], logits)
+            f, weight = heads.features(n_loaded, x[rows, 0])
+            if defer and weight is model.lm_head.weight:
+                features[rows], deferred[rows] = f, True
+            else:
+                out.logits[rows] = F.linear(f, weight).float()
+        if defer and bool(deferred.any()):
+            if bool(deferred.all()):
+                out.logits.copy_(model.lm_head(features).float())
+            else:
+                index = deferred.nonzero()[:, 0]
+                out.logits[index] = model.lm_head(features[index]).float()
+        if not all_gone:
+            out.confidence[rows] = exit_confidence(heads, measure, n_loaded, x[rows, 0], previous[rows, 0],
+                                                   out.logits[rows])
             out.forced[rows] = n_loaded < model.config.num_layers
         return out

@@ -427,3 +427,24 @@ def test_low_rank_heads_round_trip_and_start_as_the_shared_head(tiny_llama, tmp_
         assert not torch.allclose(loaded.logits(2, h), model.lm_head(model.norm(h)))
     with pytest.raises(ValueError, match="full-rank .* or low-rank"):
         ExitHead(model, proj=True, lm_head=False, rank=4)
+
+
+def test_probe_exits_through_a_head_with_its_own_lm_head(tiny_llama, tmp_path):
+    """The probe measure defers the shared LM head to one product per step; a head with its own LM
+    head is applied where its rows leave."""
+    model = engine(tiny_llama).model
+    torch.manual_seed(2)
+    head = ExitHead(model, proj=False, lm_head=True)
+    torch.nn.init.normal_(head.lm_head.weight, std=0.5)
+    path = tmp_path / "own_head.safetensors"
+    save_exit_heads(path, ExitHeads(model, {2: head}, {2: constant_probes(model, 20.0)[2]}))
+    eng = engine(tiny_llama, measure="probe", threshold=0.5, exit_layers=(2,), heads_path=str(path))
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    heads = load_exit_heads(path, eng.model)
+    with torch.inference_mode():
+        expected = [int(heads.logits(2, eng.model(torch.tensor([p]), output_hidden_states=True)[1][1][:, -1]).argmax())
+                    for p in PROMPTS]
+    assert [o.exit_layers[0] for o in outs] == [2] * len(PROMPTS)
+    assert [o.token_ids[0] for o in outs] == expected
+    shared = engine(tiny_llama, threshold=0.0, exit_layers=(2,)).generate(PROMPTS, GREEDY)
+    assert [o.token_ids[0] for o in outs] != [o.token_ids[0] for o in shared]  # not the shared head's tokens
