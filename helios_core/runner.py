@@ -86,8 +86,9 @@ class ModelRunner:
         run: Tensor | None = None  # indices of the running rows once some row has left; None while all run
         all_gone = False
         defer = measure in LOGIT_FREE  # leaving rows keep their LM-head input; one product at the end
-        features = torch.empty(n_rows, model.config.hidden_size, dtype=x.dtype, device=device) if defer else None
-        deferred = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        if defer:
+            features = torch.empty(n_rows, model.config.hidden_size, dtype=x.dtype, device=device)
+            deferred = torch.zeros(n_rows, dtype=torch.bool, device=device)
 
         for layer in model.layers:
             depth = layer.index + 1
