@@ -10,22 +10,11 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import resolve_dtype
 from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sources, read_params
 from .config import ModelConfig
 from .low_rank import merge
 from .transformer import Block, Transformer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 def load_model(
     path: str | Path,
@@ -36,13 +25,15 @@ def load_model(
 ) -> Transformer:
     """Load embeddings, final norm, LM head and the first `num_layers` blocks (all when None).
 
-    `max_len` bounds the positions the model will see (RoPE tables are built for it).
+    `max_len` bounds the positions the model will see (RoPE tables are built for it); `dtype` may be
+    "auto" (helios_core.dtypes), resolved for `device`.
     """
     config = ModelConfig.from_pretrained(path)
     checkpoint = Checkpoint(path)
     num_layers = config.num_layers if num_layers is None else num_layers
     _check_depth(config, num_layers)
-    dtype, device = resolve_dtype(dtype), torch.device(device)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
     has_lm_head = checkpoint.resolve("lm_head.weight") is not None
     if not has_lm_head and not config.tie_embeddings:
         raise CheckpointError(f"{path}: untied model without lm_head.weight")
