@@ -13,6 +13,8 @@ MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20
 
 
 MEASURES = ("max_prob", "margin", "cosine", "probe")  # exits.MEASURES, without importing torch for --help
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = "weights' dtype (default auto: bfloat16 where the device computes it natively and faster, else float32)"
 
 
 def parse_bytes(text: str) -> int:
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max_prob/margin: run the LM head only for rows whose exit probe (in --exit-heads) reaches this")
     gen.add_argument("--layers", type=int, default=None, help="load only the first K layers (greedy exit at K)")
     gen.add_argument("--no-early-exit", action="store_true", help="run every loaded layer for every token")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=64, help="tokens per prompt unless the prompt file says")
     ev.add_argument("--limit", type=int, default=None, help="at most N prompts (--prompts) or N tokens (--text)")
     ev.add_argument("--chunk-len", type=int, default=256, help="--text: tokens per teacher-forced chunk")
-    ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ev.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -193,11 +195,12 @@ def generate(args: argparse.Namespace) -> int:
                 s = out.summary
                 print(f"\n[{s.output_tokens} tokens, {s.finish_reason}; exits by layer {s.exit_histogram}, "
                       f"forced {s.forced}, breaches {s.breaches}; {engine.num_layers}/{engine.model_config.num_layers} "
-                      f"layers loaded, batch capacity {engine.capacity}]", file=sys.stderr)
+                      f"layers loaded in {engine.dtype}, batch capacity {engine.capacity}]", file=sys.stderr)
         return 0
     [done] = engine.generate([args.prompt], params)
     print(json.dumps({
         "model": engine.name,
+        "dtype": engine.dtype,
         "text": done.text,
         "token_ids": done.token_ids,
         "prompt_token_ids": done.prompt_token_ids,

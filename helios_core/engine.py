@@ -23,6 +23,7 @@ from typing import Collection, Iterator
 import torch
 
 from .detokenizer import TextStream
+from .dtypes import default_device, dtype_name, resolve_dtype
 from .exits import ExitConfig, ExitHeads, load_exit_heads
 from .kv_cache import DecodeKV, KVCache, MemoryPlan, plan_memory
 from .models import ModelConfig, load_layers, load_model, unload_layers
@@ -43,7 +44,7 @@ class EngineConfig:
     model: str  # Hugging Face model directory (config.json + *.safetensors [+ tokenizer])
     name: str | None = None  # served name; defaults to the directory name
     num_layers: int | None = None  # loaded depth; None = every layer
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (the device's fastest native dtype, helios_core.dtypes) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     memory_budget: int | None = None  # bytes for weights + KV + workspace; None = DEFAULT_BUDGET_SEQS at full depth
     max_model_len: int | None = None  # prompt + output tokens per sequence (one KV slot); None = min(model's, 2048)
@@ -80,9 +81,8 @@ class LayerEvent:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device() if config.device == "auto" else torch.device(config.device)
+        dtype = resolve_dtype(config.dtype, device)  # before anything loads: an unknown name fails first
         model_config = ModelConfig.from_pretrained(config.model)
         self.max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 2048)
         if not 2 <= self.max_model_len <= model_config.max_position_embeddings:
@@ -91,7 +91,7 @@ class LLMEngine:
                 f"max_position_embeddings), got {self.max_model_len}"
             )
         self.name = config.name or Path(config.model).name
-        self.model = load_model(config.model, config.num_layers, config.dtype, device, max_len=self.max_model_len)
+        self.model = load_model(config.model, config.num_layers, dtype, device, max_len=self.max_model_len)
         self.device = self.model.embed.weight.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
         self.tokenizer = load_tokenizer(config.model)
@@ -119,8 +119,9 @@ class LLMEngine:
         self._ids = itertools.count()
         m = self.memory
         logger.info(
-            "%s: %d/%d layers on %s, weights %.1f MiB, KV pool %.1f MiB, batch capacity %d (budget %.1f MiB%s)",
-            self.name, self.num_layers, model_config.num_layers, self.device, m.weight_bytes / 2**20,
+            "%s: %d/%d layers on %s in %s%s, weights %.1f MiB, KV pool %.1f MiB, batch capacity %d (budget %.1f MiB%s)",
+            self.name, self.num_layers, model_config.num_layers, self.device, self.dtype,
+            " (auto)" if config.dtype == "auto" else "", m.weight_bytes / 2**20,
             m.kv_bytes / 2**20, m.capacity, m.budget_bytes / 2**20,
             ", capped by max_num_seqs" if m.capacity == config.max_num_seqs else "",
         )
@@ -129,6 +130,11 @@ class LLMEngine:
     @property
     def model_config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def dtype(self) -> str:
+        """The weights' and KV cache's dtype, e.g. "bfloat16" (what "auto" resolved to)."""
+        return dtype_name(self.model.embed.weight.dtype)
 
     @property
     def num_layers(self) -> int:

@@ -176,7 +176,7 @@ def evaluate(
     exit_layers: tuple[int, ...] | None = None,
     exit_heads: str | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     ignore_eos: bool = True,
 ) -> EvalReport:
     """Greedy early-exit decoding (threshold, first `layers` layers loaded) vs the full-depth model."""

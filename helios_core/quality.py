@@ -324,7 +324,7 @@ def analyze(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[int]
 
 def evaluate_text(model: str, source: str, exit_config: ExitConfig = ExitConfig(), layers: int | None = None,
                   limit: int | None = None, chunk_len: int = 256, device: str = "auto",
-                  dtype: str = "float32") -> QualityReport:
+                  dtype: str = "auto") -> QualityReport:
     """`analyze` on a model directory and a text source (see `load_text_tokens`), at most `limit` tokens."""
     from .engine import load_tokenizer
     from .exits import load_exit_heads
