@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dtypes import default_device, dtype_name, resolve_dtype
 from .engine import EngineConfig, LLMEngine, encode, load_tokenizer
 from .policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from .request import Completion, RequestOutput
@@ -39,7 +40,7 @@ class OrchestratorConfig:
     max_model_len: int = 1024
     max_num_seqs: int = 256
     max_prefill_tokens: int = 256
-    dtype: str = "float32"
+    dtype: str = "auto"  # with a registry path; a loaded registry's entries carry their own
     device: str = "auto"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
@@ -56,8 +57,10 @@ class _Pending:
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig):
         self.config = config
+        # The engines load each entry's dtype: the one the policy's memory plans are made with.
+        device = default_device() if config.device == "auto" else config.device
         self.registry = (config.registry if isinstance(config.registry, Registry)
-                         else Registry.load(config.registry, config.dtype))
+                         else Registry.load(config.registry, dtype_name(resolve_dtype(config.dtype, device))))
         self.limits = Limits(config.memory_budget, config.max_model_len, config.max_num_seqs,
                              config.max_prefill_tokens)
         self.policy = HeliosPolicy(self.registry, self.limits, config.policy)
@@ -202,7 +205,7 @@ class Orchestrator:
         entry = self.registry[name]
         started = time.perf_counter()
         engine = LLMEngine(EngineConfig(
-            model=str(entry.path), name=name, num_layers=depth, dtype=self.config.dtype, device=self.config.device,
+            model=str(entry.path), name=name, num_layers=depth, dtype=entry.dtype, device=self.config.device,
             memory_budget=self._budget(), max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs, max_prefill_tokens=self.config.max_prefill_tokens,
             exit=entry.exit_config(),

@@ -19,7 +19,9 @@ loading refuses it until it is pulled (`helios_core.pull.pull_registry` pulls a 
 The sizes the policy reasons with (layers, weight bytes of the fixed part and of one layer, KV bytes
 per token per layer) are derived from the checkpoint itself when the registry loads; `helios profile`
 writes them into the file too, and a file whose recorded sizes disagree with its checkpoint is stale
-and refused.
+and refused. An entry's `dtype` is the one its recorded sizes and profile were measured at, and the
+one it is served at unless `Registry.load` is given another (a deployment's `dtype`); "auto" or no
+`dtype` at all is resolved when the registry loads (helios_core.dtypes).
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from safetensors import safe_open
 
 import helios_models
 
+from ..dtypes import default_device, dtype_name, resolve_dtype
 from ..exits import ExitConfig
 from ..kv_cache import MemoryPlan, plan_memory
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
-from ..models.loader import resolve_dtype
 from ..models.low_rank import PREFIX as BACKBONE
 from ..models.transformer import Transformer
 from ..pull import CATALOG, is_pulled, model_dir
@@ -89,7 +91,7 @@ class ModelEntry:
     threshold: float = 0.8
     exit_layers: tuple[int, ...] | None = None
     exit_heads: Path | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # a concrete dtype, never "auto" (resolved when the registry loads)
     fixed_weight_bytes: int = 0  # embeddings, final norm, LM head (and exit heads)
     layer_weight_bytes: int = 0  # one transformer block
     profile: OfflineProfile | None = None
@@ -168,10 +170,12 @@ class Registry:
         self.entries[name] = replace(self[name], profile=profile)
 
     @staticmethod
-    def load(path: str | Path, dtype: str = "float32", check_sizes: bool = True) -> "Registry":
+    def load(path: str | Path, dtype: str | None = None, check_sizes: bool = True) -> "Registry":
         """A registry file; `registry.yaml` or `models/registry-real.yaml` not found relative to the
-        working directory is the package's (`helios_models.resolve`). `check_sizes=False` accepts
-        recorded sizes that disagree with the checkpoint (for `helios profile`, which rewrites them)."""
+        working directory is the package's (`helios_models.resolve`). `dtype`: every model's, in place
+        of the entries' own (None: each entry's, "auto" where it names none). `check_sizes=False`
+        accepts recorded sizes that disagree with the checkpoint (for `helios profile`, which rewrites
+        them)."""
         path = helios_models.resolve(path)
         if not path.is_file():
             raise FileNotFoundError(f"registry file {path} is not a file")
@@ -229,7 +233,7 @@ KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", 
               "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
 
 
-def _entry(file: Path, index: int, raw, dtype: str, check_sizes: bool = True) -> ModelEntry:
+def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = True) -> ModelEntry:
     where = f"registry {file}, model #{index + 1}"
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise RegistryError(f"{where}: each model needs a string 'name'")
@@ -246,8 +250,9 @@ def _entry(file: Path, index: int, raw, dtype: str, check_sizes: bool = True) ->
     heads = (file.parent / raw["exit_heads"]).resolve() if raw.get("exit_heads") else None
     if heads is not None and not heads.is_file():
         raise RegistryError(f"{where}: exit_heads file {heads} does not exist")
-    dtype = raw.get("dtype", dtype)
     try:
+        dtype = _concrete(dtype or raw.get("dtype", "auto"))
+        recorded_dtype = _concrete(raw.get("dtype", dtype))
         exit_cfg = ExitConfig(threshold=raw.get("threshold", 0.8), measure=raw.get("measure", "max_prob"),
                               exit_layers=None if raw.get("exit_layers") is None else tuple(raw["exit_layers"]),
                               probe_gate=raw.get("probe_gate"))
@@ -261,13 +266,23 @@ def _entry(file: Path, index: int, raw, dtype: str, check_sizes: bool = True) ->
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
                        _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"))
-    recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed, "weight_bytes_per_layer": block,
-                "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer}
+    # Every size is elements x element size: at the file's dtype it is these sizes rescaled.
+    served, at = entry.element_size, resolve_dtype(recorded_dtype).itemsize
+    recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed // served * at,
+                "weight_bytes_per_layer": block // served * at,
+                "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer // served * at}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
     if stale and check_sizes:
         raise RegistryError(f"{where}: recorded sizes disagree with the checkpoint (recorded, actual): {stale}; "
                             "run `helios profile` again")
     return entry
+
+
+def _concrete(dtype: str) -> str:
+    """A dtype's canonical name; "auto" is what it resolves to on this host's default device. The
+    registry may be read where no model runs (Serve's driver, the router): a replica resolves "auto"
+    for its own device and loads the registry with that, so its plans are its engine's."""
+    return dtype_name(resolve_dtype(dtype, default_device()))
 
 
 def _model_path(where: str, file: Path, raw: dict) -> Path:
