@@ -10,7 +10,9 @@
     memory_budget     bytes or "96MiB" for each model replica's weights + KV (default 64MiB)
     max_model_len     tokens per sequence (default 1024)
     max_tokens        the API's max_tokens limit (default 512)
-    device, dtype     "auto" / "float32" by default
+    device, dtype     "auto" by default: the GPU if there is one; bfloat16 where the replica's device
+                      computes it natively and faster, else float32 (helios_core/dtypes.py). The
+                      dtype replaces the registry entries' own
     num_gpus          per model replica (default 0: CPU); num_cpus likewise (default 0.5)
     threads           torch threads per model replica (default 1)
     engine_niceness   the niceness each model replica's engine process asks for (default 0, above
@@ -55,7 +57,7 @@ def build_app(args: dict | None = None) -> Application:
     budget = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     max_model_len = int(args.pop("max_model_len", 1024))
     max_tokens = int(args.pop("max_tokens", 512))
-    device, dtype = args.pop("device", "auto"), args.pop("dtype", "float32")
+    device, dtype = args.pop("device", "auto"), args.pop("dtype", "auto")
     threads = int(args.pop("threads", 1))
     niceness = args.pop("engine_niceness", ENGINE_NICENESS)
     niceness = None if niceness is None else int(niceness)
@@ -75,8 +77,9 @@ def build_app(args: dict | None = None) -> Application:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
 
     pull_registry(registry, progress=say)  # `serve run` too: replicas load the models from disk
+    # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own device.
     entries = list(Registry.load(registry, dtype))
-    router = Router.bind(registry, budget, max_model_len, policy)
+    router = Router.bind(registry, budget, max_model_len, policy, dtype)
     replicas = {}
     for entry in entries:
         options = {"name": f"model-{entry.name}", "ray_actor_options": actor, **queueing}

@@ -72,7 +72,7 @@ def prepare(model: str | None = None, demo: bool = False, config: str | None = N
         doc = load_config(DEMO_CONFIG)
     args = doc["applications"][0]["args"]
     args["registry"] = str(registry_of(doc))  # absolute: the replicas need not share our working directory
-    registry = Registry.load(args["registry"], args.get("dtype", "float32"))  # a bad one fails before Ray starts
+    registry = Registry.load(args["registry"], args.get("dtype", "auto"))  # a bad one fails before Ray starts
     for line in describe(registry):
         say(line)
     return doc

@@ -32,6 +32,7 @@ import ray
 from ray import serve
 
 from helios_core.cli import parse_bytes
+from helios_core.dtypes import default_device, dtype_name, resolve_dtype
 from helios_core.engine import STEP_LOG, EngineConfig
 from helios_core.engine_process import EngineProcess, EngineState
 from helios_core.policy import Registry, Target
@@ -123,8 +124,10 @@ class _Outbox:
                   health_check_period_s=5)
 class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
-                 device: str = "auto", dtype: str = "float32", threads: int = 1,
+                 device: str = "auto", dtype: str = "auto", threads: int = 1,
                  stream_max_hold_s: float = MAX_HOLD_S, engine_niceness: int | None = ENGINE_NICENESS):
+        # "auto" is resolved for this replica's device, so the registry's plans are its engine's.
+        dtype = dtype_name(resolve_dtype(dtype, default_device() if device == "auto" else device))
         self.entry = Registry.load(registry, dtype)[model]
         self.name, self.max_model_len = model, max_model_len
         # threads: torch's in the engine process. Several replicas share a CPU node, and OpenMP
@@ -374,7 +377,7 @@ class ModelReplica:
 
         self._ensure_running()  # read what the engine sent, even before the first request
         s = self.engine.state
-        return {"model": self.name, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
+        return {"model": self.name, "dtype": s.dtype, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
                 "exit_layers": None if s.exit_layers is None else list(s.exit_layers),
                 "capacity": s.capacity, "running": s.running, "waiting": s.waiting,
                 "peak_batch": self._peak.max(default=s.running), "max_batch": self._max_batch,

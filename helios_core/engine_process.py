@@ -78,6 +78,7 @@ class EngineState:
     forced: int = 0
     breaches: int = 0
     exit_layers: tuple[int, ...] | None = None  # the exit points in use (None: the configured ones)
+    dtype: str = ""  # the weights', e.g. "bfloat16" (what "auto" resolved to)
 
     @staticmethod
     def of(engine: LLMEngine) -> "EngineState":
@@ -85,7 +86,7 @@ class EngineState:
         return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
                            len(running), len(engine.scheduler.waiting), sum(len(q.token_ids) for q in running),
                            m.weight_bytes, m.kv_bytes, m.kv_bytes_per_seq, m.budget_bytes, dict(s.histogram),
-                           s.tokens, s.forced, s.breaches, engine.exit_layers)
+                           s.tokens, s.forced, s.breaches, engine.exit_layers, engine.dtype)
 
 
 class EngineProcess:
