@@ -51,6 +51,7 @@ class BenchConfig:
     slo: SLO = field(default_factory=SLO)
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"  # every system's, as hf_generate's: Helios' own default (auto) would not compare
     stream_max_hold_s: float = 0.1  # helios_serve: build_app's stream_max_hold_s
 
 
@@ -105,7 +106,7 @@ def _build(name: str, cfg: BenchConfig, registry: Registry, budget: int):
             policy=PolicyConfig(**cfg.policy))))
     if name in ("ee_baseline", "full_depth"):
         return engine_system(str(entry.path), cfg.baseline, budget, cfg.max_model_len, entry.exit_config(),
-                             early_exit=name == "ee_baseline", device=cfg.device)
+                             early_exit=name == "ee_baseline", device=cfg.device, dtype=entry.dtype)
     if name == "hf_generate":
         return HFGenerate(str(entry.path), cfg.b0, cfg.device)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -121,7 +122,7 @@ def _run(system, requests: list[BenchRequest], load: tuple[str, float], seed: in
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     started = time.time()
-    registry = with_exits(Registry.load(cfg.registry), cfg.threshold, cfg.exit_every)
+    registry = with_exits(Registry.load(cfg.registry, cfg.dtype), cfg.threshold, cfg.exit_every)
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
     warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup") if cfg.warmup else []
@@ -210,7 +211,7 @@ def _add_rouge(results: dict, runs: dict, registry: Registry, budget: int, cfg: 
         if model not in references:
             entry = registry[model]
             engine = LLMEngine(EngineConfig(model=str(entry.path), early_exit=False, max_model_len=cfg.max_model_len,
-                                            device=cfg.device))
+                                            device=cfg.device, dtype=entry.dtype))
             done = engine.generate([p.prompt for p in prompts.values()], [greedy(p) for p in prompts.values()])
             references[model] = {rid: c.token_ids for rid, c in zip(prompts, done)}
         return references[model]

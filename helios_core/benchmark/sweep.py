@@ -42,7 +42,7 @@ def _point(system, cfg: BenchConfig, oracle: QualityOracle, thresholds: dict, /,
 def run_sweep(cfg: BenchConfig, thresholds: list[float], coverages: list[float], depths: list[int],
               exit_every: list[int | None] = (None,), log=print) -> list[dict]:
     """One point per (system, threshold, knob); each on fresh systems with their own warm-up."""
-    registry = Registry.load(cfg.registry)
+    registry = Registry.load(cfg.registry, cfg.dtype)
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     oracle = quality_oracle(cfg, registry)
     points = [_point(_build("full_depth", cfg, registry, budget), cfg, oracle,
@@ -68,7 +68,7 @@ def _frontier_points(cfg, registry, budget, oracle, threshold, every, coverages,
     for depth in depths:  # partial loading alone: the baseline model at a fixed depth, same budget
         engine = LLMEngine(EngineConfig(model=str(entry.path), name=cfg.baseline, num_layers=depth,
                                         memory_budget=budget, max_model_len=cfg.max_model_len,
-                                        exit=entry.exit_config(), device=cfg.device))
+                                        exit=entry.exit_config(), device=cfg.device, dtype=entry.dtype))
         points.append(_point(EngineSystem(engine), c, oracle, per_model, system="fixed_depth", depth=depth,
                              **knobs))
     return points

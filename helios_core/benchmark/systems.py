@@ -215,7 +215,7 @@ class HFGenerate:
 
 
 def engine_system(model_dir: str, name: str, budget: int, max_model_len: int, exit_config, early_exit: bool,
-                  device: str = "auto") -> EngineSystem:
+                  device: str = "auto", dtype: str = "auto") -> EngineSystem:
     return EngineSystem(LLMEngine(EngineConfig(model=model_dir, name=name, memory_budget=budget,
                                                max_model_len=max_model_len, exit=exit_config,
-                                               early_exit=early_exit, device=device)))
+                                               early_exit=early_exit, device=device, dtype=dtype)))
