@@ -35,7 +35,8 @@ def opt(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def engine(llama):
-    return LLMEngine(EngineConfig(model=str(llama), max_model_len=MAX_MODEL_LEN, device="cpu", early_exit=False))
+    return LLMEngine(EngineConfig(model=str(llama), dtype="float32", max_model_len=MAX_MODEL_LEN, device="cpu",
+                                  early_exit=False))
 
 
 @pytest.fixture
@@ -57,7 +58,8 @@ def copy_model(src, dst, edit=None):
 
 
 def make(path, **kwargs):
-    return LLMEngine(EngineConfig(model=str(path), device="cpu", **{"max_model_len": MAX_MODEL_LEN, **kwargs}))
+    return LLMEngine(EngineConfig(model=str(path), device="cpu",
+                                  **{"max_model_len": MAX_MODEL_LEN, "dtype": "float32", **kwargs}))
 
 
 # --- prompts -------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def requests(n: int, max_tokens: int = 6) -> list[BenchRequest]:
 
 
 def reference(model: str, reqs: list[BenchRequest]) -> dict[str, list[int]]:
-    engine = LLMEngine(EngineConfig(model=model, early_exit=False, max_model_len=1024))
+    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, max_model_len=1024))
     return {r.id: c.token_ids for r, c in zip(reqs, engine.generate([r.prompt for r in reqs],
                                                                     [greedy(r) for r in reqs]))}
 
@@ -53,7 +53,7 @@ def test_poisson_arrivals_are_reproducible_with_the_asked_rate():
 
 
 def test_budget_holds_exactly_b0_sequences_of_the_baseline():
-    registry = Registry.load(REGISTRY)
+    registry = Registry.load(REGISTRY, "float32")
     entry = registry["helios-demo-mixed-16l"]
     for b0 in (2, 4, 9):
         budget = baseline_budget(registry, entry.name, b0, 1024)
@@ -79,7 +79,8 @@ def test_summary_percentiles_goodput_and_exits():
 def test_drive_serves_every_request_with_the_engines_own_tokens(mode):
     model = str(ROOT / "models" / CODE)
     reqs = requests(6)
-    engine = LLMEngine(EngineConfig(model=model, early_exit=False, memory_budget=24 << 20, max_model_len=1024))
+    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, memory_budget=24 << 20,
+                                    max_model_len=1024))
     kwargs = {"concurrency": 3} if mode == "closed" else {"arrivals": poisson_arrivals(50.0, len(reqs))}
     run = drive(EngineSystem(engine), reqs, **kwargs)
     expected = reference(model, reqs)
@@ -93,8 +94,9 @@ def test_drive_serves_every_request_with_the_engines_own_tokens(mode):
 
 
 def test_early_exit_system_records_exit_layers_and_forced_tokens():
-    entry = Registry.load(REGISTRY)[CODE]
-    engine = LLMEngine(EngineConfig(model=str(entry.path), num_layers=3, memory_budget=24 << 20, max_model_len=1024,
+    entry = Registry.load(REGISTRY, "float32")[CODE]
+    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", num_layers=3, memory_budget=24 << 20,
+                                    max_model_len=1024,
                                     exit=ExitConfig(threshold=0.5)))
     run = drive(EngineSystem(engine), requests(4, 8), concurrency=4)
     layers = [x for t in run.traces for x in t.exit_layers]
@@ -138,7 +140,7 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
         assert [x["load"] for x in r["loads"]] == ["closed:6", "poisson:20"]
     s = report["settings"]
     assert s["b0"] == 4 and s["workload"] == "mixed" and s["loads"] == ["closed:6", "poisson:20"]
-    assert s["registry_models"] == Registry.load(REGISTRY).names() and s["budget_bytes"] > 0
+    assert s["registry_models"] == Registry.load(REGISTRY, "float32").names() and s["budget_bytes"] > 0
     assert report["systems"]["full_depth"]["max_concurrent_batch"] <= 4  # the budget holds B0 = 4 at full depth
     assert report["systems"]["full_depth"]["agreement_with_full_depth"] == 1.0
     assert report["systems"]["hf_generate"]["accuracy"] == pytest.approx(report["systems"]["full_depth"]["accuracy"],

@@ -57,14 +57,14 @@ def test_helios_serve_system(serve_cluster, tmp_path):
         serve.delete("bench")
 
     assert [spec for spec, _ in runs] == list(cfg.loads)
-    [entry] = Registry.load(registry)
+    [entry] = Registry.load(registry, "float32")
     # The router's events: it profiles its one candidate (and never finishes: profile_requests is huge).
     assert [(e["kind"], e["model"], e["depth"]) for e in policy["events"]] == [("profile", entry.name, entry.num_layers)]
     assert policy["pht"][entry.name]["requests"] > 0  # and its PHT comes with them
     [model] = {m for _, run in runs for t in run.traces for (m, _, _) in t.served_by}
     assert model == entry.name
     depth = entry.num_layers
-    engine = LLMEngine(EngineConfig(model=str(entry.path), early_exit=False))
+    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", early_exit=False))
     expected = {r.id: c.token_ids for r, c in zip(base, engine.generate([r.prompt for r in base],
                                                                         [greedy(r) for r in base]))}
     for spec, run in runs:

@@ -42,7 +42,7 @@ def test_a_template_that_emits_the_bos_gets_no_second_one(models):
     bos = tokenizer.bos_token_id
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert text.startswith(BOS) and tokenizer(text).input_ids[:2] == [bos, bos]  # what plain encoding does
-    engine = LLMEngine(EngineConfig(model=str(models["bos"]), max_model_len=128))
+    engine = LLMEngine(EngineConfig(model=str(models["bos"]), dtype="float32", max_model_len=128))
     [out] = engine.generate([text], SamplingParams(max_tokens=1))
     assert out.prompt_token_ids == encode(tokenizer, text) == tokenizer(text).input_ids[1:]
     assert engine.tokenize("def f(x):")[0] == bos  # text without it still gets the tokenizer's BOS
@@ -54,7 +54,7 @@ class Replica:
     with a switch to that model instead (the first time), as a replica does after a switch."""
 
     def __init__(self, path, moves: str | None = None):
-        self.engine = LLMEngine(EngineConfig(model=str(path), max_model_len=128))
+        self.engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=128))
         self.moves, self.received = moves, []
 
     def options(self, stream: bool):

@@ -20,22 +20,25 @@ def helios(*args: str) -> subprocess.CompletedProcess:
 
 def test_generate_json_matches_the_engine(tiny_llama):
     run = helios("generate", "--model", str(tiny_llama), "--prompt", "def main():", "--max-tokens", "12",
-                 "--threshold", "0.5", "--layers", "4", "--json")
+                 "--threshold", "0.5", "--layers", "4", "--dtype", "float32", "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
+    assert out["dtype"] == "float32"
     assert len(out["token_ids"]) == len(out["exit_layers"]) == len(out["forced"]) == 12
     assert out["loaded_layers"] == 4 and all(1 <= d <= 4 for d in out["exit_layers"])
     assert out["forced"] == [d == 4 for d in out["exit_layers"]]  # partially loaded: the last layer is forced
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_layers=4, exit=ExitConfig(threshold=0.5)))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_layers=4,
+                                    exit=ExitConfig(threshold=0.5)))
     [ref] = engine.generate(["def main():"], SamplingParams(max_tokens=12, temperature=0))
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text and out["exit_layers"] == ref.exit_layers
 
 
 def test_generate_streams_text_and_reports_exits(tiny_llama):
-    run = helios("generate", "--model", str(tiny_llama), "--prompt", "x = ", "--max-tokens", "8", "--no-early-exit")
+    run = helios("generate", "--model", str(tiny_llama), "--prompt", "x = ", "--max-tokens", "8", "--no-early-exit",
+                 "--dtype", "float32")
     assert run.returncode == 0, run.stderr
     assert "8 tokens" in run.stderr and "exits by layer {6: 8}" in run.stderr
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), early_exit=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", early_exit=False))
     [ref] = engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0))
     assert run.stdout.rstrip("\n") == ref.text.rstrip("\n")
 

@@ -14,7 +14,7 @@ PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [1
 
 
 def make(path, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), **kw))
+    return LLMEngine(EngineConfig(model=str(path), **{"dtype": "float32", **kw}))  # the oracle's numerics
 
 
 def test_requests_join_and_leave_between_steps(tiny_llama):

@@ -43,7 +43,7 @@ def collect(proc: EngineProcess, want: set[str], timeout_s: float = 60) -> tuple
 
 @pytest.fixture(scope="module")
 def config(tiny_llama) -> EngineConfig:
-    return EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5), max_prefill_tokens=4)
+    return EngineConfig(model=str(tiny_llama), dtype="float32", exit=ExitConfig(threshold=0.5), max_prefill_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_the_engine_runs_at_the_niceness_asked_for(config):
 
 def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):  # the child's own error
-        EngineProcess(EngineConfig(model=str(tmp_path / "missing")))
+        EngineProcess(EngineConfig(model=str(tmp_path / "missing"), dtype="float32"))
 
 
 def test_the_child_exits_when_the_parent_end_closes(config):
@@ -204,7 +204,7 @@ def test_a_text_prompt_longer_than_any_fitting_prompt_is_refused_without_tokeniz
     from helios_core.prompt_limits import PromptTooLong, longest_token_chars
 
     demo = Path(__file__).resolve().parent.parent / "models" / "helios-demo-code-6l"
-    engine = LLMEngine(EngineConfig(model=str(demo), max_model_len=64))
+    engine = LLMEngine(EngineConfig(model=str(demo), dtype="float32", max_model_len=64))
     longest = longest_token_chars(engine.tokenizer)
     assert engine.max_prompt_chars >= 64 * longest  # no prompt that fits is refused by characters
     with pytest.raises(PromptTooLong, match="characters"):

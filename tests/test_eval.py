@@ -78,7 +78,7 @@ def test_prompt_files(tmp_path):
 def test_teacher_forced_exits_match_the_engine(num_layers, measure, threshold, gate):
     heads = str(CODE / "exit_probes.safetensors") if gate is not None else None
     exit_config = ExitConfig(threshold=threshold, measure=measure, probe_gate=gate, heads_path=heads)
-    engine = LLMEngine(EngineConfig(model=str(CODE), num_layers=num_layers, exit=exit_config))
+    engine = LLMEngine(EngineConfig(model=str(CODE), dtype="float32", num_layers=num_layers, exit=exit_config))
     outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     depths = set()
     for out in outs:
@@ -98,7 +98,7 @@ def test_teacher_forced_exits_match_the_engine(num_layers, measure, threshold, g
 # --- generation vs full depth --------------------------------------------------------------------------
 def test_threshold_above_one_is_the_full_model(tiny_llama):
     prompts = [Prompt("def main():", 10, "code"), Prompt("x = 1", 6)]
-    report = evaluate(str(tiny_llama), prompts, threshold=1.5, max_tokens=8)
+    report = evaluate(str(tiny_llama), prompts, threshold=1.5, max_tokens=8, dtype="float32")
     assert report.token_agreement == report.exact_match == report.rouge_l == 1.0
     assert report.exit_histogram == {6: 16} and report.tokens_full == report.tokens_early == 16
     assert report.forced_share == report.breach_rate == 0.0
@@ -123,11 +123,12 @@ def test_threshold_above_one_is_the_full_model(tiny_llama):
 
 
 def test_threshold_zero_and_partial_loading(tiny_llama):
-    zero = evaluate(str(tiny_llama), ["def main():", "x = 1"], threshold=0.0, max_tokens=8)
+    zero = evaluate(str(tiny_llama), ["def main():", "x = 1"], threshold=0.0, max_tokens=8, dtype="float32")
     assert zero.exit_histogram == {1: 16} and zero.forced_share == 0.0
     assert zero.loaded_layers == zero.num_layers == 6
 
-    forced = evaluate(str(tiny_llama), ["def main():", "x = 1"], threshold=1.5, layers=3, max_tokens=8)
+    forced = evaluate(str(tiny_llama), ["def main():", "x = 1"], threshold=1.5, layers=3, max_tokens=8,
+                      dtype="float32")
     assert forced.loaded_layers == 3 and forced.exit_histogram == {3: 16}
     assert forced.forced_share == forced.breach_rate == 1.0  # every token forced at K, all below threshold
     assert 0.0 <= forced.token_agreement <= 1.0 and forced.perplexity_early > 0

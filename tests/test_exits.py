@@ -13,7 +13,7 @@ PROMPTS = [[5, 17, 33, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 3], [40], [1
 
 def engine(path, **kw) -> LLMEngine:
     exit_kw = {k: kw.pop(k) for k in ("threshold", "measure", "exit_layers", "heads_path", "probe_gate") if k in kw}
-    return LLMEngine(EngineConfig(model=str(path), exit=ExitConfig(**exit_kw), **kw))
+    return LLMEngine(EngineConfig(model=str(path), exit=ExitConfig(**exit_kw), **{"dtype": "float32", **kw}))
 
 
 def test_threshold_zero_exits_at_first_exit_point(tiny_llama):
@@ -342,13 +342,13 @@ def test_registry_measure_selects_the_probe(tiny_llama, tmp_path):
     save_exit_heads(probes, ExitHeads(model, probes=constant_probes(model, 0.0)))
     path = tmp_path / "registry.yaml"
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  exit_heads: {probes}\n  measure: probe\n")
-    entry = Registry.load(path)["tiny"]
+    entry = Registry.load(path, "float32")["tiny"]
     assert entry.exit_config() == ExitConfig(threshold=0.8, measure="probe", heads_path=str(probes))
-    Registry.load(path).save(tmp_path / "again.yaml")
-    assert Registry.load(tmp_path / "again.yaml")["tiny"].measure == "probe"
+    Registry.load(path, "float32").save(tmp_path / "again.yaml")
+    assert Registry.load(tmp_path / "again.yaml", "float32")["tiny"].measure == "probe"
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  measure: entropy\n")
     with pytest.raises(ValueError, match="unknown confidence measure 'entropy'"):
-        Registry.load(path)
+        Registry.load(path, "float32")
 
 
 def random_probes(model, scale: float = 20.0, seed: int = 1) -> dict:
@@ -400,13 +400,13 @@ def test_probe_gate_validation(tiny_llama, tmp_path):
     save_exit_heads(probes, ExitHeads(model, probes=random_probes(model)))
     path = tmp_path / "registry.yaml"
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  exit_heads: {probes}\n  probe_gate: 0.4\n")
-    entry = Registry.load(path)["tiny"]
+    entry = Registry.load(path, "float32")["tiny"]
     assert entry.exit_config() == ExitConfig(threshold=0.8, heads_path=str(probes), probe_gate=0.4)
-    Registry.load(path).save(tmp_path / "again.yaml")
-    assert Registry.load(tmp_path / "again.yaml")["tiny"].probe_gate == 0.4
+    Registry.load(path, "float32").save(tmp_path / "again.yaml")
+    assert Registry.load(tmp_path / "again.yaml", "float32")["tiny"].probe_gate == 0.4
     path.write_text(f"models:\n- name: tiny\n  path: {tiny_llama}\n  probe_gate: 0.4\n")
     with pytest.raises(ValueError, match="probe_gate need exit_heads"):
-        Registry.load(path)
+        Registry.load(path, "float32")
 
 
 def test_low_rank_heads_round_trip_and_start_as_the_shared_head(tiny_llama, tmp_path):

@@ -54,7 +54,7 @@ def client(serve_cluster, tmp_path_factory):
     registry.write_text(yaml.safe_dump(doc))
     # The batch SLO ranks by memory arithmetic, not timings: code-6l is the one candidate, and
     # prose-12l (pinned below) stays at its registry settings, so its greedy outputs never change.
-    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "max_tokens": 256,
+    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "dtype": "float32", "max_tokens": 256,
                          "policy": {"profile_requests": 2, "top_k": 1, "slo": "batch"}}),
               name=APP, route_prefix=f"/{APP}")
     yield openai.OpenAI(base_url=f"{serve_cluster.url}/{APP}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -55,7 +55,7 @@ def fuzz_settings(n: int):
 @pytest.fixture(scope="module")
 def base(serve_cluster) -> str:
     serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": MAX_TOKENS,
-                         "max_model_len": MAX_MODEL_LEN, "api_key": KEY, "policy": {"profile_requests": 10**6}}),
+                         "dtype": "float32", "max_model_len": MAX_MODEL_LEN, "api_key": KEY, "policy": {"profile_requests": 10**6}}),
               name=APP, route_prefix=f"/{APP}")
     yield f"{serve_cluster.url}/{APP}"
     serve.delete(APP)

@@ -43,7 +43,7 @@ def base(serve_cluster, tmp_path_factory) -> str:
     doc["models"] = [dict(m, path=str(ROOT / "models" / m["path"])) for m in doc["models"] if m["name"] == CODE]
     registry = tmp_path_factory.mktemp(APP) / "registry.yaml"
     registry.write_text(yaml.safe_dump(doc))
-    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "max_tokens": 16,
+    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "dtype": "float32", "max_tokens": 16,
                          "max_model_len": MAX_MODEL_LEN, "max_body_bytes": MAX_BODY,
                          "policy": {"profile_requests": 10**6}}), name=APP, route_prefix=f"/{APP}")
     yield f"{serve_cluster.url}/{APP}"

@@ -73,7 +73,8 @@ def test_loading_the_file_merges_the_adapter_as_transformers_would(tiny_llama, v
     torch.testing.assert_close(model(tokens).float(), hf_logits(oracle, tokens), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(load_model(tiny_llama)(tokens).float(), hf_logits(oracle, tokens), atol=1e-3)
 
-    never = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=1.5, heads_path=str(adapted))))
+    never = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32",
+                                   exit=ExitConfig(threshold=1.5, heads_path=str(adapted))))
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in never.generate(PROMPTS, greedy)] == [hf_greedy(oracle, p, 12) for p in PROMPTS]
 
@@ -97,7 +98,7 @@ def test_probes_and_resaving_keep_the_adapter(tiny_llama, exit_corpus, variants,
     stored, original = load_file(str(out)), load_file(str(adapted))
     assert all(torch.equal(stored[k], v) for k, v in original.items())
     assert {k for k in stored if ".probe." in k} == {f"exit.{d}.probe.{n}" for d in DEPTHS for n in ("weight", "bias")}
-    eng = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(measure="probe", threshold=0.5,
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", exit=ExitConfig(measure="probe", threshold=0.5,
                                                                         exit_layers=DEPTHS, heads_path=str(out))))
     assert len(eng.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))) == 3
 
@@ -153,7 +154,7 @@ def test_the_registry_counts_no_memory_for_a_merged_adapter(tiny_llama, variants
     registry.write_text("models:\n" + "".join(
         f"- name: {name}\n  path: {tiny_llama}\n  exit_heads: {heads}\n  exit_layers: [2, 4]\n"
         for name, heads in (("frozen", frozen), ("layerskip", adapted))))
-    entries = Registry.load(registry)
+    entries = Registry.load(registry, "float32")
     assert entries["layerskip"].weight_bytes(6) == entries["frozen"].weight_bytes(6)  # same heads, adapter merged
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), exit=entries["layerskip"].exit_config()))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", exit=entries["layerskip"].exit_config()))
     assert entries["layerskip"].weight_bytes(6) == engine.memory.weight_bytes

@@ -43,7 +43,7 @@ port, registry, models = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 ray.init(log_to_driver=False)  # RAY_ADDRESS and RAY_AUTH_MODE come from the environment
 serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 serve.run(build_app({"registry": registry, "memory_budget": "64MiB", "max_tokens": 16, "num_cpus": 1,
-                     "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
+                     "dtype": "float32", "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 replicas = {m: serve.get_deployment_handle(f"model-{m}", "helios").stats.remote().result(timeout_s=30)
             for m in models}

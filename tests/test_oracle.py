@@ -80,7 +80,7 @@ def family_ckpt(request, tiny_model_dirs):
 
 def make_engine(path, **overrides) -> LLMEngine:
     kwargs = dict(model=str(path), early_exit=False, max_model_len=MAX_MODEL_LEN, max_prefill_tokens=CHUNK,
-                  device="cpu")
+                  device="cpu", dtype="float32")  # the oracle is transformers in fp32
     kwargs.update(overrides)
     return LLMEngine(EngineConfig(**kwargs))
 

@@ -44,7 +44,7 @@ def run(orch: Orchestrator, prompts: list[str], tasks=None) -> list:
 def global_run(registry):
     """Energy SLO (the FLOPs proxy: deterministic, unlike timings), profiles of N = 10 requests (5 of
     these short code prompts make a noisy profile). 35 code requests in a fixed shuffle, then 30 prose."""
-    orch = Orchestrator(OrchestratorConfig(registry=registry, memory_budget=BUDGET, max_model_len=1024,
+    orch = Orchestrator(OrchestratorConfig(registry=registry, dtype="float32", memory_budget=BUDGET, max_model_len=1024,
                                            policy=PolicyConfig(slo="energy", profile_requests=10)))
     code = load_prompts("code")
     random.Random(2).shuffle(code)
@@ -119,12 +119,12 @@ def test_measured_steps_rank_the_demo_models(registry):
     separate them. Wherever the measured steps of two models differ clearly (1.5x: CPU timings here are
     noisy), the policy's throughput objective must order them the same way, at both batch sizes."""
     limits = Limits(BUDGET, 256)
-    policy = HeliosPolicy(Registry.load(registry), limits, PolicyConfig(slo="throughput"))
+    policy = HeliosPolicy(Registry.load(registry, "float32"), limits, PolicyConfig(slo="throughput"))
     prompts = [p["prompt"][:300] for p in load_prompts("code")[:4]]  # short: prefill is not what is measured
     measured = {}  # (model, batch) -> median decode step seconds
     for model in MODELS:
-        engine = LLMEngine(EngineConfig(model=str(ROOT / "models" / model), early_exit=False, memory_budget=BUDGET,
-                                        max_model_len=256))
+        engine = LLMEngine(EngineConfig(model=str(ROOT / "models" / model), dtype="float32", early_exit=False,
+                                        memory_budget=BUDGET, max_model_len=256))
         engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up: first-call costs
         engine.drain_steps()
         engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
@@ -153,7 +153,8 @@ def test_measured_steps_rank_the_demo_models(registry):
 
 
 def test_per_request_mode_keeps_every_candidate_live_and_routes_by_task(registry):
-    orch = Orchestrator(OrchestratorConfig(registry=registry, memory_budget=3 * BUDGET // 2, max_model_len=1024,
+    orch = Orchestrator(OrchestratorConfig(registry=registry, dtype="float32", memory_budget=3 * BUDGET // 2,
+                                           max_model_len=1024,
                                            policy=PolicyConfig(slo="energy", mode="per-request",
                                                                profile_requests=2)))
     code = [p["prompt"] for p in load_prompts("code")[:10]]
@@ -165,7 +166,7 @@ def test_per_request_mode_keeps_every_candidate_live_and_routes_by_task(registry
 
 
 def test_bad_prompts_are_refused_before_queueing(registry):
-    orch = Orchestrator(OrchestratorConfig(registry=registry, memory_budget=BUDGET, max_model_len=64))
+    orch = Orchestrator(OrchestratorConfig(registry=registry, dtype="float32", memory_budget=BUDGET, max_model_len=64))
     with pytest.raises(ValueError, match="max_model_len"):
         orch.add_request("word " * 200)
     with pytest.raises(ValueError, match="empty"):
@@ -179,7 +180,7 @@ def test_a_switch_hands_the_queue_not_started_to_the_next_model(registry):
     """A profiling round begins while the serving model has a queue (3 slots, 20 requests at once):
     the requests it has not started go back to the orchestrator's queue for the model profiled now,
     instead of waiting for the old model; every request still completes in full."""
-    orch = Orchestrator(OrchestratorConfig(registry=registry, memory_budget=BUDGET, max_model_len=1024,
+    orch = Orchestrator(OrchestratorConfig(registry=registry, dtype="float32", memory_budget=BUDGET, max_model_len=1024,
                                            max_num_seqs=3,
                                            policy=PolicyConfig(slo="energy", profile_requests=2,
                                                                reprofile_every=6)))
@@ -221,7 +222,8 @@ def test_the_engine_serves_with_the_exit_points_the_policy_keeps(tmp_path):
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump({"models": [{"name": "code", "path": str(model), "threshold": 0.5,
                                                 "profile": profile}]}))
-    orch = Orchestrator(OrchestratorConfig(registry=str(path), memory_budget=BUDGET, max_model_len=1024,
+    orch = Orchestrator(OrchestratorConfig(registry=str(path), dtype="float32", memory_budget=BUDGET,
+                                           max_model_len=1024,
                                            policy=PolicyConfig(profile_requests=4, coverage=1.0)))
     prompts = [p["prompt"] for p in load_prompts("code")[:12]]
     run(orch, prompts[:4])  # the profile, at every exit point (1-5 of 6)

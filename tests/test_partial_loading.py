@@ -111,7 +111,7 @@ def llama(ckpts):
 
 
 def make_engine(path, **overrides) -> LLMEngine:
-    kwargs = dict(model=str(path), early_exit=False, max_model_len=MAX_MODEL_LEN, device="cpu")
+    kwargs = dict(model=str(path), early_exit=False, max_model_len=MAX_MODEL_LEN, device="cpu", dtype="float32")
     kwargs.update(overrides)
     return LLMEngine(EngineConfig(**kwargs))
 

@@ -165,7 +165,7 @@ def test_exit_points_are_kept_only_where_their_exits_pay_for_the_check():
 def test_the_policy_serves_with_the_exit_points_that_pay(family):
     """Profiled at every exit point, it serves checking where tokens leave; the estimate prices
     the checks it keeps, and the target carries them to the engine."""
-    registry = Registry.load(family)
+    registry = Registry.load(family, "float32")
     fit = StepFit(per_layer_s=1e-3, per_row_layer_s=4e-4, prefill_token_layer_s=None, samples=20,
                   per_check_row_s=3e-4)
     entry = registry["tiny-6l"]
@@ -193,7 +193,7 @@ def test_pht_keeps_steps_per_model_and_depth_across_profiling_rounds():
 
 
 def test_estimate_predicts_the_step_at_the_batch_the_objective_assumes(family):
-    entry = Registry.load(family)["tiny-6l"]
+    entry = Registry.load(family, "float32")["tiny-6l"]
     row = ProfileRow("tiny-6l", 6)
     row.add(summary("tiny-6l", [1] * 4 + [3] * 4 + [6] * 2, tpot=0.05), depth=6)
     fit = StepFit(per_layer_s=1e-3, per_row_layer_s=4e-4, prefill_token_layer_s=2e-5, samples=20)
@@ -215,11 +215,11 @@ def test_estimate_predicts_the_step_at_the_batch_the_objective_assumes(family):
 
 # --- registry -------------------------------------------------------------------------------------
 def test_registry_sizes_match_the_engine_exactly(family):
-    registry = Registry.load(family)
+    registry = Registry.load(family, "float32")
     assert registry.names() == ["tiny-4l", "tiny-6l", "tiny-8l"]
     entry = registry["tiny-8l"]
     for depth in (2, 5, 8):
-        engine = LLMEngine(EngineConfig(model=str(entry.path), num_layers=depth, memory_budget=BUDGET,
+        engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", num_layers=depth, memory_budget=BUDGET,
                                         max_model_len=MAX_LEN))
         plan = entry.plan(depth, BUDGET, MAX_LEN)
         assert plan == engine.memory
@@ -232,19 +232,19 @@ def test_registry_sizes_match_the_engine_exactly(family):
 
 
 def test_registry_save_load_roundtrip_and_stale_sizes(family, tmp_path):
-    registry = Registry.load(family)
+    registry = Registry.load(family, "float32")
     out = family.parent / "saved.yaml"
     registry.save(out)
-    again = Registry.load(out)
+    again = Registry.load(out, "float32")
     assert [e.layer_weight_bytes for e in again] == [e.layer_weight_bytes for e in registry]
     doc = yaml.safe_load(out.read_text())
     doc["models"][0]["weight_bytes_per_layer"] += 1
     out.write_text(yaml.safe_dump(doc))
     with pytest.raises(RegistryError, match="disagree with the checkpoint"):
-        Registry.load(out)
-    stale = Registry.load(out, check_sizes=False)  # what `helios profile` reads before rewriting the sizes
+        Registry.load(out, "float32")
+    stale = Registry.load(out, "float32", check_sizes=False)  # what `helios profile` reads before rewriting the sizes
     stale.save()
-    assert [e.layer_weight_bytes for e in Registry.load(out)] == [e.layer_weight_bytes for e in registry]
+    assert [e.layer_weight_bytes for e in Registry.load(out, "float32")] == [e.layer_weight_bytes for e in registry]
 
 
 @pytest.mark.parametrize("models,message", [
@@ -263,7 +263,7 @@ def test_registry_errors_name_the_problem(family, models, message):
     path = family.parent / "bad.yaml"
     path.write_text(yaml.safe_dump({"models": models}))
     with pytest.raises(RegistryError, match=message):
-        Registry.load(path)
+        Registry.load(path, "float32")
 
 
 def test_registry_refuses_a_model_not_pulled_yet(tmp_path, monkeypatch):
@@ -271,20 +271,21 @@ def test_registry_refuses_a_model_not_pulled_yet(tmp_path, monkeypatch):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"models": [{"name": "g", "pull": "gemma-3-270m"}]}))
     with pytest.raises(RegistryError, match="gemma-3-270m is not pulled yet .*run `helios pull gemma-3-270m`"):
-        Registry.load(path)
+        Registry.load(path, "float32")
 
 
 def test_an_empty_exit_list_means_full_depth_without_exit_checks(family):
     path = family.parent / "no-exits.yaml"
     path.write_text(yaml.safe_dump({"models": [{"name": "a", "path": "tiny-4l", "exit_layers": [], "threshold": 0.0}]}))
-    registry = Registry.load(path)
+    registry = Registry.load(path, "float32")
     entry = registry["a"]
     assert entry.exit_layers == () and entry.exit_config().exit_points(4) == ()
     assert partial_depth(entry, None, LIMITS, coverage=0.0) == 4  # nowhere to stop early: full depth
     registry.save(path)
     assert yaml.safe_load(path.read_text())["models"][0]["exit_layers"] == []
-    assert Registry.load(path)["a"].exit_layers == ()
-    engine = LLMEngine(EngineConfig(model=str(entry.path), max_model_len=MAX_LEN, exit=entry.exit_config()))
+    assert Registry.load(path, "float32")["a"].exit_layers == ()
+    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", max_model_len=MAX_LEN,
+                                    exit=entry.exit_config()))
     [out] = engine.generate(["def f(x):"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert out.exit_layers == [4] * 6  # threshold 0 would let every checked token leave at layer 1
 
@@ -294,14 +295,14 @@ def test_registry_refuses_pickle_checkpoints_and_unknown_names(family, tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"models": [{"name": "p", "path": "pickled"}]}))
     with pytest.raises(RegistryError, match="cannot load"):
-        Registry.load(path)
+        Registry.load(path, "float32")
     with pytest.raises(KeyError, match="unknown model 'nope'"):
-        Registry.load(family)["nope"]
+        Registry.load(family, "float32")["nope"]
 
 
 # --- loading rule, estimates, shortlist -----------------------------------------------------------
 def test_partial_depth_covers_the_configured_share(family):
-    entry = Registry.load(family)["tiny-4l"]
+    entry = Registry.load(family, "float32")["tiny-4l"]
     row = ProfileRow("tiny-4l", 4)
     for _ in range(30):  # 3000 tokens: the sampling margin is small
         row.add(summary("tiny-4l", [1] * 30 + [2] * 35 + [4] * 35), depth=4)
@@ -320,7 +321,7 @@ def test_partial_depth_covers_the_configured_share(family):
 
 
 def test_shortlist_keeps_models_that_fit_and_ranks_by_slo(family):
-    entries = list(Registry.load(family))
+    entries = list(Registry.load(family, "float32"))
     by_batch = shortlist(entries, LIMITS, PolicyConfig(slo="batch", top_k=3))
     assert by_batch[0] == "tiny-4l"  # the smallest model leaves the most memory for KV
     assert shortlist(entries, LIMITS, PolicyConfig(slo="energy", top_k=2)) == ["tiny-4l", "tiny-6l"]
@@ -359,7 +360,7 @@ def serve_profiles(policy: HeliosPolicy, profiles=PROFILES) -> None:
 
 
 def test_profiling_round_then_serving_the_best_at_partial_depth(family):
-    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="latency"))
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(slo="latency"))
     assert policy.candidates == ["tiny-4l", "tiny-6l", "tiny-8l"]
     serve_profiles(policy)
     # latency: tpot(d) = TPOT x layers(d) / layers(L). tiny-4l at depth 2 (60% by 2): 0.010 x 1.8/2.8;
@@ -371,7 +372,7 @@ def test_profiling_round_then_serving_the_best_at_partial_depth(family):
 
 def test_stable_workload_never_adapts_and_reprofiles_every_r_requests(family):
     config = PolicyConfig(slo="latency", reprofile_every=40)
-    policy = HeliosPolicy(Registry.load(family), LIMITS, config)
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, config)
     serve_profiles(policy)
     served = len(policy.events)
     for _ in range(24):  # 24 requests x 10 tokens, 30% breaches (the profile predicted 30% at depth 1)
@@ -387,7 +388,7 @@ def test_stable_workload_never_adapts_and_reprofiles_every_r_requests(family):
 
 def test_breaches_trigger_within_cooldown_plus_a_window_and_load_layers(family):
     config = PolicyConfig(slo="latency")
-    policy = HeliosPolicy(Registry.load(family), LIMITS, config)
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, config)
     serve_profiles(policy)
     events = len(policy.events)
     seen = 0
@@ -403,7 +404,7 @@ def test_breaches_trigger_within_cooldown_plus_a_window_and_load_layers(family):
 def test_cost_model_switches_only_when_clearly_cheaper(family):
     # tiny-4l's profile: most tokens exit at 1, and it is fast; tiny-6l exits are spread out.
     profiles = {"tiny-4l": ([1] * 9 + [4], 0.004), "tiny-6l": ([1] * 7 + [6] * 3, 0.012), "tiny-8l": ([8] * 10, 0.03)}
-    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="latency", switch_margin=0.1))
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(slo="latency", switch_margin=0.1))
     serve_profiles(policy, profiles)
     assert "tiny-4l" in policy.targets  # the fastest at its depth
     policy.observe_tokens("tiny-4l", tokens(100))  # cooldown
@@ -415,7 +416,7 @@ def test_cost_model_switches_only_when_clearly_cheaper(family):
 
 def test_switch_when_the_current_model_is_slow_to_deepen(family):
     profiles = {"tiny-4l": ([1] * 9 + [4], 0.004), "tiny-6l": ([1] * 7 + [6] * 3, 0.012), "tiny-8l": ([8] * 10, 0.3)}
-    registry = Registry.load(family)
+    registry = Registry.load(family, "float32")
     policy = HeliosPolicy(registry, LIMITS, PolicyConfig(slo="latency", top_k=3))
     serve_profiles(policy, profiles)
     # Force serving the slow deep model at a shallow depth, as after an earlier round, then breach.
@@ -430,8 +431,8 @@ def test_measured_steps_decide_when_request_tpot_cannot_tell_the_models_apart(fa
     that happened to run blur it), but the steps say tiny-4l is fast and tiny-8l slow."""
     profiles = {m: ([1] * 8 + [n] * 2, 0.02) for m, n in (("tiny-4l", 4), ("tiny-6l", 6), ("tiny-8l", 8))}
     speed = {"tiny-4l": (2e-4, 1e-4), "tiny-6l": (6e-4, 3e-4), "tiny-8l": (2e-3, 1e-3)}  # (per layer, per row-layer)
-    blind = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="throughput"))
-    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(slo="throughput"))
+    blind = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(slo="throughput"))
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(slo="throughput"))
     for p in (blind, policy):
         p.observe_load(4, 4, 0)
     for model, (a, b) in speed.items():
@@ -450,7 +451,7 @@ def test_measured_steps_decide_when_request_tpot_cannot_tell_the_models_apart(fa
 
 # --- per-request mode -----------------------------------------------------------------------------
 def test_per_request_mode_profiles_each_task_on_each_model_then_routes(family):
-    policy = HeliosPolicy(Registry.load(family), LIMITS, PolicyConfig(mode="per-request", slo="latency",
+    policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(mode="per-request", slo="latency",
                                                                       profile_requests=2))
     assert set(policy.targets) == set(policy.candidates) and all(t.profiling for t in policy.targets.values())
     assert policy.limits.memory_budget == BUDGET // 3  # each live model plans with its share
@@ -473,7 +474,7 @@ def test_per_request_mode_profiles_each_task_on_each_model_then_routes(family):
 
 def test_quality_guard_goes_deeper_when_output_perplexity_rises(family):
     for tolerance, expect_event in ((None, False), (0.2, True)):
-        policy = HeliosPolicy(Registry.load(family), LIMITS,
+        policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS,
                               PolicyConfig(slo="latency", quality_tolerance=tolerance, quality_window=4))
         serve_profiles(policy)  # profiled perplexity e^0.1 (logprob -0.1 per token)
         [(model, target)] = policy.targets.items()
@@ -498,7 +499,7 @@ def test_helios_profile_fills_the_registry_and_the_shortlist_uses_it(family, tmp
                  "--out", str(out), "--device", "cpu"]) == 0
     doc = yaml.safe_load(out.read_text())
     assert [m["layers"] for m in doc["models"]] == [4, 6, 8]
-    registry = Registry.load(out)
+    registry = Registry.load(out, "float32")
     for entry in registry:
         p = entry.profile
         assert p.tokens == 3 * 6 and p.tokens_per_s > 0 and p.perplexity >= 1

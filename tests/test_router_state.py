@@ -14,7 +14,7 @@ REGISTRY = Path(__file__).resolve().parents[1] / "models" / "registry.yaml"
 
 
 def _policy() -> HeliosPolicy:
-    return HeliosPolicy(Registry.load(REGISTRY), Limits(96 << 20, 1024))
+    return HeliosPolicy(Registry.load(REGISTRY, "float32"), Limits(96 << 20, 1024))
 
 
 def test_state_of_this_version_is_restored():

@@ -42,7 +42,7 @@ API_KEY = "test-key"
 @pytest.fixture(scope="module")
 def base_url(serve_cluster):
     serve.run(build_app({"registry": str(REGISTRY), "memory_budget": "64MiB", "max_tokens": 64, "api_key": API_KEY,
-                         "max_ongoing_requests": 8, "max_queued_requests": 8,
+                         "dtype": "float32", "max_ongoing_requests": 8, "max_queued_requests": 8,
                          "policy": {"profile_requests": 10**6}}), name="helios", route_prefix="/")
     yield serve_cluster.url
     serve.delete("helios")
@@ -66,8 +66,9 @@ def post(base_url: str, path: str, body: bytes | dict, key: str | None = API_KEY
 
 
 def engine_greedy(model: str, prompt: str, n: int) -> str:
-    entry = Registry.load(REGISTRY)[model]
-    engine = LLMEngine(EngineConfig(model=str(entry.path), max_model_len=1024, exit=entry.exit_config()))
+    entry = Registry.load(REGISTRY, "float32")[model]
+    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", max_model_len=1024,
+                                    exit=entry.exit_config()))
     [out] = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     return out.text
 

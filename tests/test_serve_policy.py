@@ -27,7 +27,7 @@ from prompts import load_prompts  # noqa: E402
 @pytest.fixture(scope="module")
 def client(serve_cluster):
     serve.run(build_app({"registry": str(ROOT / "models" / "registry.yaml"), "memory_budget": "64MiB",
-                         "max_tokens": 32,
+                         "dtype": "float32", "max_tokens": 32,
                          # breach_limit 99 of 100: the depth chosen stays (no breach-triggered load), so
                          # the replicas can be checked against it
                          "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5, "breach_limit": 99}}),

@@ -40,7 +40,7 @@ def test_training_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path, corpus)
     assert log[-1]["val_loss"] < log[0]["val_loss"]
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     prompt = [5, 6, 7, 8]
-    engine = LLMEngine(EngineConfig(model=str(out), early_exit=False))
+    engine = LLMEngine(EngineConfig(model=str(out), dtype="float32", early_exit=False))
     [done] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert done.token_ids == hf_greedy(out, prompt, 12)
     assert json.loads((out / "train_state.json").read_text())["step"] == 30

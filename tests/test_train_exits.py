@@ -56,7 +56,7 @@ def test_base_model_is_unchanged_and_same_seed_gives_the_same_adapter(tiny_llama
 def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
     path, _, _ = trained
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    probe = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(heads_path=str(path))))
+    probe = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", exit=ExitConfig(heads_path=str(path))))
     heads = load_exit_heads(path, probe.model)
     with torch.inference_mode():  # by hand: the first generated token sees the full prompt at every depth
         hidden = [probe.model(torch.tensor([p]), output_hidden_states=True)[1] for p in PROMPTS]
@@ -65,7 +65,7 @@ def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
         full = [int(probe.model(torch.tensor([p]))[0, -1].argmax()) for p in PROMPTS]
     low, high = conf.sort().values[len(PROMPTS) // 2 - 1 : len(PROMPTS) // 2 + 1].tolist()
     threshold = (low + high) / 2  # half the prompts exit at depth 2, the others run to the end
-    eng = LLMEngine(EngineConfig(model=str(tiny_llama),
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32",
                                  exit=ExitConfig(threshold=threshold, exit_layers=(2,), heads_path=str(path))))
     outs = eng.generate(PROMPTS, one)
     assert [o.exit_layers[0] for o in outs] == [2 if c >= threshold else 6 for c in conf.tolist()]
@@ -73,10 +73,13 @@ def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
     assert {o.exit_layers[0] for o in outs} == {2, 6}
 
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    shared = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5))).generate(PROMPTS, greedy)
-    own = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=0.5, heads_path=str(path))))
+    shared = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32",
+                                    exit=ExitConfig(threshold=0.5))).generate(PROMPTS, greedy)
+    own = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32",
+                                 exit=ExitConfig(threshold=0.5, heads_path=str(path))))
     assert [o.exit_layers for o in own.generate(PROMPTS, greedy)] != [o.exit_layers for o in shared]
-    never = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(threshold=1.5, heads_path=str(path))))
+    never = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32",
+                                   exit=ExitConfig(threshold=1.5, heads_path=str(path))))
     [out] = never.generate([PROMPTS[0]], greedy)
     assert out.token_ids == hf_greedy(tiny_llama, PROMPTS[0], 16)
 
@@ -122,8 +125,8 @@ def test_trained_probes_drive_the_engine(tiny_llama, exit_corpus, tmp_path):
     a, b = load_file(str(out)), load_file(str(again))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same probes
 
-    heads = load_exit_heads(out, LLMEngine(EngineConfig(model=str(tiny_llama))).model)
-    eng = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(measure="probe", threshold=0.5,
+    heads = load_exit_heads(out, LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32")).model)
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", exit=ExitConfig(measure="probe", threshold=0.5,
                                                                         heads_path=str(out))))
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     with torch.inference_mode():  # by hand: the first token leaves at the first depth whose probe says >= 0.5
@@ -238,7 +241,7 @@ def test_probes_for_trained_heads_ship_in_one_file_with_them(tiny_llama, exit_co
     stored, heads = load_file(str(out)), load_file(str(path))
     assert all(torch.equal(stored[k], v) for k, v in heads.items())  # the heads, unchanged
     assert sorted(set(stored) - set(heads)) == sorted(f"exit.{d}.probe.{n}" for d in DEPTHS for n in ("weight", "bias"))
-    eng = LLMEngine(EngineConfig(model=str(tiny_llama), exit=ExitConfig(measure="probe", threshold=0.5,
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", exit=ExitConfig(measure="probe", threshold=0.5,
                                                                         exit_layers=DEPTHS, heads_path=str(out))))
     loaded = load_exit_heads(out, eng.model)
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
