@@ -1,12 +1,18 @@
 """Decode throughput of Helios vs Hugging Face transformers on one CPU model, in one run.
 
-    python bench/decode_speed.py [--batches 1 8 32 64] [--prompt-len 64] [--new-tokens 64]
-                                 [--threads 2] [--repeats 3] [--json OUT] [--profile B ...]
+    python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--batches 1 8 32 64]
+                                 [--prompt-len 64] [--new-tokens 64] [--threads 2] [--repeats 3]
+                                 [--json OUT] [--profile B ...]
 
 What it does (see bench/README.md for what each number means):
   1. builds a ~24M-parameter random Llama (hidden 384, 12 layers, 6 heads, MLP 1024, vocab 4096,
      untied LM head) with transformers, saves it as safetensors to a temp dir and counts params;
-  2. measures this machine's fp32 matmul peak (1024^3 torch.matmul, best of several) in this run;
+     with `--model DIR`, uses that Hugging Face checkpoint instead (e.g. ~/.cache/helios/models/
+     smollm2-135m-instruct);
+  2. measures this machine's matmul peak in the run's dtype (1024^3 torch.matmul, best of several)
+     and its decode-shaped GEMM (64 x hidden @ hidden x intermediate), and prints the CPU model and
+     its bf16-relevant flags; `--dtype` (default float32) is both systems' weight dtype, "auto" what
+     the engine's auto picks on this CPU (helios_core/dtypes.py);
   3. checks that Helios and a transformers forward loop emit the same greedy tokens (batch 1);
   4. for each batch size, measures decode tokens/s (prefill excluded) of
        helios   LLMEngine with early_exit=False, step() loop after every request has its first token
@@ -27,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from helios_core.dtypes import cpu_info, dtype_name, matmul_seconds, resolve_dtype
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.sampling import SamplingParams
 
@@ -51,6 +57,10 @@ HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 384, 12, 6, 1024, 4096
 # preserving, and the final logits get std ~1 (a clear argmax, as with a trained model).
 INIT_STD = 1.0 / math.sqrt(HIDDEN)
 SEED = 0
+GEMM_ROWS = 64  # the decode-shaped GEMM: a batch of 64 rows through the MLP's up projection
+# Teacher-forced tolerance of the greedy check: two correct implementations round logits (of
+# magnitude ~10) apart by ~1e-5 in fp32, by up to a few bf16 steps (2^-4 at 8..16) in bf16.
+GREEDY_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
 
 
 def log(msg: str) -> None:
@@ -59,7 +69,7 @@ def log(msg: str) -> None:
 
 # --- model ---------------------------------------------------------------------------------------
 def build_model(path: Path, max_positions: int):
-    """Random Llama saved as safetensors at `path`; returns (param counts dict, hf config)."""
+    """A random Llama of the module's dimensions, saved as safetensors at `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -89,38 +99,50 @@ def build_model(path: Path, max_positions: int):
     model.save_pretrained(str(path))
     if not list(path.glob("*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no safetensors file to {path}")
-    total = sum(p.numel() for p in model.parameters())
-    embed = model.model.embed_tokens.weight.numel()
-    lm_head = model.lm_head.weight.numel()
-    counts = {
+
+
+def param_counts(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())  # a tied LM head counts once
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    non_embedding = total - embed.numel() - (0 if head is embed else head.numel())
+    return {
         "total": total,
-        "embedding": embed,
-        "lm_head": lm_head,
-        "non_embedding": total - embed - lm_head,
+        "embedding": embed.numel(),
+        "lm_head": head.numel(),
+        "tied": head is embed,
+        "non_embedding": non_embedding,
         # Parameters each decoded token multiplies through (everything but the embedding lookup).
-        "matmul": total - embed,
+        "matmul": non_embedding + head.numel(),
     }
-    return counts
 
 
-def load_hf(path: Path):
-    from transformers import LlamaForCausalLM
+def shape_of(config) -> dict:
+    """The dimensions the FLOP count and the prompts need, from a transformers config."""
+    heads = config.num_attention_heads
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", heads) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "intermediate": config.intermediate_size, "vocab": config.vocab_size}
 
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+def load_hf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model
 
 
-def make_prompts(batch: int, prompt_len: int, seed: int) -> list[list[int]]:
+def make_prompts(batch: int, prompt_len: int, seed: int, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     # Avoid ids 0..2 (pad/bos/eos) so no system treats a prompt token specially.
-    return torch.randint(3, VOCAB, (batch, prompt_len), generator=gen).tolist()
+    return torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
 
 
 # --- matmul peak -----------------------------------------------------------------------------------
-def matmul_peak(n: int = 1024, warmup: int = 5, runs: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak(dtype: torch.dtype, n: int = 1024, warmup: int = 5, runs: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(warmup):
         torch.matmul(a, b, out=out)
     best = float("inf")
@@ -129,6 +151,12 @@ def matmul_peak(n: int = 1024, warmup: int = 5, runs: int = 20) -> float:
         torch.matmul(a, b, out=out)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def decode_gemm_peak(dtype: torch.dtype, hidden: int, intermediate: int, runs: int = 20) -> float:
+    """GFLOP/s of (GEMM_ROWS x hidden) @ (hidden x intermediate), as nn.Linear computes a decode batch."""
+    x, w = torch.randn(GEMM_ROWS, hidden, dtype=dtype), torch.randn(intermediate, hidden, dtype=dtype)
+    return 2 * GEMM_ROWS * hidden * intermediate / matmul_seconds(x, w, runs) / 1e9
 
 
 # --- the three systems -------------------------------------------------------------------------------
@@ -210,7 +238,7 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
     return {"prefill_s": t1 - t0, "total_s": t2 - t1, "tokens": seqs[:, ids.shape[1]:].tolist()}
 
 
-def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int) -> LLMEngine:
+def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype) -> LLMEngine:
     """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
@@ -220,6 +248,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int) -> LLM
             max_num_seqs=batch,
             max_prefill_tokens=batch * prompt_len,  # the whole batch prefills in the first step
             memory_budget=budget,
+            dtype=dtype_name(dtype),
         ))
 
     engine = build(None)
@@ -236,16 +265,17 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int) -> LLM
 
 
 # --- correctness -------------------------------------------------------------------------------------
-def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, tol: float = 1e-3) -> dict:
+def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype) -> dict:
     """Batch 1: Helios must emit the greedy tokens of the transformers forward loop.
 
-    Exact equality is expected. Two correct fp32 implementations may still round a near-tie (two
-    logits within ~1e-5) differently and then diverge; only in that case the check falls back to
-    teacher forcing: with Helios' own tokens as the prefix, every Helios token must be within `tol`
-    of transformers' best logit at that position. Anything else is an engine bug and fails.
+    Exact equality is expected. Two correct implementations may still round a near-tie (two
+    logits within ~1e-5 in fp32) differently and then diverge; only in that case the check falls back
+    to teacher forcing: with Helios' own tokens as the prefix, every Helios token must be within
+    GREEDY_TOL of transformers' best logit at that position. Anything else is an engine bug and fails.
     """
-    prompts = make_prompts(1, prompt_len, seed=12345)
-    engine = make_engine(path, 1, prompt_len, new_tokens)
+    tol = GREEDY_TOL[dtype]
+    prompts = make_prompts(1, prompt_len, seed=12345, vocab=vocab)
+    engine = make_engine(path, 1, prompt_len, new_tokens, dtype)
     helios = run_helios(engine, prompts, new_tokens)["tokens"][0]
     ref = run_hf_forward(hf, prompts, new_tokens, keep_margins=True)
     expected = ref["tokens"][0]
@@ -272,12 +302,13 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, tol: fl
 
 
 # --- profile ---------------------------------------------------------------------------------------------
-def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, rows: int = 25) -> str:
+def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
+                   rows: int = 25) -> str:
     """torch.profiler over Helios' decode steps (prefill excluded) at one batch size."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    engine = make_engine(path, batch, prompt_len, new_tokens)
-    prompts = make_prompts(batch, prompt_len, seed=batch)
+    engine = make_engine(path, batch, prompt_len, new_tokens, dtype)
+    prompts = make_prompts(batch, prompt_len, seed=batch, vocab=vocab)
     plain = run_helios(engine, prompts, new_tokens)  # warm-up, and the step time without the profiler
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for p in prompts:
@@ -350,6 +381,10 @@ def category_table(events, steps: int) -> str:
 # --- main ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a Hugging Face checkpoint directory (default: a random 24M Llama built here)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                    help="both systems' weights; auto: what the engine's auto picks on this CPU")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -368,48 +403,59 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, "cpu")  # auto measures with the run's threads, as its engine would
     # Contention probe: the 1-thread peak next to the N-thread one. If N threads are no faster than
     # one, other processes hold the cores and OpenMP barriers stall for whole scheduler slices.
     torch.set_num_threads(1)
-    peak_1thread = matmul_peak(runs=10)
+    peak_1thread = matmul_peak(dtype, runs=10)
     torch.set_num_threads(args.threads)
+    cpu = cpu_info()
+    flags = ", ".join(f"{f} {'yes' if has else 'no'}" for f, has in cpu["flags"].items())
+    log(f"CPU: {cpu['model']} ({os.cpu_count()} cores; {flags}); dtype {dtype_name(dtype)}"
+        + (" (auto)" if args.dtype == "auto" else ""))
 
     P, N = args.prompt_len, args.new_tokens
     started = time.perf_counter()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="helios-bench-") as tmp:
-        path = Path(tmp) / "llama-24m"
-        counts = build_model(path, max_positions=max(256, P + N + 8))
+        path = args.model.expanduser() if args.model else Path(tmp) / "llama-24m"
+        if not args.model:
+            build_model(path, max_positions=max(256, P + N + 8))
+        hf = load_hf(path, dtype)
+        counts, shape = param_counts(hf), shape_of(hf.config)
         log(f"model: {counts['total'] / 1e6:.2f}M params ({counts['non_embedding'] / 1e6:.2f}M non-embedding, "
-            f"{counts['lm_head'] / 1e6:.2f}M lm_head, {counts['embedding'] / 1e6:.2f}M embedding) at {path}")
-        hf = load_hf(path)
+            f"{counts['lm_head'] / 1e6:.2f}M lm_head{' (tied)' if counts['tied'] else ''}, "
+            f"{counts['embedding'] / 1e6:.2f}M embedding) at {path}")
         attn_impl = getattr(hf.config, "_attn_implementation", None)
 
         # The peak is sampled now and again after every batch size; the best sample is used, so a
         # slow moment during one sample cannot flatter Helios' fraction of peak.
-        peak_samples = [matmul_peak()]
-        log(f"fp32 matmul peak (1024^3, {args.threads} threads): {peak_samples[0]:.1f} GFLOP/s "
-            f"(1 thread: {peak_1thread:.1f}); load average {load_start[0]:.2f}")
+        peak_samples = [matmul_peak(dtype)]
+        gemm = decode_gemm_peak(dtype, shape["hidden"], shape["intermediate"])
+        log(f"{dtype_name(dtype)} matmul peak (1024^3, {args.threads} threads): {peak_samples[0]:.1f} GFLOP/s "
+            f"(1 thread: {peak_1thread:.1f}); decode GEMM ({GEMM_ROWS}x{shape['hidden']} @ "
+            f"{shape['hidden']}x{shape['intermediate']}): {gemm:.1f} GFLOP/s; load average {load_start[0]:.2f}")
         if args.threads > 1 and peak_samples[0] < 1.2 * peak_1thread:
             log(f"WARNING: {args.threads} threads are barely faster than 1 at a plain matmul: the cores are busy "
                 "with other processes and every multi-threaded op can stall for a scheduler slice. Numbers from "
                 "this run reflect that contention; rerun on an idle machine (or with --threads 1).")
 
-        check = check_greedy_match(path, hf, P, N)
+        check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype)
         log(f"greedy check: Helios {'==' if check['exact'] else '~= (near-tie divergence)'} transformers on "
             f"{check['tokens']} tokens at batch 1 "
             f"({check['distinct_tokens']} distinct, min top-2 logit margin {check['min_top2_margin']:.3g})")
 
         # Per decoded token: 2 FLOPs per multiplied weight (all layers + LM head) plus attention,
-        # QK^T and PV = 4 * layers * hidden * context; context averages P + N/2 over the timed steps
-        # (the decode step for output k attends to P + k positions, k = 1 .. N-1).
+        # QK^T and PV = 4 * layers * heads * head_dim * context; context averages P + N/2 over the
+        # timed steps (the decode step for output k attends to P + k positions, k = 1 .. N-1).
         mean_ctx = P + N / 2
-        flops_per_token = 2 * counts["matmul"] + 4 * LAYERS * HIDDEN * mean_ctx
+        flops_per_token = 2 * counts["matmul"] + 4 * shape["layers"] * shape["heads"] * shape["head_dim"] * mean_ctx
 
         results = []
         for B in args.batches:
-            prompts = make_prompts(B, P, seed=B)
-            engine = make_engine(path, B, P, N)
+            prompts = make_prompts(B, P, seed=B, vocab=shape["vocab"])
+            engine = make_engine(path, B, P, N, dtype)
             raw = {"helios": [], "hf_forward": [], "gen_total_s": [], "gen_prefill_s": []}
             agree = None
             for rep in range(args.repeats):
@@ -450,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 "greedy_token_agreement": agree,
                 "raw": raw,
             })
-            peak_samples.append(matmul_peak())
+            peak_samples.append(matmul_peak(dtype))
             log(f"[B={B:>3}] best: helios {helios:.1f}, hf_forward {hf_fwd:.1f}"
                 + (f", hf_generate {gen_tok_s:.1f}" if gen_tok_s is not None else "") + " tok/s "
                 f"(helios {flops_per_token * helios / 1e9:.1f} GFLOP/s; matmul peak now {peak_samples[-1]:.1f})")
@@ -459,14 +505,17 @@ def main(argv: list[str] | None = None) -> int:
         for row in results:
             row["helios_frac_of_peak"] = row["helios_gflops"] / peak
         meta = {
-            "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "intermediate": INTERMEDIATE,
-                      "vocab": VOCAB, "init_std": INIT_STD, "params": counts, "hf_attn_implementation": attn_impl},
+            "model": {"path": str(args.model) if args.model else None, **shape,
+                      "init_std": None if args.model else INIT_STD, "params": counts,
+                      "hf_attn_implementation": attn_impl},
+            "dtype": dtype_name(dtype), "dtype_asked": args.dtype,
             "prompt_len": P, "new_tokens": N, "threads": args.threads, "repeats": args.repeats,
             "matmul_peak_gflops": peak, "matmul_peak_samples": peak_samples, "matmul_peak_1thread": peak_1thread,
+            "decode_gemm_gflops": gemm, "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
             "flops_per_token": flops_per_token, "mean_context": mean_ctx,
             "greedy_check_batch1": check,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "cpu": cpu["model"], "cpu_flags": cpu["flags"], "cpu_count": os.cpu_count(),
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             "seconds": time.perf_counter() - started,
         }
@@ -475,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles = []
         for B in args.profile or []:
             log(f"profiling Helios decode at batch {B} ...")
-            text = profile_helios(path, B, P, N)
+            text = profile_helios(path, B, P, N, shape["vocab"], dtype)
             profiles.append({"batch": B, "table": text})
             print("\n" + text)
 
@@ -486,16 +535,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"wrote {args.json}")
     log(f"done in {time.perf_counter() - started:.0f}s")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def targets(results: list[dict]) -> dict:
@@ -511,7 +550,7 @@ def targets(results: list[dict]) -> dict:
 
 
 def render(meta: dict, results: list[dict]) -> str:
-    c = meta["model"]["params"]
+    m, c = meta["model"], meta["model"]["params"]
     check = meta["greedy_check_batch1"]
     if check["exact"]:
         check_line = f"Greedy check at batch 1: Helios == transformers forward on all {check['tokens']} tokens."
@@ -523,15 +562,19 @@ def render(meta: dict, results: list[dict]) -> str:
         (f"# Decode throughput: Helios vs transformers {meta['transformers']} (torch {meta['torch']}, "
          f"{meta['threads']} threads)"),
         "",
-        (f"Model: random Llama, {c['total'] / 1e6:.2f}M params (hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, "
-         f"MLP {INTERMEDIATE}, vocab {VOCAB}, untied), fp32. Prompt {meta['prompt_len']} tokens, "
+        (f"Model: {m['path'] or 'random Llama'}, {c['total'] / 1e6:.2f}M params (hidden {m['hidden']}, "
+         f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), MLP {m['intermediate']}, vocab {m['vocab']}, "
+         f"{'tied' if c['tied'] else 'untied'}), {meta['dtype']}. Prompt {meta['prompt_len']} tokens, "
          f"{meta['new_tokens']} new tokens per sequence; decode = the last {meta['new_tokens'] - 1} "
          f"(the first comes from prefill, which is excluded). Best of {meta['repeats']}."),
-        (f"CPU: {meta['cpu']} ({meta['cpu_count']} cores); load average {meta['loadavg_start'][0]:.2f} at start, "
+        (f"CPU: {meta['cpu']} ({meta['cpu_count']} cores; "
+         + ", ".join(f"{f} {'yes' if has else 'no'}" for f, has in meta["cpu_flags"].items())
+         + f"); load average {meta['loadavg_start'][0]:.2f} at start, "
          f"{meta['loadavg_end'][0]:.2f} at end; run took {meta['seconds']:.0f}s."),
-        (f"Measured fp32 matmul peak (1024^3, best sample of {len(meta['matmul_peak_samples'])} taken through the "
-         f"run): **{meta['matmul_peak_gflops']:.1f} GFLOP/s** with {meta['threads']} threads "
-         f"({meta['matmul_peak_1thread']:.1f} with 1). FLOPs per decoded token: {meta['flops_per_token'] / 1e6:.1f} M "
+        (f"Measured {meta['dtype']} matmul peak (1024^3, best sample of {len(meta['matmul_peak_samples'])} taken "
+         f"through the run): **{meta['matmul_peak_gflops']:.1f} GFLOP/s** with {meta['threads']} threads "
+         f"({meta['matmul_peak_1thread']:.1f} with 1); decode GEMM ({' x '.join(map(str, meta['decode_gemm_shape']))}"
+         f"): {meta['decode_gemm_gflops']:.1f} GFLOP/s. FLOPs per decoded token: {meta['flops_per_token'] / 1e6:.1f} M "
          f"(2 x {c['matmul'] / 1e6:.2f}M weights incl. lm_head + attention at mean context "
          f"{meta['mean_context']:.0f})."),
         check_line,
