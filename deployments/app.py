@@ -11,8 +11,8 @@
     max_model_len     tokens per sequence (default 1024)
     max_tokens        the API's max_tokens limit (default 512)
     device, dtype     "auto" by default: the GPU if there is one; bfloat16 where the replica's device
-                      computes it natively and faster, else float32 (helios_core/dtypes.py). The
-                      dtype replaces the registry entries' own
+                      computes it natively and faster, else float32 (helios_core/dtypes.py); it
+                      replaces the registry entries' own dtype
     num_gpus          per model replica (default 0: CPU); num_cpus likewise (default 0.5)
     threads           torch threads per model replica (default 1)
     engine_niceness   the niceness each model replica's engine process asks for (default 0, above
@@ -77,7 +77,8 @@ def build_app(args: dict | None = None) -> Application:
         raise ValueError(f"unknown build_app arguments: {sorted(args)} (see deployments/app.py)")
 
     pull_registry(registry, progress=say)  # `serve run` too: replicas load the models from disk
-    # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own device.
+    # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own
+    # device, so on a cluster whose replicas' devices differ from this host's these sizes are estimates.
     entries = list(Registry.load(registry, dtype))
     router = Router.bind(registry, budget, max_model_len, policy, dtype)
     replicas = {}

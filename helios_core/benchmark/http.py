@@ -36,8 +36,8 @@ SETTLE_S = 2.0  # then the routing table (cached 1 s) and the replicas' depths (
 def app_args(cfg: BenchConfig, budget: int) -> dict:
     """`build_app` arguments for the benchmark's settings (each model replica gets `budget`)."""
     return {"registry": cfg.registry, "memory_budget": budget, "max_model_len": cfg.max_model_len,
-            "max_tokens": cfg.max_tokens, "policy": cfg.policy, "device": cfg.device, "dtype": cfg.dtype, "threshold": cfg.threshold,
-            "threads": torch.get_num_threads(), "max_ongoing_requests": QUEUE_LIMIT,
+            "max_tokens": cfg.max_tokens, "policy": cfg.policy, "device": cfg.device, "dtype": cfg.dtype,
+            "threshold": cfg.threshold, "threads": torch.get_num_threads(), "max_ongoing_requests": QUEUE_LIMIT,
             "max_queued_requests": QUEUE_LIMIT, "stream_max_hold_s": cfg.stream_max_hold_s}
 
 
