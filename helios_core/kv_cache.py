@@ -223,11 +223,11 @@ class DecodeKV:
         q_pos = self.positions[self.pair_row][:, None]
         read = (logical_t >= 0)[:, None] & (key_pos <= q_pos)
 
-        def mask(window: int | None) -> Tensor:  # (P, 1, 1, bs): True = attend
+        def bias(window: int | None) -> Tensor:  # (P, 1, 1, bs): 0 = attend, -inf = not
             allowed = read if window is None else read & (q_pos - key_pos < window)
-            return allowed[:, None, None, :]
+            return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[:, None, None, :]
 
-        self.masks = per_layer(cache.config.layer_windows, mask)
+        self.biases = per_layer(cache.config.layer_windows, bias)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         # k, v: (N, 1, KV, D)
@@ -240,29 +240,27 @@ class DecodeKV:
         n, _, h, d = q.shape
         kv_heads = k.shape[2]
         kp, vp = self.cache.k[layer], self.cache.v[layer]
-        q = q.reshape(n, kv_heads, h // kv_heads, d)  # each KV head's query group as one matrix
+        groups = (n, kv_heads, h // kv_heads)
+        q = q.reshape(*groups, d) * (d**-0.5 if scale is None else scale)  # each KV head's queries as one matrix
         qp = q[self.pair_row]  # (P, KV, G, D)
         in_place = slice(0, self.hi)
         scores = torch.matmul(qp[in_place], kp[in_place].transpose(-1, -2))  # (hi, KV, G, bs)
         if self.extra_blocks.numel():
             shared = torch.matmul(qp[self.hi :], kp[self.extra_blocks].transpose(-1, -2))
             scores = torch.cat([scores, shared])
-        scores = scores.float() * (d**-0.5 if scale is None else scale)
-        scores = scores.masked_fill(~self.masks[layer], float("-inf"))
+        scores = scores.float().add_(self.biases[layer])
         # Softmax per row across its blocks: the row's max, then exponentials and their sum.
-        index = self.pair_row[:, None, None].expand(-1, kv_heads, h // kv_heads)
         block_max = scores.amax(-1)  # (P, KV, G)
-        row_max = block_max.new_full((n, kv_heads, h // kv_heads), float("-inf"))
-        row_max = row_max.scatter_reduce(0, index, block_max, "amax")
-        weights = (scores - row_max[self.pair_row][..., None]).exp()
-        denom = weights.new_zeros(n, kv_heads, h // kv_heads).index_add_(0, self.pair_row, weights.sum(-1))
+        index = self.pair_row[:, None, None].expand_as(block_max)
+        row_max = block_max.new_full(groups, float("-inf")).scatter_reduce_(0, index, block_max, "amax")
+        weights = scores.sub_(row_max[self.pair_row][..., None]).exp_()
+        denom = weights.new_zeros(groups).index_add_(0, self.pair_row, weights.sum(-1))
         weights = weights.to(vp.dtype)
         partial = torch.matmul(weights[in_place], vp[in_place])  # (hi, KV, G, D)
         if self.extra_blocks.numel():
             partial = torch.cat([partial, torch.matmul(weights[self.hi :], vp[self.extra_blocks])])
-        out = partial.new_zeros(n, kv_heads, h // kv_heads, d, dtype=torch.float32)
-        out.index_add_(0, self.pair_row, partial.float())
-        return (out / denom[..., None]).to(q.dtype).view(n, 1, h * d)
+        out = torch.zeros(*groups, d, device=q.device).index_add_(0, self.pair_row, partial.float())
+        return out.div_(denom[..., None]).to(q.dtype).view(n, 1, h * d)
 
 
 class PrefillKV:
