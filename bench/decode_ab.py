@@ -1,6 +1,7 @@
 """Decode step time of this checkout against another git revision, side by side in one process.
 
     python bench/decode_ab.py --rev 0461053 [--repeat 3] [--cases code-6l:7 mixed-16l:8]
+    python bench/decode_ab.py --rev 02ea9b2 --cases ~/.cache/helios/models/smollm2-135m-instruct:32 --no-exits
 
 The other revision's `helios_core` is extracted (`git archive`) and imported under another name, so
 both engines live in one process. Per case, both decode the same `mixed` prompts at the same batch
@@ -8,7 +9,8 @@ both engines live in one process. Per case, both decode the same `mixed` prompts
 steps sees the same machine, which on a shared VM matters more than anything (identical runs a few
 seconds apart differ by ±25%). The figure is the median over step pairs of B's time ÷ A's, with
 each side's median step time. Cases: no exits; checks at every layer that nobody passes (threshold
-2); thresholds 0.5 and 0.9 at every layer; and both every 4 layers.
+2); thresholds 0.5 and 0.9 at every layer; and both every 4 layers (`--no-exits`: the first only, for
+a model without trained exits). A case's model is a demo model's suffix or a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ def import_revision(rev: str, into: Path):
     return importlib.import_module("helios_rev")
 
 
-def engine(pkg, model: Path, batch: int, early_exit: bool, threshold: float, every: int | None):
+def engine(pkg, model: Path, batch: int, early_exit: bool, threshold: float, every: int | None, **extra):
     engine_mod = importlib.import_module(f"{pkg.__name__}.engine")
     exits = importlib.import_module(f"{pkg.__name__}.exits")
     sampling = importlib.import_module(f"{pkg.__name__}.sampling")
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     exit = exits.ExitConfig(threshold=threshold, exit_layers=tuple(range(every, layers, every)) if every else None)
+    # The default budget: room for 32 sequences of max_model_len at full depth, on either revision.
     e = engine_mod.LLMEngine(engine_mod.EngineConfig(model=str(model), early_exit=early_exit, exit=exit,
-                                                     memory_budget=256 << 20, max_model_len=1024))
+                                                     max_model_len=1024, **extra))
     return prefilled(e, batch, sampling.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
 
 
@@ -76,9 +79,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the git revision to compare against (A); B is this checkout")
     ap.add_argument("--repeat", type=int, default=3, help="fresh engine pairs per case")
-    ap.add_argument("--cases", nargs="+", default=["code-6l:7", "mixed-16l:8"], help="MODEL:BATCH (demo model suffix)")
+    ap.add_argument("--cases", nargs="+", default=["code-6l:7", "mixed-16l:8"],
+                    help="MODEL:BATCH (MODEL: a demo model's suffix or a checkpoint directory)")
+    ap.add_argument("--no-exits", action="store_true", help="only the case without exits")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--config", type=json.loads, default={},
+                    help='EngineConfig fields for B only, as JSON, e.g. \'{"block_size": 32}\'')
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import helios_core as current
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,12 +96,13 @@ def main() -> None:
         print("|---|---:|---|---:|---:|---:|---:|")
         for spec in args.cases:
             name, batch = spec.rsplit(":", 1)
-            model = ROOT / "models" / f"helios-demo-{name}"
-            for early_exit, threshold, every in CASES:
+            model = Path(name).expanduser() if "/" in name else ROOT / "models" / f"helios-demo-{name}"
+            name = model.name
+            for early_exit, threshold, every in CASES[:1] if args.no_exits else CASES:
                 a_times, b_times, ratios = [], [], []
                 for _ in range(args.repeat):
                     a = engine(other, model, int(batch), early_exit, threshold, every)
-                    b = engine(current, model, int(batch), early_exit, threshold, every)
+                    b = engine(current, model, int(batch), early_exit, threshold, every, **args.config)
                     ta, tb = alternate(a, b)
                     a_times += ta
                     b_times += tb

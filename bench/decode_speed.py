@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from helios_core.dtypes import cpu_info, dtype_name, matmul_seconds, resolve_dtype
 from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.kv_cache import blocks_for
 from helios_core.sampling import SamplingParams
 
 # The model: ~24M parameters, Llama architecture.
@@ -256,7 +257,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
         # The default memory budget holds a fixed number of sequences (helios_core.engine.
         # DEFAULT_BUDGET_SEQS); size the budget for the whole batch from the engine's own plan.
         m = engine.memory
-        budget = m.weight_bytes + m.workspace_fixed_bytes + batch * (m.kv_bytes_per_seq + m.workspace_per_seq_bytes)
+        budget = m.budget_for_blocks(batch * blocks_for(engine.max_model_len, m.block_size))
         del engine
         engine = build(budget)
     if engine.capacity != batch:

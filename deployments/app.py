@@ -87,7 +87,7 @@ def build_app(args: dict | None = None) -> Application:
         if threshold is not None:
             options["user_config"] = {"threshold": float(threshold)}
         if autoscaling is not None:
-            full_depth = entry.plan(entry.num_layers, budget, max_model_len).capacity
+            full_depth = entry.plan(entry.num_layers, budget, max_model_len).sequences(max_model_len)
             options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
             entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness)

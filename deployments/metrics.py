@@ -25,9 +25,13 @@ class ReplicaMetrics:
         self.requests = metrics.Counter("helios_requests", "finished requests", ("model", "finish_reason"))
         self.layer_loads = metrics.Counter("helios_layer_changes", "loads and unloads of layers", ("model", "kind"))
         self.loaded_layers = metrics.Gauge("helios_loaded_layers", "layers loaded", ("model",))
-        self.capacity = metrics.Gauge("helios_batch_capacity", "sequences the KV pool holds", ("model",))
+        self.capacity = metrics.Gauge("helios_batch_capacity", "sequences the KV pool holds at the mean length",
+                                      ("model",))
+        self.capacity_tokens = metrics.Gauge("helios_kv_capacity_tokens", "positions the KV pool holds", ("model",))
         self.batch = metrics.Gauge("helios_batch_size", "sequences running", ("model",))
-        self.kv_used = metrics.Gauge("helios_kv_bytes_used", "KV bytes of the running sequences' slots", ("model",))
+        self.prefix_hit_rate = metrics.Gauge("helios_prefix_cache_hit_rate",
+                                             "share of prompt KV blocks found cached, since start", ("model",))
+        self.kv_used = metrics.Gauge("helios_kv_bytes_used", "KV bytes of the running sequences' blocks", ("model",))
         self.ttft = metrics.Histogram("helios_ttft_seconds", "time to first token", _LATENCY_BOUNDS, ("model",))
         self.tpot = metrics.Histogram("helios_tpot_seconds", "time per output token", _LATENCY_BOUNDS, ("model",))
 
@@ -53,8 +57,10 @@ class ReplicaMetrics:
     def shape(self, state: EngineState) -> None:
         self.loaded_layers.set(state.num_layers, self.tags)
         self.capacity.set(state.capacity, self.tags)
+        self.capacity_tokens.set(state.capacity_tokens, self.tags)
         self.batch.set(state.running, self.tags)
-        self.kv_used.set(state.running * state.kv_bytes_per_seq, self.tags)
+        self.kv_used.set(state.kv_used_bytes, self.tags)
+        self.prefix_hit_rate.set(state.prefix_hit_rate, self.tags)
 
     def layer_change(self, kind: str, state: EngineState) -> None:
         self.layer_loads.inc(1, {**self.tags, "kind": kind})

@@ -379,10 +379,13 @@ class ModelReplica:
         s = self.engine.state
         return {"model": self.name, "dtype": s.dtype, "loaded_layers": s.num_layers, "num_layers": s.model_num_layers,
                 "exit_layers": None if s.exit_layers is None else list(s.exit_layers),
-                "capacity": s.capacity, "running": s.running, "waiting": s.waiting,
+                "capacity": s.capacity, "capacity_tokens": s.capacity_tokens, "used_tokens": s.used_tokens,
+                "mean_seq_len": s.mean_seq_len, "preempted": s.preempted,
+                "prefix_hit_rate": s.prefix_hit_rate, "prefill_tokens_saved": s.prefill_tokens_saved,
+                "running": s.running, "waiting": s.waiting,
                 "peak_batch": self._peak.max(default=s.running), "max_batch": self._max_batch,
                 "requests": len(self._outboxes),  # here, the engine's queue and batch included
-                "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes,
+                "weight_bytes": s.weight_bytes, "kv_bytes": s.kv_bytes, "kv_used_bytes": s.kv_used_bytes,
                 "memory_budget": s.memory_budget, "exit_histogram": dict(s.histogram),
                 "tokens": s.tokens, "forced": s.forced, "breaches": s.breaches,
                 # where the replica runs and its resident memory (with its engine process's):

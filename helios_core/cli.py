@@ -195,7 +195,8 @@ def generate(args: argparse.Namespace) -> int:
                 s = out.summary
                 print(f"\n[{s.output_tokens} tokens, {s.finish_reason}; exits by layer {s.exit_histogram}, "
                       f"forced {s.forced}, breaches {s.breaches}; {engine.num_layers}/{engine.model_config.num_layers} "
-                      f"layers loaded in {engine.dtype}, batch capacity {engine.capacity}]", file=sys.stderr)
+                      f"layers loaded in {engine.dtype}, KV capacity {engine.capacity_tokens} tokens]",
+                      file=sys.stderr)
         return 0
     [done] = engine.generate([args.prompt], params)
     print(json.dumps({
@@ -211,7 +212,9 @@ def generate(args: argparse.Namespace) -> int:
         "finish_reason": done.finish_reason,
         "loaded_layers": engine.num_layers,
         "num_layers": engine.model_config.num_layers,
-        "batch_capacity": engine.capacity,
+        "batch_capacity": engine.capacity,  # sequences of the mean length (this request's, after it)
+        "kv_capacity_tokens": engine.capacity_tokens,
+        "kv_block_size": engine.memory.block_size,
         "memory": {"budget": engine.memory.budget_bytes, "weights": engine.memory.weight_bytes,
                    "kv": engine.memory.kv_bytes, "workspace": engine.memory.workspace_bytes},
         "summary": done.summary.to_dict(),

@@ -1,11 +1,12 @@
 """The early-exit engine: requests in, tokens and exit telemetry out.
 
 One step is schedule -> execute -> update:
-  schedule  the scheduler admits waiting requests into free KV slots and plans prefill chunks and
-            the decode batch;
-  execute   the runner fills the cache for the prefill chunks, then runs one early-exit decode step
-            over the batch, and the sampler picks each row's next token;
-  update    tokens, exit records and stop conditions are applied; finished requests free their slot.
+  schedule  the scheduler gives running requests the KV blocks they grow into, admits waiting ones
+            while blocks are free (preempting the newest when they run out), and plans prefill
+            chunks and the decode batch;
+  execute   the runner fills the cache for the prefill chunks (packed into one forward), then runs
+            one early-exit decode step over the batch, and the sampler picks each row's next token;
+  update    tokens, exit records and stop conditions are applied; finished requests free their blocks.
 Loading or unloading layers happens between steps (`set_num_layers`) and re-sizes the KV pool so
 that weights + KV + workspace stay within `memory_budget`.
 """
@@ -25,7 +26,7 @@ import torch
 from .detokenizer import TextStream
 from .dtypes import default_device, dtype_name, resolve_dtype
 from .exits import ExitConfig, ExitHeads, load_exit_heads
-from .kv_cache import DecodeKV, KVCache, MemoryPlan, plan_memory
+from .kv_cache import DecodeKV, KVCache, MemoryPlan, blocks_for, plan_memory
 from .models import ModelConfig, load_layers, load_model, unload_layers
 from .prompt_limits import check_prompt_size, max_prompt_chars
 from .request import Completion, RequestOutput, RequestStatus, Sequence
@@ -47,16 +48,18 @@ class EngineConfig:
     dtype: str = "auto"  # auto (the device's fastest native dtype, helios_core.dtypes) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     memory_budget: int | None = None  # bytes for weights + KV + workspace; None = DEFAULT_BUDGET_SEQS at full depth
-    max_model_len: int | None = None  # prompt + output tokens per sequence (one KV slot); None = min(model's, 2048)
-    max_num_seqs: int = 256  # upper bound on batch capacity
+    max_model_len: int | None = None  # prompt + output tokens per sequence; None = min(model's, 2048)
+    max_num_seqs: int = 256  # upper bound on the running batch
     max_prefill_tokens: int = 256  # prompt tokens prefilled per step (chunked prefill)
+    block_size: int = 64  # positions per KV block (bench/paged_attention.py measures the choice)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     exit: ExitConfig = field(default_factory=ExitConfig)
     early_exit: bool = True  # False: every request runs all loaded layers
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
         positive = {"max_num_seqs": self.max_num_seqs, "max_prefill_tokens": self.max_prefill_tokens,
-                    "memory_budget": self.memory_budget}
+                    "memory_budget": self.memory_budget, "block_size": self.block_size}
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -101,11 +104,13 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
 
         self.memory_budget = config.memory_budget or self._default_budget()
-        self.memory = self._plan(self.model.num_loaded_layers)
-        self.cache = KVCache(model_config, self.model.num_loaded_layers, self.memory.capacity, self.max_model_len,
+        self.memory = m = self._plan(self.model.num_loaded_layers)
+        self.cache = KVCache(model_config, self.model.num_loaded_layers, m.num_blocks, config.block_size,
                              self.model.embed.weight.dtype, self.device)
         self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache)
-        self.scheduler = Scheduler(self.memory.capacity, config.max_prefill_tokens)
+        self.scheduler = Scheduler(m.num_blocks, config.block_size, m.max_seqs, config.max_prefill_tokens,
+                                   config.enable_prefix_caching)
+        self._lengths = deque(maxlen=256)  # prompt + output tokens of the latest finished requests
         self.sampler = Sampler()
         self.stats = ExitStats(self.name, model_config.num_layers)
         self.layer_events: list[LayerEvent] = []
@@ -117,13 +122,13 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._ids = itertools.count()
-        m = self.memory
         logger.info(
-            "%s: %d/%d layers on %s in %s%s, weights %.1f MiB, KV pool %.1f MiB, batch capacity %d (budget %.1f MiB%s)",
+            "%s: %d/%d layers on %s in %s%s, weights %.1f MiB, KV pool %.1f MiB = %d tokens in %d blocks "
+            "(%d sequences of max_model_len), budget %.1f MiB",
             self.name, self.num_layers, model_config.num_layers, self.device, self.dtype,
             " (auto)" if config.dtype == "auto" else "", m.weight_bytes / 2**20,
-            m.kv_bytes / 2**20, m.capacity, m.budget_bytes / 2**20,
-            ", capped by max_num_seqs" if m.capacity == config.max_num_seqs else "",
+            m.kv_bytes / 2**20, m.capacity_tokens, m.num_blocks, m.sequences(self.max_model_len),
+            m.budget_bytes / 2**20,
         )
 
     # --- memory ---------------------------------------------------------------------------------
@@ -141,8 +146,18 @@ class LLMEngine:
         return self.model.num_loaded_layers
 
     @property
+    def mean_seq_len(self) -> float:
+        """Prompt + output tokens of the latest finished requests, on average (max_model_len before any)."""
+        return sum(self._lengths) / len(self._lengths) if self._lengths else float(self.max_model_len)
+
+    @property
     def capacity(self) -> int:
-        return self.memory.capacity
+        """Sequences the KV pool holds at once at the observed mean length."""
+        return self.memory.sequences(self.mean_seq_len)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.memory.capacity_tokens
 
     def _weight_bytes(self, num_layers: int) -> int:
         """Weights held at a given depth (blocks are identical in size, so this is exact)."""
@@ -154,24 +169,23 @@ class LLMEngine:
         return plan_memory(
             self.model.config, num_layers, self._weight_bytes(num_layers), budget or self.memory_budget,
             self.max_model_len, self.model.embed.weight.element_size(), self.config.max_num_seqs,
-            self.config.max_prefill_tokens,
+            self.config.max_prefill_tokens, self.config.block_size,
         )
 
     def _default_budget(self) -> int:
-        """Room for DEFAULT_BUDGET_SEQS sequences with every layer loaded; partial loading turns the
-        unloaded layers' share into more sequences (up to max_num_seqs)."""
+        """Room for DEFAULT_BUDGET_SEQS sequences of max_model_len with every layer loaded; partial
+        loading turns the unloaded layers' share into more blocks."""
         probe = self._plan(self.model.config.num_layers, budget=2**62)
         seqs = min(DEFAULT_BUDGET_SEQS, self.config.max_num_seqs)
-        return probe.weight_bytes + probe.workspace_fixed_bytes + seqs * (
-            probe.kv_bytes_per_seq + probe.workspace_per_seq_bytes)
+        return probe.budget_for_blocks(seqs * blocks_for(self.max_model_len, self.config.block_size))
 
     def set_num_layers(self, num_layers: int) -> LayerEvent:
         """Load or unload layers between steps; re-size the KV pool to the new depth.
 
-        Running sequences are kept. Growing the depth shrinks capacity: sequences beyond it are
-        preempted back to the queue (recomputed later, nothing is lost), and every running sequence
-        re-prefills so the new layers get K/V for its context. Shrinking frees weights and KV of the
-        dropped layers and raises capacity.
+        Running sequences are kept. Growing the depth shrinks the pool: the newest sequences are
+        preempted back to the queue until the rest fit (recomputed later, nothing is lost), and every
+        running sequence re-prefills so the new layers get K/V for its context. Shrinking frees the
+        dropped layers' weights and KV, and the pool gains blocks.
         """
         start, before = time.perf_counter(), self.num_layers
         capacity_before = self.capacity
@@ -180,26 +194,28 @@ class LLMEngine:
         if num_layers == before:
             return LayerEvent(time.time(), before, before, 0, 0.0, capacity_before, capacity_before, 0)
         plan = self._plan(num_layers)  # raises MemoryBudgetError before anything changes
-        keep, preempted = self.scheduler.resize(plan.capacity)
+        old_plan = self.memory
+        moves, preempted = self.scheduler.resize(plan.num_blocks, plan.max_seqs)
         bytes_read = 0
         if num_layers > before:
-            # New layers have no K/V for existing context: recompute it (prefill again) for everyone.
-            # The pool shrinks before the weights grow, so the budget holds throughout.
+            # New layers have no K/V for existing context: recompute it (prefill again) for everyone,
+            # and forget cached prefixes. The pool shrinks before the weights grow, so the budget holds.
+            self.scheduler.blocks.forget_cached()
             for seq in self.scheduler.running:
                 seq.num_cached = 0
-            self.cache.resize(num_layers, plan.capacity, {})
+            self.cache.resize(num_layers, plan.num_blocks, {})
             try:
                 bytes_read = load_layers(self.model, num_layers)
             except Exception:
-                self.scheduler.resize(capacity_before)
-                self.cache.resize(before, capacity_before, {})
+                self.scheduler.resize(old_plan.num_blocks, old_plan.max_seqs)
+                self.cache.resize(before, old_plan.num_blocks, {})
                 raise
         else:
             unload_layers(self.model, num_layers)
-            self.cache.resize(num_layers, plan.capacity, keep)
+            self.cache.resize(num_layers, plan.num_blocks, moves)
         self.memory = plan
         event = LayerEvent(time.time(), before, num_layers, bytes_read, time.perf_counter() - start,
-                           capacity_before, plan.capacity, len(preempted))
+                           capacity_before, self.capacity, len(preempted))
         self.layer_events.append(event)
         return event
 
@@ -219,15 +235,15 @@ class LLMEngine:
 
     def set_memory_budget(self, budget: int) -> int:
         """Re-plan the KV pool for a new budget at the current depth (between steps); returns the new
-        capacity. Running sequences keep their cache; beyond a smaller capacity they are preempted
-        and recomputed later, never dropped."""
+        capacity. Running sequences keep their cache; when a smaller pool cannot hold them all, the
+        newest are preempted and recomputed later, never dropped."""
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"memory_budget must be a positive int, got {budget!r}")
         plan = self._plan(self.num_layers, budget)  # raises MemoryBudgetError before anything changes
-        keep, _ = self.scheduler.resize(plan.capacity)
-        self.cache.resize(self.num_layers, plan.capacity, keep)
+        moves, _ = self.scheduler.resize(plan.num_blocks, plan.max_seqs)
+        self.cache.resize(self.num_layers, plan.num_blocks, moves)
         self.memory_budget, self.memory = budget, plan
-        return plan.capacity
+        return self.capacity
 
     # --- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -292,10 +308,11 @@ class LLMEngine:
         self._aborted = []
         plan = self.scheduler.schedule()
         start = self._clock()
-        for chunk in plan.prefills:
-            tokens = torch.tensor(chunk.seq.token_ids[chunk.start : chunk.end], device=self.device)
-            self.runner.prefill(chunk.seq.slot, tokens, chunk.start)
-            chunk.seq.num_cached = chunk.end
+        if plan.prefills:
+            self.runner.prefill([(c.seq.block_table, torch.tensor(c.seq.token_ids[c.start : c.end], device=self.device),
+                                  c.start) for c in plan.prefills])
+            for chunk in plan.prefills:
+                self.scheduler.prefilled(chunk.seq, chunk.end)
         if plan.prefills and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the decode's time below excludes the prefill's kernels
         prefill_s = self._clock() - start
@@ -304,13 +321,11 @@ class LLMEngine:
             if plan.prefills:
                 self.steps.append(StepRecord(0.0, 0, self.num_layers, 0, prefill_tokens, prefill_s))
             return outputs
-        for op, a, b, length in self.scheduler.arrange_decode_slots(plan.decodes):
-            (self.cache.swap_slots if op == "swap" else self.cache.copy_slot)(a, b, length)
         start = self._clock()
-        seqs = plan.decodes  # row i is in slot i
+        seqs = plan.decodes
         positions = [len(s.token_ids) - 1 for s in seqs]
         early = [self.config.early_exit and s.params.early_exit for s in seqs]
-        kv = DecodeKV.for_rows(self.cache, torch.tensor(positions, device=self.device), max(positions))
+        kv = DecodeKV(self.cache, positions, [s.block_table for s in seqs])
         out = self.runner.decode(
             torch.tensor([s.token_ids[-1] for s in seqs], device=self.device),
             kv,
@@ -358,6 +373,7 @@ class LLMEngine:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
         self._requests.pop(seq.request_id, None)
+        self._lengths.append(len(seq.token_ids))
         self.stats.add_request()
         summary = RequestSummary.from_records(
             seq.request_id, self.name, seq.num_prompt_tokens, seq.records, reason,

@@ -65,13 +65,19 @@ class EngineState:
     name: str
     num_layers: int  # loaded
     model_num_layers: int  # in the checkpoint
-    capacity: int
+    capacity: int  # sequences the KV pool holds at the observed mean length
+    capacity_tokens: int  # positions the KV pool holds
+    used_tokens: int  # positions of the blocks the running sequences hold
+    mean_seq_len: float  # prompt + output tokens of recent requests (max_model_len before any)
+    preempted: int  # sequences preempted for lack of blocks, since start
+    prefix_hit_rate: float  # of the prompt blocks looked up, the share found cached, since start
+    prefill_tokens_saved: int  # prompt positions not prefilled thanks to cached prefixes, since start
     running: int
     waiting: int
     context_tokens: int  # prompt + output tokens of the running sequences
     weight_bytes: int
     kv_bytes: int
-    kv_bytes_per_seq: int
+    kv_used_bytes: int  # of kv_bytes: the blocks the running sequences hold
     memory_budget: int
     histogram: dict[int, int] = field(default_factory=dict)  # exit depth -> tokens, since start
     tokens: int = 0
@@ -82,11 +88,14 @@ class EngineState:
 
     @staticmethod
     def of(engine: LLMEngine) -> "EngineState":
-        running, m, s = engine.scheduler.running, engine.memory, engine.stats
+        sched, m, s = engine.scheduler, engine.memory, engine.stats
+        running, used = sched.running, sched.blocks.num_used
         return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
-                           len(running), len(engine.scheduler.waiting), sum(len(q.token_ids) for q in running),
-                           m.weight_bytes, m.kv_bytes, m.kv_bytes_per_seq, m.budget_bytes, dict(s.histogram),
-                           s.tokens, s.forced, s.breaches, engine.exit_layers, engine.dtype)
+                           m.capacity_tokens, used * m.block_size, engine.mean_seq_len, sched.num_preempted,
+                           sched.blocks.stats.hit_rate, sched.blocks.stats.tokens_saved,
+                           len(running), len(sched.waiting), sum(len(q.token_ids) for q in running),
+                           m.weight_bytes, m.kv_bytes, used * m.kv_bytes_per_block, m.budget_bytes,
+                           dict(s.histogram), s.tokens, s.forced, s.breaches, engine.exit_layers, engine.dtype)
 
 
 class EngineProcess:

@@ -1,16 +1,25 @@
-"""The KV cache pool and the memory arithmetic that sizes it.
+"""The paged KV cache: the memory plan that sizes it, the block pool, and attention over block tables.
 
-The pool holds K and V for `capacity` sequence slots of `max_len` positions each, in every *loaded*
-layer only: the layers a partially loaded model does not hold get no cache, and that memory becomes
-more slots. `plan_memory` solves
+K/V live in blocks of `block_size` positions, in every *loaded* layer only: the layers a partially
+loaded model does not hold get no cache, and that memory becomes more blocks. A sequence holds a
+block table (its i-th block of positions -> a physical block), grown as it grows and freed when it
+ends, so the pool holds the tokens sequences actually have, not `max_model_len` per sequence.
+`plan_memory` solves
 
-    weights + capacity * (kv_per_seq + workspace_per_seq) + workspace_fixed <= memory_budget
+    weights + workspace_fixed + num_blocks * (kv_per_block + scratch_per_block)
+            + min(max_num_seqs, num_blocks) * workspace_per_seq <= memory_budget
 
-for the largest capacity. Slots are fixed-size (one per running sequence), so capacity is exactly
-f(budget, loaded layers, max_model_len).
+for the largest `num_blocks` (a running sequence holds at least one block, so no batch has more rows
+than there are blocks). Capacity is a number of tokens; in sequences it depends on their length.
 
-Decode rows live in slots [0, B) in row order (the engine keeps them there), so the attention of a
-decode batch reads a view of the pool with no copy.
+Decode attention reads the pool in place, *block-major*: every physical block below the highest one
+the batch uses is multiplied by the query of the row that reads it (one batched matmul over blocks,
+no copy of K/V), scores are masked and soft-maxed per row across its blocks, and the per-block
+outputs are summed per row. Gathering each row's blocks into a contiguous tensor first costs a copy
+of all K/V every layer, several times the attention itself on a CPU (bench/paged_attention.py
+measures the options). Blocks are handed out lowest first, so the blocks in use stay at the bottom
+of the pool and few unused ones are read. A block read by several rows (a shared prefix) is read in
+place by one of them and gathered for the others.
 """
 
 from __future__ import annotations
@@ -21,33 +30,65 @@ import torch
 from torch import Tensor
 
 from .models.config import ModelConfig
-from .models.transformer import causal_masks, per_layer
+from .models.transformer import attend, per_layer
 
 
 class MemoryBudgetError(ValueError):
     """The memory budget cannot hold the weights plus one sequence's KV cache and workspace."""
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     budget_bytes: int
     weight_bytes: int  # weights actually held (loaded layers, embeddings, head, exit heads)
-    kv_bytes_per_seq: int  # K+V of one max_len slot across the loaded layers
-    workspace_fixed_bytes: int  # one prefill chunk's activations
+    block_size: int  # positions per block
+    kv_bytes_per_block: int  # K+V of one block across the loaded layers
+    scratch_bytes_per_block: int  # decode attention's scores and partial outputs for one block
+    workspace_fixed_bytes: int  # one prefill step's activations
     workspace_per_seq_bytes: int  # one decode row's activations and logits
-    capacity: int  # batch capacity: sequence slots in the pool
+    num_blocks: int
+    max_num_seqs: int  # the configured cap on running sequences
+
+    @property
+    def max_seqs(self) -> int:
+        """Running sequences the plan holds workspace for (each holds at least one block)."""
+        return min(self.max_num_seqs, self.num_blocks)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.kv_bytes_per_block / self.block_size
+
+    def sequences(self, mean_len: float) -> int:
+        """Sequences of `mean_len` tokens (prompt + output) the pool holds at once."""
+        per_seq = blocks_for(max(1, round(mean_len)), self.block_size)
+        return min(self.max_seqs, self.num_blocks // per_seq)
 
     @property
     def kv_bytes(self) -> int:
-        return self.capacity * self.kv_bytes_per_seq
+        return self.num_blocks * self.kv_bytes_per_block
 
     @property
     def workspace_bytes(self) -> int:
-        return self.workspace_fixed_bytes + self.capacity * self.workspace_per_seq_bytes
+        return (self.workspace_fixed_bytes + self.num_blocks * self.scratch_bytes_per_block
+                + self.max_seqs * self.workspace_per_seq_bytes)
 
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes + self.workspace_bytes
+
+    def budget_for_blocks(self, num_blocks: int) -> int:
+        """The memory budget whose plan (same weights and settings) has exactly `num_blocks` blocks."""
+        seqs = min(self.max_num_seqs, num_blocks)
+        return (self.weight_bytes + self.workspace_fixed_bytes + seqs * self.workspace_per_seq_bytes
+                + num_blocks * (self.kv_bytes_per_block + self.scratch_bytes_per_block))
 
 
 def plan_memory(
@@ -59,41 +100,56 @@ def plan_memory(
     element_size: int,
     max_num_seqs: int,
     prefill_chunk: int,
+    block_size: int,
 ) -> MemoryPlan:
     c = config
-    kv_per_seq = num_layers * max_len * c.kv_bytes_per_token_per_layer(element_size)
+    kv_block = num_layers * block_size * c.kv_bytes_per_token_per_layer(element_size)
+    # Decode attention per block: fp32 scores and their exponentials (2 · heads · block_size), the
+    # exponentials in the model dtype, and the block's partial output (heads · head_dim, fp32).
+    scratch_block = c.num_heads * (8 * block_size + element_size * block_size + 4 * c.head_dim)
     # Peak live activations in eager PyTorch, per token row: residual + normed input + attention
-    # output (3·D), QKV, the MLP's wide input and its activation (1.5 × its width), attention scores
-    # over max_len keys per head; plus fp32 logits, probabilities and sampling scratch (3·V).
+    # output (3·D), QKV, the MLP's wide input and its activation (1.5 × its width); per decode row
+    # also fp32 logits, probabilities and sampling scratch (3·V). A prefill step's tokens may
+    # attend to up to max_len keys each (fp32 scores per head).
     mlp_width = (2 if c.gated_mlp else 1) * c.intermediate_size
     row = element_size * (3 * c.hidden_size + c.q_size + 2 * c.kv_size + mlp_width * 3 // 2)
-    per_seq = row + 4 * c.num_heads * max_len + 4 * 3 * c.vocab_size
+    per_seq = row + 4 * 3 * c.vocab_size
     fixed = prefill_chunk * row + 4 * c.num_heads * prefill_chunk * max_len
     free = budget_bytes - weight_bytes - fixed
-    capacity = min(max_num_seqs, max(free, 0) // (kv_per_seq + per_seq))
-    if capacity < 1:
-        need = weight_bytes + fixed + kv_per_seq + per_seq
+    per_block = kv_block + scratch_block
+    num_blocks = max(free, 0) // (per_block + per_seq)
+    if num_blocks >= max_num_seqs:  # workspace for max_num_seqs rows; the rest is blocks
+        num_blocks = (free - max_num_seqs * per_seq) // per_block
+    needed = blocks_for(max_len, block_size)
+    if num_blocks < needed:
+        need = weight_bytes + fixed + needed * per_block + min(needed, max_num_seqs) * per_seq
         raise MemoryBudgetError(
             f"memory_budget of {budget_bytes / 2**20:.1f} MiB cannot hold {num_layers} layers "
             f"({weight_bytes / 2**20:.1f} MiB of weights) plus one {max_len}-token sequence: "
             f"need at least {need / 2**20:.1f} MiB (lower max_model_len or load fewer layers)"
         )
-    return MemoryPlan(budget_bytes, weight_bytes, kv_per_seq, fixed, per_seq, int(capacity))
+    return MemoryPlan(budget_bytes, weight_bytes, block_size, kv_block, scratch_block, fixed, per_seq,
+                      int(num_blocks), max_num_seqs)
 
 
 class KVCache:
-    """Per-layer K/V tensors of shape (capacity, kv_heads, max_len, head_dim)."""
+    """Per-layer K/V pools of shape (num_blocks, kv_heads, block_size, head_dim).
 
-    def __init__(self, config: ModelConfig, num_layers: int, capacity: int, max_len: int, dtype, device):
-        self.config, self.max_len, self.dtype, self.device = config, max_len, dtype, torch.device(device)
-        self.capacity = capacity
+    Head-major within a block, so a block's keys for one head are one (block_size, head_dim) matrix
+    that the decode's batched matmul reads without a copy.
+    """
+
+    def __init__(self, config: ModelConfig, num_layers: int, num_blocks: int, block_size: int, dtype, device):
+        self.config, self.block_size, self.dtype, self.device = config, block_size, dtype, torch.device(device)
+        self.num_blocks = num_blocks
         self.k = [self._new() for _ in range(num_layers)]
         self.v = [self._new() for _ in range(num_layers)]
 
     def _new(self) -> Tensor:
-        # Zeros, not empty: stale NaNs in masked positions could leak through 0 * NaN.
+        # Zeros, not empty: decode attention multiplies unused blocks by zero weights, and 0 * NaN is NaN.
         c = self.config
-        return torch.zeros(self.capacity, c.num_kv_heads, self.max_len, c.head_dim, dtype=self.dtype, device=self.device)
+        return torch.zeros(self.num_blocks, c.num_kv_heads, self.block_size, c.head_dim, dtype=self.dtype,
+                           device=self.device)
 
     @property
     def num_layers(self) -> int:
@@ -103,80 +159,156 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        for cache in self.k + self.v:
-            cache[dst, :, :length] = cache[src, :, :length]
+    def resize(self, num_layers: int, num_blocks: int, keep: dict[int, int]) -> None:
+        """Re-shape the pool to `num_layers` layers and `num_blocks` blocks.
 
-    def swap_slots(self, a: int, b: int, length: int) -> None:
-        for cache in self.k + self.v:
-            tmp = cache[a, :, :length].clone()
-            cache[a, :, :length] = cache[b, :, :length]
-            cache[b, :, :length] = tmp
-
-    def resize(self, num_layers: int, capacity: int, keep: dict[int, tuple[int, int]]) -> None:
-        """Re-shape the pool to `num_layers` layers and `capacity` slots.
-
-        keep: old slot -> (new slot, length) for the sequences whose cached positions survive.
-        Layers are rebuilt one at a time, so the transient overhead is one layer's cache.
+        keep: old block -> new block, for the blocks whose contents survive (in the layers both
+        shapes have). Layers are rebuilt one at a time, so the transient overhead is one layer's pool.
         """
         old_k, old_v = self.k[:num_layers], self.v[:num_layers]
-        self.k, self.v, self.capacity = [], [], capacity
-        for caches, old in ((self.k, old_k), (self.v, old_v)):
+        self.k, self.v, self.num_blocks = [], [], num_blocks
+        src = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        dst = torch.tensor(list(keep.values()), dtype=torch.long, device=self.device)
+        for pools, old in ((self.k, old_k), (self.v, old_v)):
             for i in range(num_layers):
                 new = self._new()
                 if i < len(old):
-                    for src, (dst, length) in keep.items():
-                        new[dst, :, :length] = old[i][src, :, :length]
+                    if keep:
+                        new[dst] = old[i][src]
                     old[i] = None  # release before allocating the next layer
-                caches.append(new)
+                pools.append(new)
+
+
+def _token_slots(tables: list[list[int]], starts: list[int], ends: list[int], block_size: int,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """(physical block, offset in block) of every position in [start, end) of each table, concatenated."""
+    blocks, offsets = [], []
+    for table, start, end in zip(tables, starts, ends):
+        for p in range(start, end):
+            blocks.append(table[p // block_size])
+            offsets.append(p % block_size)
+    return torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
 
 
 class DecodeKV:
-    """KV access for a decode step: one new token per row, row i in slot i. masks: one per layer."""
+    """KV access for a decode step: one new token per row, at `positions`, over the rows' block tables."""
 
-    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, masks: tuple[Tensor, ...]):
-        self.cache, self.slots, self.positions, self.masks = cache, slots, positions, masks
-        self.length = masks[0].shape[-1]
+    def __init__(self, cache: KVCache, positions: list[int], tables: list[list[int]]):
+        bs, device = cache.block_size, cache.device
+        self.cache, self.n_rows = cache, len(positions)
+        self.positions = torch.tensor(positions, device=device)
+        self.write_block, self.write_offset = _token_slots(tables, positions, [p + 1 for p in positions], bs, device)
 
-    @staticmethod
-    def for_rows(cache: KVCache, positions: Tensor, max_position: int) -> "DecodeKV":
-        """Row i in slot i; `max_position` is positions.max() (known on the host, so no device sync here)."""
-        slots = torch.arange(positions.shape[0], device=positions.device)
-        length = max_position + 1
-        k_pos = torch.arange(length, device=positions.device)[None, :]
-        q_pos = positions[:, None]
+        # The (row, block) pairs the batch reads: a row reads its blocks 0 .. position // block_size.
+        # The first reader of each physical block reads it in place; repeat readers get a gathered copy.
+        owner: dict[int, tuple[int, int]] = {}  # physical block -> (row, logical index)
+        extra: list[tuple[int, int, int]] = []  # (row, physical block, logical index)
+        for row, (table, p) in enumerate(zip(tables, positions)):
+            for j in range(p // bs + 1):
+                if table[j] in owner:
+                    extra.append((row, table[j], j))
+                else:
+                    owner[table[j]] = (row, j)
+        self.hi = max(owner) + 1  # blocks [0, hi) are read in place; unread ones there are masked
+        row_of = [0] * self.hi
+        logical = [-1] * self.hi  # -1: nobody reads this block
+        for block, (row, j) in owner.items():
+            row_of[block], logical[block] = row, j
+        rows = row_of + [r for r, _, _ in extra]
+        logical += [j for _, _, j in extra]
+        self.pair_row = torch.tensor(rows, device=device)  # (P,) the row each pair belongs to
+        self.extra_blocks = torch.tensor([b for _, b, _ in extra], dtype=torch.long, device=device)
+        logical_t = torch.tensor(logical, device=device)
+        key_pos = logical_t[:, None] * bs + torch.arange(bs, device=device)  # (P, bs)
+        q_pos = self.positions[self.pair_row][:, None]
+        read = (logical_t >= 0)[:, None] & (key_pos <= q_pos)
 
-        def mask(window: int | None) -> Tensor:  # (B, 1, 1, S)
-            allowed = k_pos <= q_pos
-            if window is not None:
-                allowed &= q_pos - k_pos < window
-            return allowed[:, None, None, :]
+        def bias(window: int | None) -> Tensor:  # (P, 1, 1, bs): 0 = attend, -inf = not
+            allowed = read if window is None else read & (q_pos - key_pos < window)
+            return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[:, None, None, :]
 
-        return DecodeKV(cache, slots, positions, per_layer(cache.config.layer_windows, mask))
+        self.biases = per_layer(cache.config.layer_windows, bias)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
-        self.cache.k[layer][self.slots, :, self.positions] = k[:, 0]  # k: (N, 1, KV, D)
-        self.cache.v[layer][self.slots, :, self.positions] = v[:, 0]
+        # k, v: (N, 1, KV, D)
+        self.cache.k[layer][self.write_block, :, self.write_offset] = k[:, 0]
+        self.cache.v[layer][self.write_block, :, self.write_offset] = v[:, 0]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        """q: (N, 1, H, D) -> (N, 1, H*D)."""
         self.write(layer, k, v)
-        n = self.slots.shape[0]
-        return self.cache.k[layer][:n, :, : self.length], self.cache.v[layer][:n, :, : self.length], self.masks[layer]
+        n, _, h, d = q.shape
+        kv_heads = k.shape[2]
+        kp, vp = self.cache.k[layer], self.cache.v[layer]
+        groups = (n, kv_heads, h // kv_heads)
+        q = q.reshape(*groups, d) * (d**-0.5 if scale is None else scale)  # each KV head's queries as one matrix
+        qp = q[self.pair_row]  # (P, KV, G, D)
+        in_place = slice(0, self.hi)
+        scores = torch.matmul(qp[in_place], kp[in_place].transpose(-1, -2))  # (hi, KV, G, bs)
+        if self.extra_blocks.numel():
+            shared = torch.matmul(qp[self.hi :], kp[self.extra_blocks].transpose(-1, -2))
+            scores = torch.cat([scores, shared])
+        scores = scores.float().add_(self.biases[layer])
+        # Softmax per row across its blocks: the row's max, then exponentials and their sum.
+        block_max = scores.amax(-1)  # (P, KV, G)
+        index = self.pair_row[:, None, None].expand_as(block_max)
+        row_max = block_max.new_full(groups, float("-inf")).scatter_reduce_(0, index, block_max, "amax")
+        weights = scores.sub_(row_max[self.pair_row][..., None]).exp_()
+        denom = weights.new_zeros(groups).index_add_(0, self.pair_row, weights.sum(-1))
+        weights = weights.to(vp.dtype)
+        partial = torch.matmul(weights[in_place], vp[in_place])  # (hi, KV, G, D)
+        if self.extra_blocks.numel():
+            partial = torch.cat([partial, torch.matmul(weights[self.hi :], vp[self.extra_blocks])])
+        out = torch.zeros(*groups, d, device=q.device).index_add_(0, self.pair_row, partial.float())
+        return out.div_(denom[..., None]).to(q.dtype).view(n, 1, h * d)
 
 
 class PrefillKV:
-    """KV access for a chunk of one sequence's prompt at positions [start, start + t)."""
+    """KV access for prefill chunks of several sequences packed into one (1, T, ·) forward.
 
-    def __init__(self, cache: KVCache, slot: int, start: int, t: int):
-        self.cache, self.slot, self.start, self.end = cache, slot, start, start + t
-        self.masks = causal_masks(cache.config, t, self.end, start, cache.device)
+    chunks: (block table, start, end) per sequence, in packing order: positions [start, end) of each.
+    Each sequence attends to its own cached positions and its chunk (a per-sequence causal mask); a
+    chunk that starts at position 0 attends to its own K/V directly, with no read of the pool.
+    """
+
+    def __init__(self, cache: KVCache, chunks: list[tuple[list[int], int, int]]):
+        self.cache, self.chunks = cache, chunks
+        tables, starts, ends = zip(*chunks)
+        self.block, self.offset = _token_slots(tables, starts, ends, cache.block_size, cache.device)
+        self.lengths = [end - start for _, start, end in chunks]
+        self.masks = [self._masks(start, end) for _, start, end in chunks]
+
+    def _masks(self, start: int, end: int) -> tuple[Tensor, ...]:
+        keys = end if start == 0 else blocks_for(end, self.cache.block_size) * self.cache.block_size
+        q_pos = torch.arange(start, end, device=self.cache.device)[:, None]
+        k_pos = torch.arange(keys, device=self.cache.device)[None, :]
+
+        def mask(window: int | None) -> Tensor:  # (1, 1, t, keys)
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= q_pos - k_pos < window
+            return allowed[None, None]
+
+        return per_layer(self.cache.config.layer_windows, mask)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
-        self.cache.k[layer][self.slot, :, self.start : self.end] = k[0].transpose(0, 1)  # (KV, t, D)
-        self.cache.v[layer][self.slot, :, self.start : self.end] = v[0].transpose(0, 1)
+        # k, v: (1, T, KV, D) with T the packed chunk tokens
+        self.cache.k[layer][self.block, :, self.offset] = k[0]
+        self.cache.v[layer][self.block, :, self.offset] = v[0]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        """q: (1, T, H, D) -> (1, T, H*D)."""
         self.write(layer, k, v)
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        s = self.slot
-        return kc[s : s + 1, :, : self.end], vc[s : s + 1, :, : self.end], self.masks[layer]
+        kp, vp = self.cache.k[layer], self.cache.v[layer]
+        outs = []
+        for (table, start, end), qi, ki, vi, masks in zip(self.chunks, q.split(self.lengths, 1),
+                                                            k.split(self.lengths, 1), v.split(self.lengths, 1),
+                                                            self.masks):
+            if start == 0:
+                keys, values = ki.transpose(1, 2), vi.transpose(1, 2)
+            else:  # the cached context: this sequence's blocks, gathered into one (1, KV, S, D) tensor
+                blocks = torch.tensor(table[: blocks_for(end, self.cache.block_size)], device=kp.device)
+                keys = kp[blocks].transpose(0, 1).flatten(1, 2)[None]
+                values = vp[blocks].transpose(0, 1).flatten(1, 2)[None]
+            outs.append(attend(qi, keys, values, masks[layer], scale))
+        return torch.cat(outs, dim=1)

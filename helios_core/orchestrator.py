@@ -40,6 +40,8 @@ class OrchestratorConfig:
     max_model_len: int = 1024
     max_num_seqs: int = 256
     max_prefill_tokens: int = 256
+    block_size: int = 64
+    enable_prefix_caching: bool = True
     dtype: str = "auto"  # with a registry path; a loaded registry's entries carry their own
     device: str = "auto"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -62,7 +64,7 @@ class Orchestrator:
         self.registry = (config.registry if isinstance(config.registry, Registry)
                          else Registry.load(config.registry, dtype_name(resolve_dtype(config.dtype, device))))
         self.limits = Limits(config.memory_budget, config.max_model_len, config.max_num_seqs,
-                             config.max_prefill_tokens)
+                             config.max_prefill_tokens, config.block_size)
         self.policy = HeliosPolicy(self.registry, self.limits, config.policy)
         self.engines: dict[str, LLMEngine] = {}
         self.model_of: dict[str, str] = {}  # request id -> model serving it
@@ -71,6 +73,7 @@ class Orchestrator:
         self._ids = itertools.count()
         self._tokenizers = self._load_tokenizers()
         self.timeline: list[dict] = []  # loads, unloads, switches with capacity, for plots and the dashboard
+        self._released_prefix = [0, 0, 0]  # prefix reuse counts of engines since released
         self._reconcile()
 
     # --- requests -------------------------------------------------------------------------------
@@ -208,6 +211,7 @@ class Orchestrator:
             model=str(entry.path), name=name, num_layers=depth, dtype=entry.dtype, device=self.config.device,
             memory_budget=self._budget(), max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs, max_prefill_tokens=self.config.max_prefill_tokens,
+            block_size=self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching,
             exit=entry.exit_config(),
         ))
         self.engines[name] = engine
@@ -219,6 +223,8 @@ class Orchestrator:
 
     def _release(self, name: str) -> None:
         engine = self.engines.pop(name)
+        s = engine.scheduler.blocks.stats
+        self._released_prefix = [a + b for a, b in zip(self._released_prefix, (s.lookups, s.hits, s.tokens_saved))]
         self._log("release", name, engine)
         del engine
         gc.collect()
@@ -227,10 +233,16 @@ class Orchestrator:
 
     def _log(self, kind: str, name: str, engine: LLMEngine, **extra) -> None:
         entry = {"time": time.time(), "kind": kind, "model": name, "layers": engine.num_layers,
-                 "capacity": engine.capacity, "weight_bytes": engine.memory.weight_bytes,
+                 "capacity": engine.capacity, "capacity_tokens": engine.capacity_tokens,
+                 "weight_bytes": engine.memory.weight_bytes,
                  "kv_bytes": engine.memory.kv_bytes, **extra}
         self.timeline.append(entry)
         logger.info("%s %s: %d layers, batch capacity %d", kind, name, engine.num_layers, engine.capacity)
+
+    def prefix_totals(self) -> tuple[int, int, int]:
+        """Prompt blocks looked up, found cached, and positions saved, over every engine since start."""
+        live = [(s.lookups, s.hits, s.tokens_saved) for s in (e.scheduler.blocks.stats for e in self.engines.values())]
+        return tuple(map(sum, zip(self._released_prefix, *live)))
 
     # --- conveniences ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -261,6 +273,10 @@ class Orchestrator:
         for name, e in self.engines.items():
             models[name] = {
                 "loaded_layers": e.num_layers, "num_layers": e.model_config.num_layers, "capacity": e.capacity,
+                "capacity_tokens": e.capacity_tokens, "used_tokens": e.scheduler.used_tokens,
+                "mean_seq_len": e.mean_seq_len, "preempted": e.scheduler.num_preempted,
+                "prefix_hit_rate": e.scheduler.blocks.stats.hit_rate,
+                "prefill_tokens_saved": e.scheduler.blocks.stats.tokens_saved,
                 "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
                 "weight_bytes": e.memory.weight_bytes, "kv_bytes": e.memory.kv_bytes,
                 "memory_budget": e.memory.budget_bytes, "draining": name not in self.policy.targets,

@@ -1,9 +1,9 @@
 """Requests as the engine tracks them, and what it hands back after each step.
 
 A sequence's tokens are prompt + output. `num_cached` counts the leading tokens whose K/V is in the
-pool; the last token is always fed by the next decode step, so a sequence needs prefill while
-`num_cached < len(token_ids) - 1`. Setting `num_cached = 0` (preemption, newly loaded layers)
-simply makes it prefill again.
+pool, in the blocks of its `block_table`; the last token is always fed by the next decode step, so a
+sequence needs prefill while `num_cached < len(token_ids) - 1`. Setting `num_cached = 0` (preemption,
+newly loaded layers) simply makes it prefill again.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .telemetry import RequestSummary, TokenRecord
 
 
 class RequestStatus(enum.IntEnum):
-    WAITING = 0  # queued, holds no slot
-    RUNNING = 1  # holds a slot; prefilling or decoding
+    WAITING = 0  # queued, holds no KV blocks
+    RUNNING = 1  # holds KV blocks; prefilling or decoding
     FINISHED = 2
 
 
@@ -35,7 +35,8 @@ class Sequence:
     generator: torch.Generator | None = None
     text: TextStream | None = None
     status: RequestStatus = RequestStatus.WAITING
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # physical KV block of positions [i·bs, (i+1)·bs)
+    prefix_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of prompt positions prefill fills
     num_cached: int = 0
     records: list[TokenRecord] = field(default_factory=list)
     first_token_time: float | None = None

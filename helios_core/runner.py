@@ -47,16 +47,19 @@ class ModelRunner:
         self.model, self.heads, self.exit_config, self.cache = model, heads, exit_config, cache
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: Tensor, start: int) -> None:
-        """Fill the cache for `tokens` at positions [start, start + len) of the sequence in `slot`.
+    def prefill(self, chunks: list[tuple[list[int], Tensor, int]]) -> None:
+        """Fill the cache for prompt chunks of several sequences in one packed forward.
 
+        chunks: (block table, tokens, start) per sequence: its tokens at positions [start, start + len).
         No logits: the last prompt token is fed by the decode step, so prompts need no LM head.
         """
         model = self.model
-        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)[None]
-        x = model.embed_tokens(tokens[None], positions)
+        device = chunks[0][1].device
+        tokens = torch.cat([t for _, t, _ in chunks])[None]
+        positions = torch.cat([torch.arange(start, start + t.shape[0], device=device) for _, t, start in chunks])[None]
+        x = model.embed_tokens(tokens, positions)
         rope = model.rope(positions)
-        kv = PrefillKV(self.cache, slot, start, tokens.shape[0])
+        kv = PrefillKV(self.cache, [(table, start, start + t.shape[0]) for table, t, start in chunks])
         *body, last = model.layers
         for layer in body:
             x = layer(x, rope, kv)

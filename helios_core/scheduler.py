@@ -1,7 +1,12 @@
-"""Continuous batching: who holds a slot, what gets prefilled, who decodes this step.
+"""Continuous batching over a paged KV cache: who runs, what gets prefilled, who decodes this step.
 
-Requests join between steps (admitted FIFO while slots are free) and leave between steps (their
-slot is freed). Long prompts are prefilled in chunks under a per-step token budget, so a long
+Requests join between steps, admitted first come first served while a batch row is free and the KV
+pool has blocks for their tokens above a small watermark (headroom that lets running sequences grow
+without preempting at once). A prompt whose leading blocks are cached (`blocks`: prefix reuse) takes
+them and prefills only the rest. Running sequences take a new block whenever they cross a block
+boundary; when none is free, the newest running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later, its output so far kept (vLLM's
+recompute preemption). Long prompts are prefilled in chunks under a per-step token budget, so a long
 prompt never stalls the decode of running requests for more than one chunk.
 """
 
@@ -10,7 +15,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .blocks import BlockAllocator, block_hashes
+from .kv_cache import blocks_for
 from .request import RequestStatus, Sequence
+
+WATERMARK = 0.01  # of the pool's blocks kept free at admission
 
 
 @dataclass
@@ -22,32 +31,39 @@ class PrefillChunk:
 
 @dataclass
 class StepPlan:
-    prefills: list[PrefillChunk]  # run first, in order
-    decodes: list[Sequence]  # then one decode step over these, row i in slot i
+    prefills: list[PrefillChunk]  # packed into one forward, before the decode
+    decodes: list[Sequence]  # then one decode step over these, in admission order
 
 
 class Scheduler:
-    def __init__(self, capacity: int, max_prefill_tokens: int):
-        self.capacity = capacity
+    def __init__(self, num_blocks: int, block_size: int, max_seqs: int, max_prefill_tokens: int,
+                 prefix_caching: bool = True):
+        self.blocks = BlockAllocator(num_blocks, prefix_caching)
+        self.block_size = block_size
+        self.max_seqs = max_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
-        self.free_slots: set[int] = set(range(capacity))
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.num_preempted = 0
 
     def add(self, seq: Sequence) -> None:
+        if self.blocks.prefix_caching:
+            # Full blocks of positions prefill fills from the prompt: the last prompt token is fed by
+            # the decode step, whose K/V may come from an early exit, so its block is never shared.
+            full = (seq.num_prompt_tokens - 1) // self.block_size
+            seq.prefix_hashes = block_hashes(seq.token_ids, self.block_size, full)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = min(self.free_slots)
-            self.free_slots.remove(seq.slot)
-            seq.status = RequestStatus.RUNNING
-            self.running.append(seq)
+    @property
+    def watermark(self) -> int:
+        return int(WATERMARK * self.blocks.num_blocks)
 
+    def schedule(self) -> StepPlan:
+        self._grow_running()
+        self._admit()
         budget, prefills, decodes = self.max_prefill_tokens, [], []
         for seq in self.running:
             target = len(seq.token_ids) - 1  # the last token is fed by the decode step
@@ -62,57 +78,76 @@ class Scheduler:
             decodes.append(seq)
         return StepPlan(prefills, decodes)
 
+    def _needed(self, seq: Sequence) -> int:
+        """Blocks for every position this step may write: up to the last token, fed by the decode."""
+        return blocks_for(len(seq.token_ids), self.block_size)
+
+    def _grow_running(self) -> None:
+        """Give every running sequence the blocks of its next step, oldest first; preempt the newest
+        while the pool has none left."""
+        for seq in list(self.running):
+            while seq.status == RequestStatus.RUNNING and len(seq.block_table) < self._needed(seq):
+                if self.blocks.num_free == 0:
+                    self._preempt(self.running[-1])
+                else:
+                    seq.block_table.append(self.blocks.allocate())
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            hit = self.blocks.match(seq.prefix_hashes)
+            new = self._needed(seq) - len(hit)
+            headroom = self.watermark if self.running else 0  # an idle engine admits into a full pool
+            if new > self.blocks.num_free - self.blocks.num_reclaimable(hit) - headroom:
+                break
+            self.waiting.popleft()
+            self.blocks.take(hit, len(seq.prefix_hashes), self.block_size)
+            seq.block_table = hit + [self.blocks.allocate() for _ in range(new)]
+            seq.num_cached = len(hit) * self.block_size
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+
+    def prefilled(self, seq: Sequence, end: int) -> None:
+        """Positions up to `end` of `seq` are in the cache: register the prompt blocks they complete."""
+        done = min(end // self.block_size, len(seq.prefix_hashes))
+        for i in range(seq.num_cached // self.block_size, done):
+            self.blocks.register(seq.block_table[i], seq.prefix_hashes[i])
+        seq.num_cached = end
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_cached, seq.status = 0, RequestStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preempted += 1
+
+    def _release(self, seq: Sequence) -> None:
+        for block in seq.block_table:
+            self.blocks.free(block)
+        seq.block_table = []
+
     def finish(self, seq: Sequence) -> None:
         if seq.status == RequestStatus.RUNNING:
             self.running.remove(seq)
-            self.free_slots.add(seq.slot)
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        seq.slot = None
         seq.status = RequestStatus.FINISHED
 
-    def arrange_decode_slots(self, decodes: list[Sequence]) -> list[tuple[str, int, int, int]]:
-        """Put the decode rows in slots [0, B) so attention reads the pool without a copy.
+    @property
+    def used_tokens(self) -> int:
+        """Positions the running sequences hold blocks for."""
+        return self.blocks.num_used * self.block_size
 
-        Returns cache operations ("swap"|"move", a, b, length) to apply, then rows sort by slot.
-        """
-        n = len(decodes)
-        decoding = {id(s) for s in decodes}
-        owner = {s.slot: s for s in self.running}
-        holes = [i for i in range(n) if i not in owner or id(owner[i]) not in decoding]
-        misplaced = [s for s in decodes if s.slot >= n]
-        ops = []
-        for seq, hole in zip(misplaced, holes):
-            other = owner.get(hole)
-            if other is None:
-                ops.append(("move", seq.slot, hole, seq.num_cached))
-                self.free_slots.remove(hole)
-                self.free_slots.add(seq.slot)
-            else:
-                ops.append(("swap", seq.slot, hole, max(seq.num_cached, other.num_cached)))
-                other.slot = seq.slot
-            seq.slot = hole
-        decodes.sort(key=lambda s: s.slot)
-        return ops
-
-    def resize(self, capacity: int) -> tuple[dict[int, tuple[int, int]], list[Sequence]]:
-        """Change the slot count. Sequences beyond it are preempted (newest first) back to the queue
-        to be recomputed later; the rest keep their cache. Returns (old slot -> (new slot, length),
-        preempted sequences)."""
+    def resize(self, num_blocks: int, max_seqs: int) -> tuple[dict[int, int], list[Sequence]]:
+        """Change the pool to `num_blocks` blocks and at most `max_seqs` running sequences. The newest
+        sequences are preempted until the rest fit (recomputed later, never dropped); the others keep
+        their blocks, renumbered into the new pool. Returns (old block -> new block for the blocks
+        whose contents survive, preempted)."""
         preempted = []
-        while len(self.running) > capacity:
-            seq = self.running.pop()
-            seq.slot, seq.num_cached, seq.status = None, 0, RequestStatus.WAITING
-            self.waiting.appendleft(seq)
-            preempted.append(seq)
-        used = {s.slot for s in self.running}
-        free_low = iter(sorted(set(range(capacity)) - used))
-        keep = {}
-        for seq in self.running:
-            old = seq.slot
-            if old >= capacity:
-                seq.slot = next(free_low)
-            keep[old] = (seq.slot, seq.num_cached)
-        self.capacity = capacity
-        self.free_slots = set(range(capacity)) - {s.slot for s in self.running}
-        return keep, preempted
+        while self.running and (len(self.running) > max_seqs or self.blocks.num_used > num_blocks):
+            preempted.append(self.running[-1])
+            self._preempt(self.running[-1])
+        self.max_seqs = max_seqs
+        moves = self.blocks.resize(num_blocks, [s.block_table for s in self.running])
+        return moves, preempted

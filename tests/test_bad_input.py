@@ -286,33 +286,33 @@ def test_num_layers_out_of_range(llama, num_layers):
 def test_set_num_layers_out_of_range(llama, num_layers):
     """A rejected depth names the problem and leaves the engine unchanged (same depth, capacity, pool)."""
     engine = make(llama, num_layers=2, early_exit=False)
-    before = (engine.num_layers, engine.capacity, engine.scheduler.capacity, engine.cache.capacity,
+    before = (engine.num_layers, engine.capacity, engine.scheduler.blocks.num_blocks, engine.cache.num_blocks,
               engine.cache.num_layers)
     with pytest.raises(ValueError, match="num_layers") as err:
         engine.set_num_layers(num_layers)
     assert "[1, 4]" in str(err.value)
-    after = (engine.num_layers, engine.capacity, engine.scheduler.capacity, engine.cache.capacity,
+    after = (engine.num_layers, engine.capacity, engine.scheduler.blocks.num_blocks, engine.cache.num_blocks,
              engine.cache.num_layers)
-    assert after == before, "(num_layers, capacity, scheduler.capacity, cache.capacity, cache.num_layers)"
+    assert after == before, "(num_layers, capacity, scheduler blocks, cache blocks, cache.num_layers)"
     assert engine.layer_events == []
 
 
 def test_set_num_layers_rejected_then_serving_is_unharmed(llama):
     """Regression for a crash: after set_num_layers(0) is rejected, the scheduler must not hand out more
-    slots than the KV pool has. Budget: 2 slots at depth 2, many more at depth 0."""
-    probe = make(llama, num_layers=2, max_num_seqs=8)
-    plan = probe.memory
-    per_seq = plan.kv_bytes_per_seq + plan.workspace_per_seq_bytes
-    budget = plan.weight_bytes + plan.workspace_fixed_bytes + 2 * per_seq + per_seq // 2
-    engine = make(llama, num_layers=2, max_num_seqs=8, memory_budget=budget, early_exit=False)
-    assert engine.capacity == 2
-    prompts = [[5 + i, 6, 7, 8 + i] for i in range(5)]
+    blocks than the KV pool has. Budget: 2 sequences' worth of blocks at depth 2, more at depth 0."""
+    small = dict(num_layers=2, max_num_seqs=8, block_size=4)
+    blocks = 2 * -(-MAX_MODEL_LEN // 4)
+    budget = make(llama, **small).memory.budget_for_blocks(blocks)
+    engine = make(llama, memory_budget=budget, early_exit=False, **small)
+    assert engine.capacity == 2 and engine.memory.num_blocks == blocks
+    prompts = [[5 + i, 6, 7, 8 + i] * (MAX_MODEL_LEN // 5) for i in range(5)]  # 3/4 of max_model_len: 2 fit
     alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
     with pytest.raises(ValueError, match="num_layers"):
         engine.set_num_layers(0)
-    outs = engine.generate(prompts, GREEDY)  # 5 requests, 2 slots
+    outs = engine.generate(prompts, GREEDY)  # 5 requests, blocks for 2 at a time
     assert [o.token_ids for o in outs] == alone
-    assert engine.scheduler.capacity == engine.cache.capacity == engine.capacity == 2
+    assert engine.scheduler.blocks.num_blocks == engine.cache.num_blocks == blocks
+    assert engine.scheduler.blocks.num_free == blocks  # all returned
 
 
 def test_max_model_len_above_max_position_embeddings(llama):
@@ -346,7 +346,8 @@ def test_memory_budget_too_small_for_set_num_layers(llama):
     with pytest.raises(MemoryBudgetError, match="MiB"):
         engine.set_num_layers(4)
     assert engine.num_layers == 1 and engine.cache.num_layers == 1
-    assert engine.scheduler.capacity == engine.cache.capacity == engine.capacity == 1
+    assert engine.scheduler.blocks.num_blocks == engine.cache.num_blocks == engine.memory.num_blocks
+    assert engine.capacity == 1
     [out] = engine.generate([[1, 2, 3]], GREEDY)
     assert len(out.token_ids) == 6
 

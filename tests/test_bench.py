@@ -14,8 +14,8 @@ import pytest
 from helios_core.benchmark.runner import baseline_budget, parse_load
 from helios_core.benchmark.systems import EngineSystem, HFGenerate, drive, greedy
 from helios_core.benchmark.traces import SLO, Trace, summarize
-from helios_core.benchmark.workload import BenchRequest, load_workload, poisson_arrivals
-from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.benchmark.workload import BenchRequest, load_workload, poisson_arrivals, with_system_prompt
+from helios_core.engine import EngineConfig, LLMEngine, load_tokenizer
 from helios_core.exits import ExitConfig
 from helios_core.policy import Registry
 
@@ -29,7 +29,8 @@ def requests(n: int, max_tokens: int = 6) -> list[BenchRequest]:
 
 
 def reference(model: str, reqs: list[BenchRequest]) -> dict[str, list[int]]:
-    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, max_model_len=1024))
+    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, max_model_len=1024,
+                                    enable_prefix_caching=False))
     return {r.id: c.token_ids for r, c in zip(reqs, engine.generate([r.prompt for r in reqs],
                                                                     [greedy(r) for r in reqs]))}
 
@@ -57,10 +58,14 @@ def test_budget_holds_exactly_b0_sequences_of_the_baseline():
     entry = registry["helios-demo-mixed-16l"]
     for b0 in (2, 4, 9):
         budget = baseline_budget(registry, entry.name, b0, 1024)
-        assert entry.plan(entry.num_layers, budget, 1024).capacity == b0
-        assert entry.plan(entry.num_layers, budget - 1, 1024).capacity == b0 - 1
-        # Half the layers in the same budget: the freed weights and half-size K/V slots hold more.
-        assert entry.plan(entry.num_layers // 2, budget, 1024).capacity > 2 * b0
+        assert entry.plan(entry.num_layers, budget, 1024).sequences(1024) == b0
+        assert entry.plan(entry.num_layers, budget - 1, 1024).sequences(1024) == b0 - 1
+        # Half the layers in the same budget: the freed weights and half-size K/V blocks hold more.
+        half = entry.plan(entry.num_layers // 2, budget, 1024)
+        assert half.kv_bytes_per_block * 2 == entry.plan(entry.num_layers, budget, 1024).kv_bytes_per_block
+        assert half.num_blocks > 1.75 * b0 * 16  # not quite twice: more rows' workspace comes with them
+        # Paged: sequences shorter than max_model_len take only the blocks they fill.
+        assert entry.plan(entry.num_layers, budget, 1024).sequences(290) >= 3 * b0
 
 
 def test_summary_percentiles_goodput_and_exits():
@@ -79,7 +84,7 @@ def test_summary_percentiles_goodput_and_exits():
 def test_drive_serves_every_request_with_the_engines_own_tokens(mode):
     model = str(ROOT / "models" / CODE)
     reqs = requests(6)
-    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, memory_budget=24 << 20,
+    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, memory_budget=32 << 20,
                                     max_model_len=1024))
     kwargs = {"concurrency": 3} if mode == "closed" else {"arrivals": poisson_arrivals(50.0, len(reqs))}
     run = drive(EngineSystem(engine), reqs, **kwargs)
@@ -89,13 +94,13 @@ def test_drive_serves_every_request_with_the_engines_own_tokens(mode):
         assert t.output_ids == expected[t.id] and t.error is None
         assert t.arrival <= t.token_times[0] <= t.token_times[-1] == t.finished <= run.seconds
         assert t.served_by == {(CODE, 6, None): 6} and t.exit_layers == [6] * 6
-    assert 1 <= run.max_batch <= (3 if mode == "closed" else engine.capacity)
+    assert 1 <= run.max_batch <= (3 if mode == "closed" else engine.memory.max_seqs)
     assert run.peak_weight_bytes == engine.memory.weight_bytes and run.peak_kv_bytes == engine.memory.kv_bytes
 
 
 def test_early_exit_system_records_exit_layers_and_forced_tokens():
     entry = Registry.load(REGISTRY, "float32")[CODE]
-    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", num_layers=3, memory_budget=24 << 20,
+    engine = LLMEngine(EngineConfig(model=str(entry.path), dtype="float32", num_layers=3, memory_budget=32 << 20,
                                     max_model_len=1024,
                                     exit=ExitConfig(threshold=0.5)))
     run = drive(EngineSystem(engine), requests(4, 8), concurrency=4)
@@ -115,6 +120,19 @@ def test_hf_generate_static_batches_match_helios_at_full_depth():
     assert agree >= 4, "transformers and Helios at full depth should emit the same greedy tokens"
     for t in run.traces:
         assert len(t.token_times) == 6 and t.token_times == sorted(t.token_times) and t.finished >= t.token_times[-1]
+
+
+def test_a_shared_system_prompt_is_prefilled_once_and_counted():
+    """Every request behind the same 130-token system prompt: after the first wave, requests take its
+    cached blocks (two full blocks of 64), and the outputs are those of an engine without reuse."""
+    model = str(ROOT / "models" / CODE)
+    reqs = with_system_prompt(requests(6), load_tokenizer(model), 130)
+    assert all(r.prompt.startswith(reqs[0].prompt[:200]) for r in reqs)
+    engine = LLMEngine(EngineConfig(model=model, dtype="float32", early_exit=False, max_model_len=1024))
+    run = drive(EngineSystem(engine), reqs, concurrency=2)
+    lookups, hits, saved = run.prefix
+    assert hits >= 2 * 4 and saved == 64 * hits and lookups > hits  # the first two found nothing cached
+    assert {t.id: t.output_ids for t in run.traces} == reference(model, reqs)
 
 
 REQUIRED = {"output_tokens_per_s", "max_concurrent_batch", "weight_bytes", "kv_bytes", "ttft_p50_s", "tpot_p50_s",
@@ -141,7 +159,8 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
     s = report["settings"]
     assert s["b0"] == 4 and s["workload"] == "mixed" and s["loads"] == ["closed:6", "poisson:20"]
     assert s["registry_models"] == Registry.load(REGISTRY, "float32").names() and s["budget_bytes"] > 0
-    assert report["systems"]["full_depth"]["max_concurrent_batch"] <= 4  # the budget holds B0 = 4 at full depth
+    # The budget holds B0 = 4 sequences of max_model_len at full depth; paged, all 6 shorter ones run at once.
+    assert report["systems"]["full_depth"]["max_concurrent_batch"] == 6
     assert report["systems"]["full_depth"]["agreement_with_full_depth"] == 1.0
     assert report["systems"]["hf_generate"]["accuracy"] == pytest.approx(report["systems"]["full_depth"]["accuracy"],
                                                                          abs=0.01)

@@ -19,7 +19,7 @@ def test_demo_model_matches_transformers_and_exits_early():
 
     partial = LLMEngine(EngineConfig(model=str(DEMO), dtype="float32", num_layers=3, max_model_len=256,
                                      exit=ExitConfig(threshold=0.5)))
-    assert partial.capacity > full.capacity  # the same default budget, fewer layers: more sequences
+    assert partial.capacity_tokens > full.capacity_tokens  # the same default budget, fewer layers: more KV
     [out] = partial.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert min(out.exit_layers) < 3 and max(out.exit_layers) == 3
     assert any(out.forced)

@@ -45,7 +45,7 @@ def test_more_requests_than_capacity_queue_and_complete(tiny_llama):
 
 def test_memory_stays_within_budget_and_capacity_follows_depth(tiny_llama):
     budget = 6 * 2**20
-    eng = make(tiny_llama, memory_budget=budget, max_model_len=128, max_num_seqs=10_000)
+    eng = make(tiny_llama, memory_budget=budget, max_model_len=128, max_num_seqs=10_000, block_size=16)
     caps = {}
     for layers in (6, 3, 1, 4, 6):
         eng.set_num_layers(layers)
@@ -54,11 +54,15 @@ def test_memory_stays_within_budget_and_capacity_follows_depth(tiny_llama):
         assert m.weight_bytes == eng.model.weight_bytes()
         assert m.kv_bytes == eng.cache.nbytes
         assert m.total_bytes <= budget
-        # Capacity is the largest batch the budget allows: one more sequence would not fit.
-        assert m.total_bytes + m.kv_bytes_per_seq + m.workspace_per_seq_bytes > budget
-        caps[layers] = eng.capacity
+        assert m.total_bytes == m.budget_for_blocks(m.num_blocks)
+        # The pool is the largest the budget allows: one more block would not fit.
+        assert m.budget_for_blocks(m.num_blocks + 1) > budget
+        assert eng.capacity_tokens == m.num_blocks * 16 == eng.scheduler.blocks.num_blocks * 16
+        caps[layers] = eng.capacity_tokens
+        # In sequences: as many max_model_len ones as fit, before any request has set a mean length.
+        assert eng.capacity == m.sequences(128) == m.num_blocks // (128 // 16)
     assert caps[1] > caps[3] > caps[6]
-    assert eng.layer_events[0].capacity_after == caps[3]
+    assert eng.layer_events[1].capacity_after == eng.layer_events[2].capacity_before
 
 
 def test_budget_too_small_is_a_clear_error(tiny_llama):
@@ -70,8 +74,7 @@ def test_depth_changes_keep_running_sequences(tiny_llama):
     full = make(tiny_llama, early_exit=False)
     # A budget where growing back to full depth leaves room for fewer sequences than are running.
     probe = make(tiny_llama, early_exit=False, max_model_len=64)
-    per_seq = probe.memory.kv_bytes_per_seq + probe.memory.workspace_per_seq_bytes
-    budget = probe.memory.weight_bytes + probe.memory.workspace_fixed_bytes + 3 * per_seq
+    budget = probe.memory.budget_for_blocks(3)  # 3 blocks of 64 positions: 3 sequences at full depth
     eng = make(tiny_llama, early_exit=False, num_layers=2, memory_budget=budget, max_model_len=64)
     assert eng.capacity > len(PROMPTS)
     ids = [eng.add_request(p, GREEDY) for p in PROMPTS]
@@ -236,9 +239,8 @@ def test_memory_budget_changes_keep_running_requests(tiny_llama):
     for _ in range(2):
         for out in eng.step():
             early[out.request_id] += out.new_token_ids
-    m = eng.memory
-    two = m.weight_bytes + m.workspace_fixed_bytes + 2 * (m.kv_bytes_per_seq + m.workspace_per_seq_bytes)
-    assert eng.set_memory_budget(two) == 2 < big  # two slots: three of the five running are preempted
+    two = eng.memory.budget_for_blocks(2)  # one 64-position block each: three of the five running are preempted
+    assert eng.set_memory_budget(two) == 2 < big
     assert eng.memory.total_bytes <= eng.memory_budget
     rest = run_to_completion(eng)
     assert [early[i] + rest[i] for i in ids] == [r.token_ids for r in ref]

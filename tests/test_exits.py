@@ -5,6 +5,7 @@ import torch
 
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig, ExitHead, ExitHeads, load_exit_heads, make_probe, save_exit_heads
+from helios_core.models.transformer import attend
 from helios_core.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -94,13 +95,13 @@ class ListKV:
         self.k[layer].append(k)
         self.v[layer].append(v)
 
-    def update(self, layer, k, v):
+    def attend(self, layer, q, k, v, scale):
         self.write(layer, k, v)
         keys = torch.cat(self.k[layer], dim=1).transpose(1, 2)
         values = torch.cat(self.v[layer], dim=1).transpose(1, 2)
         distance = torch.arange(keys.shape[2], device=keys.device).flip(0)  # query is the last position
         window = self.windows[layer]
-        return keys, values, (distance < (window or keys.shape[2] + 1))[None, None, None]
+        return attend(q, keys, values, (distance < (window or keys.shape[2] + 1))[None, None, None], scale)
 
 
 def reference_decode(model, prompt, steps, threshold):

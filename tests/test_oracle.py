@@ -2,7 +2,8 @@
 
 With early exit off, the engine must reproduce HF's greedy decoding token for token: short prompts,
 prompts longer than the prefill chunk (chunked prefill; longer than Mistral's sliding window),
-and several prompts of different lengths batched together (continuous batching, slot reuse).
+and several prompts of different lengths batched together (continuous batching, block reuse), with
+KV blocks small enough that prompts and decodes cross many block boundaries.
 Sliding windows: Mistral's (every layer) and Gemma 3's (local layers between global ones).
 Logits are compared too: the full-sequence forward and the engine's decode step (fp32, atol 1e-4),
 and a loose bf16 check.
@@ -25,6 +26,7 @@ from tiny_models import FAMILIES, GEMMA3_SLIDING_WINDOW, MISTRAL_SLIDING_WINDOW,
 
 NEW_TOKENS = 32
 CHUNK = 8  # max_prefill_tokens: small, so the long prompts are prefilled in several chunks
+BLOCK = 3  # KV block size: not a divisor of CHUNK, so chunks start and end inside blocks
 MAX_MODEL_LEN = 128
 SHORT_LEN = 5
 LONG_LEN = 40  # > CHUNK and > the sliding windows (16): prefill and decode both cross the window
@@ -80,7 +82,7 @@ def family_ckpt(request, tiny_model_dirs):
 
 def make_engine(path, **overrides) -> LLMEngine:
     kwargs = dict(model=str(path), early_exit=False, max_model_len=MAX_MODEL_LEN, max_prefill_tokens=CHUNK,
-                  device="cpu", dtype="float32")  # the oracle is transformers in fp32
+                  device="cpu", block_size=BLOCK, dtype="float32")  # the oracle is transformers in fp32
     kwargs.update(overrides)
     return LLMEngine(EngineConfig(**kwargs))
 
@@ -105,9 +107,9 @@ def test_greedy_long_prompt_chunked_prefill_matches_hf(family_ckpt):
     chunks = []
     prefill = engine.runner.prefill
 
-    def spy(slot, tokens, start):
-        chunks.append((start, tokens.shape[0]))
-        return prefill(slot, tokens, start)
+    def spy(packed):
+        chunks.extend((start, tokens.shape[0]) for _, tokens, start in packed)
+        return prefill(packed)
 
     engine.runner.prefill = spy
     [out] = engine.generate([ids], GREEDY)
@@ -134,8 +136,8 @@ def test_batch_of_different_lengths_matches_hf(family_ckpt):
 
 
 def test_continuous_batching_with_queueing_and_uneven_finishes(family_ckpt):
-    """Fewer slots than requests and different max_tokens: requests finish at different steps, waiting
-    ones join mid-flight and decode rows get rearranged. Each result is a prefix of its HF result."""
+    """Fewer batch rows than requests and different max_tokens: requests finish at different steps,
+    waiting ones join mid-flight into the blocks others freed. Each result is a prefix of its HF result."""
     _, path = family_ckpt
     prompts = [prompt(n) for n in BATCH_LENS] * 2
     max_tokens = [3, NEW_TOKENS, 17, 1, NEW_TOKENS, 9, 2, 20]
@@ -147,7 +149,7 @@ def test_continuous_batching_with_queueing_and_uneven_finishes(family_ckpt):
         assert len(out.token_ids) == m
         assert_hf_greedy_by_teacher_forcing(path, ids, out.token_ids)
     assert not engine.has_unfinished()
-    assert sorted(engine.scheduler.free_slots) == [0, 1, 2]
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks  # every block back
 
 
 # --- logits --------------------------------------------------------------------------------------------
@@ -180,16 +182,14 @@ def test_decode_step_logits_match_hf(family_ckpt):
 
     engine.step()  # prefill all three (fits in one chunk budget), then decode the first token
     assert len(captured) == 1 and captured[0].logits.shape == (3, engine.model_config.vocab_size)
-    rows1 = [s.slot for s in seqs]  # after the step, row i of the batch is slot i
     engine.step()  # second token: decode over the cache only
     assert len(captured) == 2
-    rows2 = [s.slot for s in seqs]
 
-    for ids, seq, r1, r2 in zip(prompts, seqs, rows1, rows2):
+    for r, (ids, seq) in enumerate(zip(prompts, seqs)):  # decode rows are in admission order
         assert len(seq.output_ids) == 2
         ref = hf_logits(path, ids + seq.output_ids[:1])[0]
-        torch.testing.assert_close(captured[0].logits[r1], ref[len(ids) - 1], atol=ATOL, rtol=0)
-        torch.testing.assert_close(captured[1].logits[r2], ref[len(ids)], atol=ATOL, rtol=0)
+        torch.testing.assert_close(captured[0].logits[r], ref[len(ids) - 1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(captured[1].logits[r], ref[len(ids)], atol=ATOL, rtol=0)
         assert seq.output_ids[0] == int(ref[len(ids) - 1].argmax())
         assert seq.output_ids[1] == int(ref[len(ids)].argmax())
     assert (captured[0].depth == 4).all() and not captured[0].forced.any()

@@ -75,7 +75,8 @@ def test_partial_loading_lowers_memory_and_raises_capacity_as_planned(global_run
     assert live["loaded_layers"] == served.depth < entry.num_layers
     assert live["weight_bytes"] == entry.weight_bytes(served.depth) < entry.weight_bytes(entry.num_layers)
     partial, full = entry.plan(served.depth, BUDGET, 1024), entry.plan(entry.num_layers, BUDGET, 1024)
-    assert live["capacity"] == partial.capacity > full.capacity
+    assert live["capacity_tokens"] == partial.capacity_tokens > full.capacity_tokens
+    assert live["capacity"] == partial.sequences(live["mean_seq_len"]) > full.sequences(live["mean_seq_len"])
     assert live["weight_bytes"] + live["kv_bytes"] <= BUDGET
 
 

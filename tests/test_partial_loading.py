@@ -221,13 +221,12 @@ def test_engine_consistent_after_failed_layer_load(sharded, llama):
     for _ in range(3):
         tokens += [t for out in engine.step() for t in out.new_token_ids]
     assert len(tokens) == 3
-    capacity, cache_layers = engine.capacity, engine.cache.num_layers
+    capacity, blocks, cache_layers = engine.capacity, engine.memory.num_blocks, engine.cache.num_layers
     with pytest.raises(CheckpointError):
         engine.set_num_layers(FULL)
     assert engine.num_layers == 2
     assert engine.capacity == capacity
-    assert engine.scheduler.capacity == engine.cache.capacity == capacity, (
-        f"engine.capacity {engine.capacity}, scheduler {engine.scheduler.capacity}, cache {engine.cache.capacity}")
+    assert engine.scheduler.blocks.num_blocks == engine.cache.num_blocks == engine.memory.num_blocks == blocks
     assert engine.cache.num_layers == cache_layers == 2
     while engine.has_unfinished():
         for out in engine.step():
@@ -272,15 +271,13 @@ def _assert_tokens_follow_depths(path, prompt_ids: list[int], outputs: list[int]
 
 
 def test_in_flight_requests_survive_depth_changes(llama):
-    """Requests mid-generation survive growing (with preemption: fewer slots at full depth) and shrinking
+    """Requests mid-generation survive growing (with preemption: fewer blocks at full depth) and shrinking
     the loaded depth, finish with max_tokens tokens, and every token is the greedy token of the depth
     it was generated at (depth per token from the telemetry records)."""
-    probe = make_engine(llama, max_prefill_tokens=8)
-    plan = probe._plan(FULL)
-    per_seq = plan.kv_bytes_per_seq + plan.workspace_per_seq_bytes
-    budget = plan.weight_bytes + plan.workspace_fixed_bytes + 2 * per_seq + per_seq // 2  # 2 slots at full depth
-    engine = make_engine(llama, num_layers=2, memory_budget=budget, max_prefill_tokens=8)
-    assert engine.capacity >= 3
+    small = dict(max_prefill_tokens=8, max_model_len=40, block_size=4)  # 10 blocks hold one whole sequence
+    budget = make_engine(llama, **small).memory.budget_for_blocks(10)  # just one sequence at full depth
+    engine = make_engine(llama, num_layers=2, memory_budget=budget, **small)
+    assert engine.memory.num_blocks >= 3 * 10  # at 2 layers every sequence fits
 
     max_tokens = 20
     prompts = [prompt(n, seed=5) for n in (6, 17, 11)]
@@ -302,19 +299,21 @@ def test_in_flight_requests_survive_depth_changes(llama):
 
     def consistent(depth: int) -> None:
         assert engine.num_layers == engine.cache.num_layers == depth
-        assert engine.capacity == engine.scheduler.capacity == engine.cache.capacity
+        assert engine.memory.num_blocks == engine.scheduler.blocks.num_blocks == engine.cache.num_blocks
+        assert engine.scheduler.blocks.num_used <= engine.memory.num_blocks
         assert engine.model.weight_bytes() == expected_bytes(llama, depth)
 
     run(6)
     assert all(0 < len(t) < max_tokens for t in tokens.values())
+    assert engine.scheduler.num_preempted == 0
     event = engine.set_num_layers(FULL)
     consistent(FULL)
-    assert engine.capacity == 2 and event.preempted == 1
-    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1
+    assert engine.memory.num_blocks == 10 and event.preempted >= 1  # the newest left for the queue
+    assert len(engine.scheduler.running) == 3 - event.preempted == 3 - len(engine.scheduler.waiting)
     run(5)
     event = engine.set_num_layers(1)
     consistent(1)
-    assert event.capacity_after >= 3
+    assert event.capacity_after > event.capacity_before
     run(4)
     engine.set_num_layers(3)
     consistent(3)

@@ -224,11 +224,11 @@ def test_registry_sizes_match_the_engine_exactly(family):
         plan = entry.plan(depth, BUDGET, MAX_LEN)
         assert plan == engine.memory
         assert entry.weight_bytes(depth) == engine.memory.weight_bytes == engine.model.weight_bytes()
-    # Partial loading turns weights and KV of the dropped layers into batch: capacity by the formula.
+    # Partial loading turns weights and KV of the dropped layers into KV blocks: the largest pool that fits.
     full, half = entry.plan(8, BUDGET, MAX_LEN), entry.plan(4, BUDGET, MAX_LEN)
-    free = BUDGET - entry.weight_bytes(4) - half.workspace_fixed_bytes
-    assert half.capacity == free // (half.kv_bytes_per_seq + half.workspace_per_seq_bytes) > full.capacity
-    assert half.kv_bytes_per_seq * 2 == full.kv_bytes_per_seq
+    assert half.total_bytes <= BUDGET < half.budget_for_blocks(half.num_blocks + 1)
+    assert half.num_blocks > full.num_blocks and half.sequences(MAX_LEN) > full.sequences(MAX_LEN)
+    assert half.kv_bytes_per_block * 2 == full.kv_bytes_per_block
 
 
 def test_registry_save_load_roundtrip_and_stale_sizes(family, tmp_path):
@@ -326,7 +326,7 @@ def test_shortlist_keeps_models_that_fit_and_ranks_by_slo(family):
     assert by_batch[0] == "tiny-4l"  # the smallest model leaves the most memory for KV
     assert shortlist(entries, LIMITS, PolicyConfig(slo="energy", top_k=2)) == ["tiny-4l", "tiny-6l"]
     p = entries[1].plan(6, 2**40, MAX_LEN)  # tiny-6l at full depth with exactly one sequence
-    tight = Limits(p.weight_bytes + p.workspace_fixed_bytes + p.kv_bytes_per_seq + p.workspace_per_seq_bytes, MAX_LEN)
+    tight = Limits(p.budget_for_blocks(-(-MAX_LEN // p.block_size)), MAX_LEN)
     fits = shortlist(entries, tight, PolicyConfig(slo="batch"))
     assert fits == ["tiny-4l", "tiny-6l"]
 

@@ -54,6 +54,10 @@ def add_parser(sub) -> None:
     b.add_argument("--stream-max-hold", type=float, default=BenchConfig.stream_max_hold_s,
                    help="helios_serve: the longest a busy replica holds a stream's tokens, s")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--system-prompt-tokens", type=int, default=0,
+                   help="put the same system prompt of this many tokens before every prompt (a shared prefix)")
+    b.add_argument("--no-prefix-caching", action="store_true",
+                   help="in-process systems recompute every prompt (for the prefix reuse A/B)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -68,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(registry=args.registry, baseline=args.baseline, workload=args.workload, b0=args.b0,
                        budget=args.budget, threshold=args.threshold, exit_every=args.exit_every, policy=args.policy,
                        slo=SLO(args.slo_ttft, args.slo_tpot), device=args.device,
-                       stream_max_hold_s=args.stream_max_hold, **fields)
+                       stream_max_hold_s=args.stream_max_hold, system_prompt_tokens=args.system_prompt_tokens,
+                       prefix_caching=not args.no_prefix_caching, **fields)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..engine import load_tokenizer
 from ..evaluate import rouge_l
+from ..kv_cache import blocks_for
 from ..orchestrator import Orchestrator, OrchestratorConfig
 from ..policy import PolicyConfig, Registry
 from .quality import NO_EXIT, QualityOracle
 from .systems import HFGenerate, HeliosSystem, RunResult, drive, engine_system, greedy
 from .traces import SLO, served_configs, summarize
-from .workload import BenchRequest, load_workload, poisson_arrivals
+from .workload import BenchRequest, load_workload, poisson_arrivals, with_system_prompt
 
 SYSTEMS = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
 QUALITY_SOURCES = {"code": ["stdlib"], "prose": ["pydoc"], "summarize": ["pydoc"]}  # else both
@@ -53,6 +55,8 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"  # every system's, as hf_generate's: Helios' own default (auto) would not compare
     stream_max_hold_s: float = 0.1  # helios_serve: build_app's stream_max_hold_s
+    system_prompt_tokens: int = 0  # a shared system prompt of this many tokens before every prompt
+    prefix_caching: bool = True  # reuse cached prompt-prefix KV blocks (in-process systems)
 
 
 def parse_load(spec: str) -> tuple[str, float]:
@@ -68,11 +72,12 @@ def parse_load(spec: str) -> tuple[str, float]:
 
 
 def baseline_budget(registry: Registry, model: str, b0: int, max_model_len: int) -> int:
-    """The smallest budget whose full-depth plan for `model` holds b0 sequences."""
+    """The smallest budget whose full-depth plan for `model` holds b0 sequences of max_model_len tokens
+    (the paper's baseline: B0 × max_model_len positions of KV; paging fits more, shorter, sequences)."""
     entry = registry[model]
     plan = entry.plan(entry.num_layers, 1 << 40, max_model_len)
-    budget = plan.weight_bytes + plan.workspace_fixed_bytes + b0 * (plan.kv_bytes_per_seq + plan.workspace_per_seq_bytes)
-    assert entry.plan(entry.num_layers, budget, max_model_len).capacity == b0
+    budget = plan.budget_for_blocks(b0 * blocks_for(max_model_len, plan.block_size))
+    assert entry.plan(entry.num_layers, budget, max_model_len).sequences(max_model_len) == b0
     return budget
 
 
@@ -103,10 +108,11 @@ def _build(name: str, cfg: BenchConfig, registry: Registry, budget: int):
     if name == "helios":
         return HeliosSystem(Orchestrator(OrchestratorConfig(
             registry=registry, memory_budget=budget, max_model_len=cfg.max_model_len, device=cfg.device,
-            policy=PolicyConfig(**cfg.policy))))
+            enable_prefix_caching=cfg.prefix_caching, policy=PolicyConfig(**cfg.policy))))
     if name in ("ee_baseline", "full_depth"):
         return engine_system(str(entry.path), cfg.baseline, budget, cfg.max_model_len, entry.exit_config(),
-                             early_exit=name == "ee_baseline", device=cfg.device, dtype=entry.dtype)
+                             early_exit=name == "ee_baseline", device=cfg.device, dtype=entry.dtype,
+                             prefix_caching=cfg.prefix_caching)
     if name == "hf_generate":
         return HFGenerate(str(entry.path), cfg.b0, cfg.device)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -126,6 +132,9 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
     warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup") if cfg.warmup else []
+    if cfg.system_prompt_tokens:
+        tokenizer = load_tokenizer(registry[cfg.baseline].path)
+        base, warm = (with_system_prompt(r, tokenizer, cfg.system_prompt_tokens) for r in (base, warm))
     loads = [parse_load(s) for s in cfg.loads]
     names = [s for s in cfg.systems if s != "helios_serve"]
     log(f"budget {budget / 2**20:.1f} MiB ({cfg.baseline} + KV for B0={cfg.b0}); systems {', '.join(cfg.systems)}")
@@ -192,11 +201,17 @@ def _system_entry(name, cfg, system_runs, system, budget, registry, oracle, thre
     return {
         **summary,
         "max_concurrent_batch": headline.max_batch,
+        **_prefix(headline),
         "weight_bytes": headline.peak_weight_bytes, "kv_bytes": kv, "memory_budget_bytes": budget,
         **quality,
-        "loads": [{"load": spec, "max_concurrent_batch": r.max_batch, **summarize(r.traces, r.seconds, cfg.slo)}
-                  for spec, r in system_runs],
+        "loads": [{"load": spec, "max_concurrent_batch": r.max_batch, **_prefix(r),
+                   **summarize(r.traces, r.seconds, cfg.slo)} for spec, r in system_runs],
     }
+
+
+def _prefix(run: RunResult) -> dict:
+    lookups, hits, saved = run.prefix
+    return {"prefix_hit_rate": hits / lookups if lookups else 0.0, "prefill_tokens_saved": saved}
 
 
 def _add_rouge(results: dict, runs: dict, registry: Registry, budget: int, cfg: BenchConfig) -> None:

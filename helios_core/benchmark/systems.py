@@ -50,6 +50,10 @@ class EngineSystem:
     def memory(self) -> tuple[int, int]:
         return self.engine.memory.weight_bytes, self.engine.memory.kv_bytes
 
+    def prefix(self) -> tuple[int, int, int]:
+        s = self.engine.scheduler.blocks.stats
+        return s.lookups, s.hits, s.tokens_saved
+
     def config_of(self, out: RequestOutput) -> tuple[str, int, tuple[int, ...] | None]:
         return self.engine.name, self.engine.num_layers, self.engine.exit_layers
 
@@ -76,6 +80,9 @@ class HeliosSystem:
         engines = self.orch.engines.values()
         return sum(e.memory.weight_bytes for e in engines), sum(e.memory.kv_bytes for e in engines)
 
+    def prefix(self) -> tuple[int, int, int]:
+        return self.orch.prefix_totals()
+
     def config_of(self, out: RequestOutput) -> tuple[str, int, tuple[int, ...] | None]:
         """(model, loaded depth, exit points) that produced this output (a finished request has left `model_of`)."""
         model = out.summary.model if out.summary else self.orch.model_of[out.request_id]
@@ -90,6 +97,7 @@ class RunResult:
     max_batch: int  # most sequences decoding in one step
     peak_weight_bytes: int
     peak_kv_bytes: int
+    prefix: tuple[int, int, int] = (0, 0, 0)  # prompt blocks looked up, found cached, positions saved
 
 
 def drive(system, requests: list[BenchRequest], arrivals: list[float] | None = None,
@@ -101,6 +109,7 @@ def drive(system, requests: list[BenchRequest], arrivals: list[float] | None = N
     queue = deque(zip(requests, arrivals or [0.0] * len(requests)))
     traces: dict[str, Trace] = {}
     in_flight = max_batch = peak_w = peak_kv = 0
+    prefix_before = system.prefix()
     start = time.perf_counter()
 
     def clock() -> float:
@@ -135,7 +144,8 @@ def drive(system, requests: list[BenchRequest], arrivals: list[float] | None = N
                     trace.error = "aborted"
                 if progress:
                     progress(1)
-    return RunResult(list(traces.values()), clock(), max_batch, peak_w, peak_kv)
+    prefix = tuple(after - before for after, before in zip(system.prefix(), prefix_before))
+    return RunResult(list(traces.values()), clock(), max_batch, peak_w, peak_kv, prefix)
 
 
 class _StepClock:
@@ -215,7 +225,8 @@ class HFGenerate:
 
 
 def engine_system(model_dir: str, name: str, budget: int, max_model_len: int, exit_config, early_exit: bool,
-                  device: str = "auto", dtype: str = "auto") -> EngineSystem:
+                  device: str = "auto", dtype: str = "auto", prefix_caching: bool = True) -> EngineSystem:
     return EngineSystem(LLMEngine(EngineConfig(model=model_dir, name=name, memory_budget=budget,
                                                max_model_len=max_model_len, exit=exit_config,
-                                               early_exit=early_exit, device=device, dtype=dtype)))
+                                               early_exit=early_exit, device=device, dtype=dtype,
+                                               enable_prefix_caching=prefix_caching)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..evaluate import load_prompts
 
@@ -29,6 +31,24 @@ def load_workload(name_or_path: str, limit: int | None = None, max_tokens: int |
     prompts = load_prompts(path)[:limit]
     return [BenchRequest(f"{path.stem}-{i}", p.text, p.task, max_tokens or p.max_tokens or 64)
             for i, p in enumerate(prompts)]
+
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant for a team of Python developers. Answer with working code when code is "
+    "asked for, keep explanations short and exact, follow the style of the standard library, name the "
+    "modules and functions you use, and say so when something is not known. "
+)
+
+
+def with_system_prompt(requests: list[BenchRequest], tokenizer: Any, tokens: int) -> list[BenchRequest]:
+    """Every request's prompt behind the same system prompt of `tokens` tokens (SYSTEM_PROMPT, repeated
+    and cut to length): the shared prefix that consecutive chat requests have."""
+    text = SYSTEM_PROMPT * (1 + tokens // 20)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < tokens:
+        raise ValueError(f"the system prompt is {len(ids)} tokens, fewer than {tokens}")
+    system = tokenizer.decode(ids[:tokens])
+    return [dataclasses.replace(r, prompt=f"{system}\n\n{r.prompt}") for r in requests]
 
 
 def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:

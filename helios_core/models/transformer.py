@@ -10,8 +10,8 @@ each block picks its own (`Block.rope_index`), and each KV access hands a layer 
 
 The model holds only the layers that are loaded: `layers` is the prefix [0, K) of the checkpoint's
 layers. Embeddings, the final norm and the LM head are always present because every exit needs them.
-The model owns no KV cache: each attention call gets a `KVAccess` that says where K/V go and which
-keys to attend to (a cached decode batch, a prefill chunk of one sequence, or no cache at all).
+The model owns no KV cache: each attention call gets a `KVAccess` that says where K/V go and how the
+queries attend (a decode batch over the paged cache, packed prefill chunks, or no cache at all).
 """
 
 from __future__ import annotations
@@ -115,15 +115,15 @@ RopeTables = tuple[tuple[Tensor, Tensor], ...] | None
 
 # --- attention ---------------------------------------------------------------------------------
 class KVAccess(Protocol):
-    """Where one attention call writes its new K/V and what it attends to."""
+    """Where one attention call writes its new K/V and which keys its queries attend to."""
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store k, v (N, T, KV, D)."""
         ...
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store k, v; return keys, values (N, KV, S, D) and the layer's bool mask (N, 1, T, S), True = attend
-        (causal, and within the layer's window, `config.layer_windows[layer]`)."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        """Store k, v; return the attention output (N, T, H*D) of q (N, T, H, D) over the keys this access
+        holds (causal, and within the layer's window, `config.layer_windows[layer]`)."""
         ...
 
 
@@ -175,8 +175,7 @@ class Attention(nn.Module):
             qk = apply_rope(qk, rope)  # Q and K heads rotated in one pass
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)
         v = v.view(n, t, c.num_kv_heads, c.head_dim)
-        keys, values, mask = kv.update(layer, k, v)
-        return self.wo(attend(q, keys, values, mask, c.attn_scale))
+        return self.wo(kv.attend(layer, q, k, v, c.attn_scale))
 
 
 class MLP(nn.Module):
@@ -351,5 +350,5 @@ class NoCache:
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         pass  # nothing persists between calls
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return k.transpose(1, 2), v.transpose(1, 2), self.masks[layer]
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        return attend(q, k.transpose(1, 2), v.transpose(1, 2), self.masks[layer], scale)

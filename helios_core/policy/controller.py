@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 from ..telemetry import RequestSummary, StepRecord, TokenRecord
@@ -78,8 +78,8 @@ class HeliosPolicy:
             raise ValueError("no registry model fits the memory budget at full depth")
         # In per-request mode the models are live together: each plans with its share of the memory.
         share = len(self.candidates) if c.mode == "per-request" else 1
-        self.limits = Limits(limits.memory_budget // share, limits.max_model_len, limits.max_num_seqs,
-                             limits.max_prefill_tokens)
+        self.limits = replace(limits, memory_budget=limits.memory_budget // share)
+        self._lengths: deque[int] = deque(maxlen=256)  # prompt + output tokens of recent requests
         self.pht = PerformanceHistoryTable({e.name: e.profile.check_ratio for e in registry
                                             if e.profile and e.profile.check_ratio is not None})
         self.task_rows: dict[tuple[str, str], ProfileRow] = {}  # per-request mode: (model, task) -> profile
@@ -112,6 +112,9 @@ class HeliosPolicy:
         """A finished request of `model`, served with `depth` layers loaded."""
         c = self.config
         self.requests += 1
+        # Capacity in sequences follows the length requests really have (the KV pool is paged).
+        self._lengths.append(summary.prompt_tokens + summary.output_tokens)
+        self.limits = replace(self.limits, mean_seq_len=sum(self._lengths) / len(self._lengths))
         if c.mode == "per-request":
             row = self.task_rows.setdefault((model, task or DEFAULT_TASK), ProfileRow(model, depth))
             row.num_layers = depth

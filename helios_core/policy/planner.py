@@ -9,7 +9,8 @@ Estimates for a model m loaded to depth d (L = m's layers), from its full-depth 
                 confidence < threshold at every exit point up to d, the last one included)
   layers(d)   = E[min(exit depth, d)]                 (mean layers a token runs)
   checks(d)   = mean exit checks a token runs (one per exit point it passes, up to its exit)
-  capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per sequence(d)
+  capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per block(d)
+                blocks, in sequences of the observed mean length (prompt + output)
   n           = min(capacity(d), demand): the batch the objective assumes
   step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d + per_row_layer_s * n * layers(d)
                 + per_check_row_s * n * checks(d), the time between a sequence's tokens with n sequences
@@ -46,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..kv_cache import MemoryBudgetError
+from ..kv_cache import MemoryBudgetError, MemoryPlan
 from .pht import ProfileRow, StepFit
 from .registry import ModelEntry
 
@@ -93,6 +94,19 @@ class Limits:
     max_model_len: int
     max_num_seqs: int = 256
     max_prefill_tokens: int = 256
+    block_size: int = 64
+    mean_seq_len: float | None = None  # observed prompt + output tokens per request; None = max_model_len
+
+    def plan(self, entry: ModelEntry, depth: int) -> MemoryPlan:
+        return entry.plan(depth, self.memory_budget, self.max_model_len, self.max_num_seqs,
+                          self.max_prefill_tokens, self.block_size)
+
+    def capacity(self, entry: ModelEntry, depth: int) -> int:
+        """Sequences of the mean length the KV pool holds at `depth` (0: the depth does not fit)."""
+        try:
+            return self.plan(entry, depth).sequences(self.mean_seq_len or self.max_model_len)
+        except MemoryBudgetError:
+            return 0
 
 
 @dataclass(frozen=True)
@@ -195,11 +209,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
     model's live step-time fit, if it has one. With an exit histogram and a step fit that prices a
     check, the exit points are thinned (`thin_exits`) and the estimate is for the points kept."""
     L = entry.num_layers
-    try:
-        capacity = entry.plan(depth, limits.memory_budget, limits.max_model_len, limits.max_num_seqs,
-                              limits.max_prefill_tokens).capacity
-    except MemoryBudgetError:
-        capacity = 0
+    capacity = limits.capacity(entry, depth)
     shares: dict[float, float] | None = None
     if row is not None and row.tokens:
         shares, layers_full, tpot_full = row.shares(), row.mean_layers(L), row.time_per_token_s

@@ -119,10 +119,10 @@ class ModelEntry:
                           heads_path=str(self.exit_heads) if self.exit_heads else None, probe_gate=self.probe_gate)
 
     def plan(self, depth: int, budget_bytes: int, max_model_len: int, max_num_seqs: int = 256,
-             max_prefill_tokens: int = 256) -> MemoryPlan:
+             max_prefill_tokens: int = 256, block_size: int = 64) -> MemoryPlan:
         """The engine's memory plan at this depth, without loading anything (same arithmetic, exact)."""
         return plan_memory(self.config, depth, self.weight_bytes(depth), budget_bytes, max_model_len,
-                           self.element_size, max_num_seqs, max_prefill_tokens)
+                           self.element_size, max_num_seqs, max_prefill_tokens, block_size)
 
 
 def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Path | None) -> tuple[int, int]:
