@@ -183,9 +183,11 @@ class LLMEngine:
         """Load or unload layers between steps; re-size the KV pool to the new depth.
 
         Running sequences are kept. Growing the depth shrinks the pool: the newest sequences are
-        preempted back to the queue until the rest fit (recomputed later, nothing is lost), and every
-        running sequence re-prefills so the new layers get K/V for its context. Shrinking frees the
-        dropped layers' weights and KV, and the pool gains blocks.
+        preempted back to the queue until the rest fit (recomputed later, nothing is lost). The new
+        layers have no K/V for the running sequences' context: each keeps decoding, no deeper than the
+        layers it has, while its context is refilled chunk by chunk beside the decodes (no stall), and
+        then runs at the new depth. Shrinking frees the dropped layers' weights and KV, and the pool
+        gains blocks.
         """
         start, before = time.perf_counter(), self.num_layers
         capacity_before = self.capacity
@@ -198,21 +200,21 @@ class LLMEngine:
         moves, preempted = self.scheduler.resize(plan.num_blocks, plan.max_seqs)
         bytes_read = 0
         if num_layers > before:
-            # New layers have no K/V for existing context: recompute it (prefill again) for everyone,
-            # and forget cached prefixes. The pool shrinks before the weights grow, so the budget holds.
-            self.scheduler.blocks.forget_cached()
-            for seq in self.scheduler.running:
-                seq.num_cached = 0
-            self.cache.resize(num_layers, plan.num_blocks, {})
+            # The pool shrinks before the weights grow, so the budget holds throughout.
+            self.cache.resize(num_layers, plan.num_blocks, moves)
             try:
                 bytes_read = load_layers(self.model, num_layers)
             except Exception:
-                self.scheduler.resize(old_plan.num_blocks, old_plan.max_seqs)
-                self.cache.resize(before, old_plan.num_blocks, {})
+                moves, _ = self.scheduler.resize(old_plan.num_blocks, old_plan.max_seqs)
+                self.cache.resize(before, old_plan.num_blocks, moves)
                 raise
+            # Cached prefixes have no K/V in the new layers; running contexts are refilled.
+            self.scheduler.blocks.forget_cached()
+            self.scheduler.refill(before)
         else:
             unload_layers(self.model, num_layers)
             self.cache.resize(num_layers, plan.num_blocks, moves)
+            self.scheduler.unload(num_layers)
         self.memory = plan
         event = LayerEvent(time.time(), before, num_layers, bytes_read, time.perf_counter() - start,
                            capacity_before, self.capacity, len(preempted))
@@ -312,7 +314,7 @@ class LLMEngine:
             self.runner.prefill([(c.seq.block_table, torch.tensor(c.seq.token_ids[c.start : c.end], device=self.device),
                                   c.start) for c in plan.prefills])
             for chunk in plan.prefills:
-                self.scheduler.prefilled(chunk.seq, chunk.end)
+                self.scheduler.prefilled(chunk)
         if plan.prefills and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # so the decode's time below excludes the prefill's kernels
         prefill_s = self._clock() - start
@@ -332,6 +334,7 @@ class LLMEngine:
             torch.tensor([s.threshold for s in seqs], device=self.device),
             torch.tensor(early, device=self.device),
             any_early_exit=any(early),
+            caps=[s.depth_cap or self.num_layers for s in seqs],
         )
         new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]

@@ -2,8 +2,13 @@
 
 A sequence's tokens are prompt + output. `num_cached` counts the leading tokens whose K/V is in the
 pool, in the blocks of its `block_table`; the last token is always fed by the next decode step, so a
-sequence needs prefill while `num_cached < len(token_ids) - 1`. Setting `num_cached = 0` (preemption,
-newly loaded layers) simply makes it prefill again.
+sequence needs prefill while `num_cached < len(token_ids) - 1`. Setting `num_cached = 0` (preemption)
+simply makes it prefill again.
+
+When layers are loaded under a decoding sequence, its context has no K/V in the new layers yet. It
+keeps decoding, exiting no deeper than `depth_cap` (the layers its context has), while its context
+is *refilled*: positions [0, filled) have K/V in every loaded layer, recomputed chunk by chunk beside
+the decodes; once `filled` reaches `num_cached` the cap is lifted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Sequence:
     text: TextStream | None = None
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # physical KV block of positions [i·bs, (i+1)·bs)
+    depth_cap: int | None = None  # while refilling: the deepest layer its whole context has K/V in
+    filled: int = 0  # while refilling: leading positions with K/V in every loaded layer
     prefix_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of prompt positions prefill fills
     num_cached: int = 0
     records: list[TokenRecord] = field(default_factory=list)

@@ -17,7 +17,8 @@ Attention runs for exited rows too rather than on a compacted batch: gathering t
 K/V at every deeper layer, plus a separate K/V projection for the exited rows, cost more than the
 discarded rows (bench/decode_ab.py measures the two side by side).
 At the last loaded layer every remaining row leaves (greedy exit); on a partially loaded model
-that exit is *forced*.
+that exit is *forced*. A row whose context is being refilled for newly loaded layers (`caps`)
+leaves, forced, at the deepest layer its context has K/V in.
 """
 
 from __future__ import annotations
@@ -67,14 +68,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, tokens: Tensor, kv: DecodeKV, thresholds: Tensor, early_exit: Tensor, any_early_exit: bool
+        self, tokens: Tensor, kv: DecodeKV, thresholds: Tensor, early_exit: Tensor, any_early_exit: bool,
+        caps: list[int] | None = None,
     ) -> DecodeOutput:
-        """One token per row. thresholds (B,) fp32; early_exit (B,) bool; any_early_exit = early_exit.any()."""
+        """One token per row. thresholds (B,) fp32; early_exit (B,) bool; any_early_exit = early_exit.any();
+        caps: per row, the deepest layer it may run (None: every loaded layer)."""
         model, heads = self.model, self.heads
         n_rows, n_loaded = tokens.shape[0], model.num_loaded_layers
         device = tokens.device
         measure = self.exit_config.measure
         exit_points = set(self.exit_config.exit_points(n_loaded)) if any_early_exit else set()
+        capped = {d: torch.tensor([i for i, c in enumerate(caps) if c == d], device=device)
+                  for d in set(caps or ()) if d < n_loaded}
         limits = torch.where(early_exit, thresholds, torch.inf)  # a row that may not exit never reaches inf
 
         x = model.embed_tokens(tokens[:, None], kv.positions[:, None])  # (B, 1, D)
@@ -99,30 +104,40 @@ class ModelRunner:
                 layer.fill_kv(x, rope, kv)
                 continue
             x = layer(x, rope, kv, run)
-            if depth not in exit_points:
-                continue
-            rows = slice(None) if run is None else run  # only the running rows are checked
-            found = exit_check(heads, self.exit_config, depth, x[rows, 0], previous[rows, 0], limits[rows],
-                               with_logits=not defer)
-            previous = x
-            if found is None:
-                continue
-            sel, conf, logits = found
-            left = sel if run is None else run[sel]
-            if logits is None:
-                f, weight = heads.features(depth, x[left, 0])
-                if weight is model.lm_head.weight:
-                    features[left], deferred[left] = f, True
-                else:  # a head with its own LM head
+            if depth in exit_points:
+                rows = slice(None) if run is None else run  # only the running rows are checked
+                found = exit_check(heads, self.exit_config, depth, x[rows, 0], previous[rows, 0], limits[rows],
+                                   with_logits=not defer)
+                previous = x
+                if found is not None:
+                    sel, conf, logits = found
+                    left = sel if run is None else run[sel]
+                    if logits is None:
+                        f, weight = heads.features(depth, x[left, 0])
+                        if weight is model.lm_head.weight:
+                            features[left], deferred[left] = f, True
+                        else:  # a head with its own LM head
+                            out.logits[left] = F.linear(f, weight).float()
+                    else:
+                        out.logits[left] = logits
+                    out.depth[left] = depth
+                    out.confidence[left] = conf
+                    stay = torch.ones(n_rows if run is None else run.numel(), dtype=torch.bool, device=device)
+                    stay[sel] = False
+                    run = (torch.arange(n_rows, device=device) if run is None else run)[stay]
+            if depth in capped:  # capped rows still running leave here, forced
+                running = torch.zeros(n_rows, dtype=torch.bool, device=device)
+                running[slice(None) if run is None else run] = True
+                left = capped[depth][running[capped[depth]]]
+                if left.numel():
+                    f, weight = heads.features(depth, x[left, 0])
                     out.logits[left] = F.linear(f, weight).float()
-            else:
-                out.logits[left] = logits
-            out.depth[left] = depth
-            out.confidence[left] = conf
-            stay = torch.ones(n_rows if run is None else run.numel(), dtype=torch.bool, device=device)
-            stay[sel] = False
-            run = (torch.arange(n_rows, device=device) if run is None else run)[stay]
-            all_gone = run.numel() == 0
+                    out.confidence[left] = exit_confidence(heads, measure, depth, x[left, 0], previous[left, 0],
+                                                           out.logits[left])
+                    out.depth[left], out.forced[left] = depth, True
+                    running[left] = False
+                    run = running.nonzero()[:, 0]
+            all_gone = run is not None and run.numel() == 0
 
         if not all_gone:  # greedy exit: whatever still runs leaves at the last loaded layer
             rows = slice(None) if run is None else run

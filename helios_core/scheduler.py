@@ -27,6 +27,7 @@ class PrefillChunk:
     seq: Sequence
     start: int  # first position to fill
     end: int  # one past the last
+    refill: bool = False  # recomputes cached positions for layers loaded since (the sequence decodes on)
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Scheduler:
         self._admit()
         budget, prefills, decodes = self.max_prefill_tokens, [], []
         for seq in self.running:
+            if seq.depth_cap is not None and budget > 0:  # refill beside the decode, not instead of it
+                end = min(seq.num_cached, seq.filled + budget)
+                prefills.append(PrefillChunk(seq, seq.filled, end, refill=True))
+                budget -= end - seq.filled
             target = len(seq.token_ids) - 1  # the last token is fed by the decode step
             if seq.num_cached < target:
                 if budget == 0:
@@ -107,17 +112,40 @@ class Scheduler:
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
 
-    def prefilled(self, seq: Sequence, end: int) -> None:
-        """Positions up to `end` of `seq` are in the cache: register the prompt blocks they complete."""
-        done = min(end // self.block_size, len(seq.prefix_hashes))
-        for i in range(seq.num_cached // self.block_size, done):
+    def prefilled(self, chunk: PrefillChunk) -> None:
+        """`chunk` is in the cache: register the prompt blocks it completes; a refill that has caught
+        up lifts the sequence's depth cap."""
+        seq = chunk.seq
+        done = min(chunk.end // self.block_size, len(seq.prefix_hashes))
+        for i in range(chunk.start // self.block_size, done):
             self.blocks.register(seq.block_table[i], seq.prefix_hashes[i])
-        seq.num_cached = end
+        if not chunk.refill:
+            seq.num_cached = chunk.end
+        elif chunk.end == seq.num_cached:
+            seq.depth_cap, seq.filled = None, 0
+        else:
+            seq.filled = chunk.end
+
+    def refill(self, depth: int) -> None:
+        """Layers beyond `depth` were loaded: decoding sequences keep decoding no deeper than the layers
+        their context has while it is refilled; sequences still in their prompt prefill start it over."""
+        for seq in self.running:
+            if seq.num_cached < len(seq.token_ids) - 1:
+                seq.num_cached, seq.depth_cap = 0, None
+            else:
+                seq.depth_cap = depth if seq.depth_cap is None else min(seq.depth_cap, depth)
+                seq.filled = 0
+
+    def unload(self, depth: int) -> None:
+        """Layers beyond `depth` were unloaded: a refill those layers needed is no longer needed."""
+        for seq in self.running:
+            if seq.depth_cap is not None and seq.depth_cap >= depth:
+                seq.depth_cap, seq.filled = None, 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
-        seq.num_cached, seq.status = 0, RequestStatus.WAITING
+        seq.num_cached, seq.depth_cap, seq.filled, seq.status = 0, None, 0, RequestStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 

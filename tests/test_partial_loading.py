@@ -325,3 +325,42 @@ def test_in_flight_requests_survive_depth_changes(llama):
         assert len(tokens[rid]) == len(depths[rid]) == max_tokens
         _assert_tokens_follow_depths(llama, ids, tokens[rid], depths[rid])
     assert set(depths[rids[0]]) == {1, 2, 3, FULL}
+
+
+def test_loading_layers_does_not_stall_decoding_requests(llama):
+    """Growing the depth under decoding requests: every one of them gets its next token in the very
+    next step (at the depth its context has, forced) while its context is refilled for the new layers
+    a chunk per step beside the decodes; then it runs at full depth. Every token is the greedy token
+    of the depth it was produced at."""
+    engine = make_engine(llama, num_layers=2, max_prefill_tokens=8)
+    prompts = [prompt(n, seed=9) for n in (14, 20, 9)]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)) for p in prompts]
+    tokens = {r: [] for r in rids}
+    depths = {r: [] for r in rids}
+
+    def step() -> set[str]:
+        emitted = set()
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            depths[out.request_id] += [r.exit_layer for r in out.new_records]
+            emitted |= {out.request_id} if out.new_token_ids else set()
+        return emitted
+
+    while not all(tokens.values()):
+        step()
+    for _ in range(3):
+        step()
+    engine.set_num_layers(FULL)
+    refilling = [s for s in engine.scheduler.running if s.depth_cap == 2]
+    assert len(refilling) == 3  # every running sequence keeps its cache and decodes on
+    steps = 0
+    while any(s.depth_cap is not None for s in engine.scheduler.running):
+        assert step() == set(rids)  # no stall: every request got a token this step
+        steps += 1
+    assert steps > 2  # the refill took several steps (8 prefill tokens per step)
+    while engine.has_unfinished():
+        step()
+    for rid, ids in zip(rids, prompts):
+        assert len(tokens[rid]) == 24
+        assert depths[rid][-1] == FULL and 2 in depths[rid]
+        _assert_tokens_follow_depths(llama, ids, tokens[rid], depths[rid])
