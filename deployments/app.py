@@ -30,9 +30,12 @@
                       (default 0.1; 0 sends every token at once): fewer stream items, less CPU per
                       token, burstier inter-token times (docs/serving.md)
     autoscaling       Serve autoscaling_config for each model deployment, e.g. {"min_replicas": 1,
-                      "max_replicas": 4}; target_ongoing_requests defaults to the batch capacity a
-                      replica has at full depth (from the registry's memory plan), so replicas are
-                      added when requests would otherwise queue for KV slots
+                      "max_replicas": 4}; target_ongoing_requests defaults to the sequences of
+                      expected_seq_len tokens a replica's paged KV cache holds at full depth (from the
+                      registry's memory plan), so replicas are added when requests would otherwise
+                      queue for KV blocks
+    expected_seq_len  prompt + output tokens of a typical request, for that default (default:
+                      max_model_len, the most a request can take)
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def build_app(args: dict | None = None) -> Application:
     actor = {"num_gpus": float(args.pop("num_gpus", 0)), "num_cpus": float(args.pop("num_cpus", 0.5))}
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
+    expected_len = int(args.pop("expected_seq_len", max_model_len))
+    if not 1 <= expected_len <= max_model_len:
+        raise ValueError(f"expected_seq_len must be in [1, max_model_len={max_model_len}], got {expected_len}")
     max_body_bytes = int(args.pop("max_body_bytes", MAX_BODY_BYTES))
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
@@ -87,8 +93,13 @@ def build_app(args: dict | None = None) -> Application:
         if threshold is not None:
             options["user_config"] = {"threshold": float(threshold)}
         if autoscaling is not None:
-            full_depth = entry.plan(entry.num_layers, budget, max_model_len).sequences(max_model_len)
-            options["autoscaling_config"] = {"target_ongoing_requests": full_depth, **autoscaling}
+            target = autoscaling_target(entry, budget, max_model_len, expected_len)
+            options["autoscaling_config"] = {"target_ongoing_requests": target, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
             entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key, max_model_len, max_body_bytes)
+
+
+def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int) -> int:
+    """Requests one replica serves at once at full depth: sequences of `expected_len` tokens in its KV pool."""
+    return entry.plan(entry.num_layers, budget, max_model_len).sequences(expected_len)

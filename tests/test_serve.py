@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
+from deployments.app import autoscaling_target, build_app  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
@@ -206,6 +206,17 @@ def test_build_app_checks_its_arguments():
         build_app({"registry": str(REGISTRY), "stream_max_hold_s": -1})
     with pytest.raises(ValueError, match=r"unknown build_app arguments: \['stream_hold'\]"):
         build_app({"registry": str(REGISTRY), "stream_hold": 0.2})
+    with pytest.raises(ValueError, match=r"expected_seq_len must be in \[1, max_model_len=1024\], got 2000"):
+        build_app({"registry": str(REGISTRY), "expected_seq_len": 2000})
+
+
+def test_the_autoscaling_target_counts_sequences_of_the_expected_length():
+    """The paged KV cache holds more short requests than long ones: the default target follows."""
+    entry = Registry.load(REGISTRY, "float32")[CODE]
+    budget = 64 << 20
+    plan = entry.plan(entry.num_layers, budget, 1024)
+    assert autoscaling_target(entry, budget, 1024, 1024) == plan.num_blocks // (1024 // plan.block_size)
+    assert autoscaling_target(entry, budget, 1024, 256) == min(plan.max_seqs, plan.num_blocks // (256 // plan.block_size))
 
 
 def test_a_lone_stream_gets_every_token_at_once_and_the_last_is_never_held():
