@@ -36,6 +36,9 @@
                       queue for KV blocks
     expected_seq_len  prompt + output tokens of a typical request, for that default (default:
                       max_model_len, the most a request can take)
+    block_size        positions per KV block (default 64)
+    enable_prefix_caching
+                      reuse the KV blocks of prompt prefixes seen before (default true)
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ray.serve import Application
 
 import helios_models
 from helios_core.cli import parse_bytes
+from helios_core.engine import EngineConfig
 from helios_core.policy import Registry
 from helios_core.pull import pull_registry
 
@@ -73,6 +77,12 @@ def build_app(args: dict | None = None) -> Application:
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
     expected_len = int(args.pop("expected_seq_len", max_model_len))
+    kv_cache = {"block_size": int(args.pop("block_size", EngineConfig.block_size)),
+                "enable_prefix_caching": args.pop("enable_prefix_caching", True)}
+    if kv_cache["block_size"] < 1:
+        raise ValueError(f"block_size must be >= 1, got {kv_cache['block_size']}")
+    if not isinstance(kv_cache["enable_prefix_caching"], bool):
+        raise ValueError(f"enable_prefix_caching must be true or false, got {kv_cache['enable_prefix_caching']!r}")
     if not 1 <= expected_len <= max_model_len:
         raise ValueError(f"expected_seq_len must be in [1, max_model_len={max_model_len}], got {expected_len}")
     max_body_bytes = int(args.pop("max_body_bytes", MAX_BODY_BYTES))
@@ -86,20 +96,20 @@ def build_app(args: dict | None = None) -> Application:
     # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own
     # device, so on a cluster whose replicas' devices differ from this host's these sizes are estimates.
     entries = list(Registry.load(registry, dtype))
-    router = Router.bind(registry, budget, max_model_len, policy, dtype)
+    router = Router.bind(registry, budget, max_model_len, policy, dtype, block_size=kv_cache["block_size"])
     replicas = {}
     for entry in entries:
         options = {"name": f"model-{entry.name}", "ray_actor_options": actor, **queueing}
         if threshold is not None:
             options["user_config"] = {"threshold": float(threshold)}
         if autoscaling is not None:
-            target = autoscaling_target(entry, budget, max_model_len, expected_len)
+            target = autoscaling_target(entry, budget, max_model_len, expected_len, kv_cache["block_size"])
             options["autoscaling_config"] = {"target_ongoing_requests": target, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
-            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness)
+            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness, kv_cache)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key, max_model_len, max_body_bytes)
 
 
-def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int) -> int:
+def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int, block_size: int = 64) -> int:
     """Requests one replica serves at once at full depth: sequences of `expected_len` tokens in its KV pool."""
-    return entry.plan(entry.num_layers, budget, max_model_len).sequences(expected_len)
+    return entry.plan(entry.num_layers, budget, max_model_len, block_size=block_size).sequences(expected_len)

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--block-size", type=int, default=None, help="positions per KV block (default 64)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     tr = sub.add_parser("train", help="train a small Llama early-exit model from scratch (LayerSkip recipe)")
@@ -183,7 +184,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         model=args.model, num_layers=args.layers, dtype=args.dtype, device=args.device,
         memory_budget=args.memory_budget, max_model_len=args.max_model_len, exit=exit_config,
-        early_exit=not args.no_early_exit,
+        early_exit=not args.no_early_exit, **({"block_size": args.block_size} if args.block_size is not None else {}),
     ))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))

@@ -20,16 +20,18 @@ def helios(*args: str) -> subprocess.CompletedProcess:
 
 def test_generate_json_matches_the_engine(tiny_llama):
     run = helios("generate", "--model", str(tiny_llama), "--prompt", "def main():", "--max-tokens", "12",
-                 "--threshold", "0.5", "--layers", "4", "--dtype", "float32", "--json")
+                 "--threshold", "0.5", "--layers", "4", "--dtype", "float32", "--block-size", "16", "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["dtype"] == "float32"
+    assert out["kv_block_size"] == 16 and out["kv_capacity_tokens"] % 16 == 0
     assert len(out["token_ids"]) == len(out["exit_layers"]) == len(out["forced"]) == 12
     assert out["loaded_layers"] == 4 and all(1 <= d <= 4 for d in out["exit_layers"])
     assert out["forced"] == [d == 4 for d in out["exit_layers"]]  # partially loaded: the last layer is forced
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_layers=4,
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_layers=4, block_size=16,
                                     exit=ExitConfig(threshold=0.5)))
     [ref] = engine.generate(["def main():"], SamplingParams(max_tokens=12, temperature=0))
+    assert out["kv_capacity_tokens"] == engine.capacity_tokens
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text and out["exit_layers"] == ref.exit_layers
 
 

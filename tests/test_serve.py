@@ -208,6 +208,10 @@ def test_build_app_checks_its_arguments():
         build_app({"registry": str(REGISTRY), "stream_hold": 0.2})
     with pytest.raises(ValueError, match=r"expected_seq_len must be in \[1, max_model_len=1024\], got 2000"):
         build_app({"registry": str(REGISTRY), "expected_seq_len": 2000})
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+        build_app({"registry": str(REGISTRY), "block_size": 0})
+    with pytest.raises(ValueError, match="enable_prefix_caching must be true or false, got 'no'"):
+        build_app({"registry": str(REGISTRY), "enable_prefix_caching": "no"})
 
 
 def test_the_autoscaling_target_counts_sequences_of_the_expected_length():
