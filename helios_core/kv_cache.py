@@ -195,7 +195,7 @@ class DecodeKV:
 
     def __init__(self, cache: KVCache, positions: list[int], tables: list[list[int]]):
         bs, device = cache.block_size, cache.device
-        self.cache, self.n_rows = cache, len(positions)
+        self.cache = cache
         self.positions = torch.tensor(positions, device=device)
         self.write_block, self.write_offset = _token_slots(tables, positions, [p + 1 for p in positions], bs, device)
 
