@@ -37,6 +37,7 @@
     expected_seq_len  prompt + output tokens of a typical request, for that default (default:
                       max_model_len, the most a request can take)
     block_size        positions per KV block (default 64)
+    max_num_seqs      sequences a replica's engine runs at once, at most (default 256)
     enable_prefix_caching
                       reuse the KV blocks of prompt prefixes seen before (default true)
 """
@@ -77,12 +78,14 @@ def build_app(args: dict | None = None) -> Application:
     policy, api_key = args.pop("policy", None), args.pop("api_key", None)
     autoscaling, threshold = args.pop("autoscaling", None), args.pop("threshold", None)
     expected_len = int(args.pop("expected_seq_len", max_model_len))
-    kv_cache = {"block_size": int(args.pop("block_size", EngineConfig.block_size)),
+    batching = {"block_size": int(args.pop("block_size", EngineConfig.block_size)),
+                "max_num_seqs": int(args.pop("max_num_seqs", EngineConfig.max_num_seqs)),
                 "enable_prefix_caching": args.pop("enable_prefix_caching", True)}
-    if kv_cache["block_size"] < 1:
-        raise ValueError(f"block_size must be >= 1, got {kv_cache['block_size']}")
-    if not isinstance(kv_cache["enable_prefix_caching"], bool):
-        raise ValueError(f"enable_prefix_caching must be true or false, got {kv_cache['enable_prefix_caching']!r}")
+    for name in ("block_size", "max_num_seqs"):
+        if batching[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {batching[name]}")
+    if not isinstance(batching["enable_prefix_caching"], bool):
+        raise ValueError(f"enable_prefix_caching must be true or false, got {batching['enable_prefix_caching']!r}")
     if not 1 <= expected_len <= max_model_len:
         raise ValueError(f"expected_seq_len must be in [1, max_model_len={max_model_len}], got {expected_len}")
     max_body_bytes = int(args.pop("max_body_bytes", MAX_BODY_BYTES))
@@ -96,20 +99,24 @@ def build_app(args: dict | None = None) -> Application:
     # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own
     # device, so on a cluster whose replicas' devices differ from this host's these sizes are estimates.
     entries = list(Registry.load(registry, dtype))
-    router = Router.bind(registry, budget, max_model_len, policy, dtype, block_size=kv_cache["block_size"])
+    router = Router.bind(registry, budget, max_model_len, policy, dtype, block_size=batching["block_size"],
+                         max_num_seqs=batching["max_num_seqs"])
     replicas = {}
     for entry in entries:
         options = {"name": f"model-{entry.name}", "ray_actor_options": actor, **queueing}
         if threshold is not None:
             options["user_config"] = {"threshold": float(threshold)}
         if autoscaling is not None:
-            target = autoscaling_target(entry, budget, max_model_len, expected_len, kv_cache["block_size"])
+            target = autoscaling_target(entry, budget, max_model_len, expected_len, batching)
             options["autoscaling_config"] = {"target_ongoing_requests": target, **autoscaling}
         replicas[entry.name] = ModelReplica.options(**options).bind(
-            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness, kv_cache)
+            entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness, batching)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key, max_model_len, max_body_bytes)
 
 
-def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int, block_size: int = 64) -> int:
+def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int, batching: dict | None = None) -> int:
     """Requests one replica serves at once at full depth: sequences of `expected_len` tokens in its KV pool."""
-    return entry.plan(entry.num_layers, budget, max_model_len, block_size=block_size).sequences(expected_len)
+    batching = batching or {}
+    plan = entry.plan(entry.num_layers, budget, max_model_len, batching.get("max_num_seqs", EngineConfig.max_num_seqs),
+                      block_size=batching.get("block_size", EngineConfig.block_size))
+    return plan.sequences(expected_len)

@@ -126,7 +126,7 @@ class ModelReplica:
     def __init__(self, model: str, registry: str, memory_budget: int, max_model_len: int, router=None,
                  device: str = "auto", dtype: str = "auto", threads: int = 1,
                  stream_max_hold_s: float = MAX_HOLD_S, engine_niceness: int | None = ENGINE_NICENESS,
-                 kv_cache: dict | None = None):
+                 batching: dict | None = None):
         # "auto" is resolved for this replica's device, so the registry's plans are its engine's.
         dtype = dtype_name(resolve_dtype(dtype, default_device() if device == "auto" else device))
         self.entry = Registry.load(registry, dtype)[model]
@@ -135,7 +135,7 @@ class ModelReplica:
         # spin-waiting across them costs far more than it gains.
         self.engine = EngineProcess(EngineConfig(
             model=str(self.entry.path), name=model, dtype=dtype, device=device, memory_budget=memory_budget,
-            max_model_len=max_model_len, exit=self.entry.exit_config(), **(kv_cache or {})), threads,
+            max_model_len=max_model_len, exit=self.entry.exit_config(), **(batching or {})), threads,
             engine_niceness)
         niceness = os.getpriority(os.PRIO_PROCESS, self.engine.pid)
         if engine_niceness is not None and niceness != engine_niceness:

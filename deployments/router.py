@@ -50,7 +50,8 @@ def _kv():
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 class Router:
     def __init__(self, registry: str, memory_budget: int, max_model_len: int, policy: dict | None = None,
-                 dtype: str | None = None, state_key: str | None = None, block_size: int = 64):
+                 dtype: str | None = None, state_key: str | None = None, block_size: int = 64,
+                 max_num_seqs: int = 256):
         config = PolicyConfig(**(policy or {}))
         # One key per application, so two Helios apps on a cluster keep their own state.
         self.state_key = (state_key or f"helios/router/{serve.get_replica_context().app_name}").encode()
@@ -61,7 +62,8 @@ class Router:
             self.policy: HeliosPolicy = state
             logger.info("router: restored policy state (%d events)", len(self.policy.events))
         else:
-            self.policy = HeliosPolicy(Registry.load(registry, dtype), Limits(memory_budget, max_model_len, block_size=block_size), config)
+            limits = Limits(memory_budget, max_model_len, max_num_seqs, block_size=block_size)
+            self.policy = HeliosPolicy(Registry.load(registry, dtype), limits, config)
         self._events_counted = len(self.policy.events)
         self._in_flight: dict[str, int] = {}  # model -> running + waiting at its last report
         self._event_metric = metrics.Counter("helios_policy_events", "profiles, loads, switches of the policy",

@@ -210,6 +210,8 @@ def test_build_app_checks_its_arguments():
         build_app({"registry": str(REGISTRY), "expected_seq_len": 2000})
     with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
         build_app({"registry": str(REGISTRY), "block_size": 0})
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        build_app({"registry": str(REGISTRY), "max_num_seqs": 0})
     with pytest.raises(ValueError, match="enable_prefix_caching must be true or false, got 'no'"):
         build_app({"registry": str(REGISTRY), "enable_prefix_caching": "no"})
 
@@ -221,6 +223,7 @@ def test_the_autoscaling_target_counts_sequences_of_the_expected_length():
     plan = entry.plan(entry.num_layers, budget, 1024)
     assert autoscaling_target(entry, budget, 1024, 1024) == plan.num_blocks // (1024 // plan.block_size)
     assert autoscaling_target(entry, budget, 1024, 256) == min(plan.max_seqs, plan.num_blocks // (256 // plan.block_size))
+    assert autoscaling_target(entry, budget, 1024, 256, {"max_num_seqs": 3}) == 3
 
 
 def test_a_lone_stream_gets_every_token_at_once_and_the_last_is_never_held():

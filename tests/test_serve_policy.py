@@ -26,8 +26,9 @@ from prompts import load_prompts  # noqa: E402
 
 @pytest.fixture(scope="module")
 def client(serve_cluster):
+    # max_num_seqs 8: the first candidate runs 8 of the burst at once, so there is a queue to hand on.
     serve.run(build_app({"registry": str(ROOT / "models" / "registry.yaml"), "memory_budget": "64MiB",
-                         "dtype": "float32", "max_tokens": 32,
+                         "dtype": "float32", "max_tokens": 32, "max_num_seqs": 8,
                          # breach_limit 99 of 100: the depth chosen stays (no breach-triggered load), so
                          # the replicas can be checked against it
                          "policy": {"profile_requests": 4, "slo": "energy", "coverage": 0.5, "breach_limit": 99}}),
