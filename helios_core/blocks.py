@@ -49,6 +49,10 @@ class PrefixStats:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
+    def counts(self) -> tuple[int, int, int]:
+        """(lookups, hits, tokens_saved), for summing over engines."""
+        return self.lookups, self.hits, self.tokens_saved
+
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, prefix_caching: bool = True):

@@ -334,7 +334,7 @@ class LLMEngine:
             torch.tensor([s.threshold for s in seqs], device=self.device),
             torch.tensor(early, device=self.device),
             any_early_exit=any(early),
-            caps=[s.depth_cap or self.num_layers for s in seqs],
+            caps=[s.depth_cap or self.num_layers for s in seqs] if any(s.depth_cap for s in seqs) else None,
         )
         new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]

@@ -91,7 +91,7 @@ class EngineState:
         sched, m, s = engine.scheduler, engine.memory, engine.stats
         running, used = sched.running, sched.blocks.num_used
         return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
-                           m.capacity_tokens, used * m.block_size, engine.mean_seq_len, sched.num_preempted,
+                           m.capacity_tokens, sched.used_tokens, engine.mean_seq_len, sched.num_preempted,
                            sched.blocks.stats.hit_rate, sched.blocks.stats.tokens_saved,
                            len(running), len(sched.waiting), sum(len(q.token_ids) for q in running),
                            m.weight_bytes, m.kv_bytes, used * m.kv_bytes_per_block, m.budget_bytes,

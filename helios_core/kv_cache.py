@@ -62,10 +62,6 @@ class MemoryPlan:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    @property
-    def kv_bytes_per_token(self) -> float:
-        return self.kv_bytes_per_block / self.block_size
-
     def sequences(self, mean_len: float) -> int:
         """Sequences of `mean_len` tokens (prompt + output) the pool holds at once."""
         per_seq = blocks_for(max(1, round(mean_len)), self.block_size)

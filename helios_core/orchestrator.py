@@ -223,8 +223,7 @@ class Orchestrator:
 
     def _release(self, name: str) -> None:
         engine = self.engines.pop(name)
-        s = engine.scheduler.blocks.stats
-        self._released_prefix = [a + b for a, b in zip(self._released_prefix, (s.lookups, s.hits, s.tokens_saved))]
+        self._released_prefix = [a + b for a, b in zip(self._released_prefix, engine.scheduler.blocks.stats.counts())]
         self._log("release", name, engine)
         del engine
         gc.collect()
@@ -241,7 +240,7 @@ class Orchestrator:
 
     def prefix_totals(self) -> tuple[int, int, int]:
         """Prompt blocks looked up, found cached, and positions saved, over every engine since start."""
-        live = [(s.lookups, s.hits, s.tokens_saved) for s in (e.scheduler.blocks.stats for e in self.engines.values())]
+        live = [e.scheduler.blocks.stats.counts() for e in self.engines.values()]
         return tuple(map(sum, zip(self._released_prefix, *live)))
 
     # --- conveniences ---------------------------------------------------------------------------

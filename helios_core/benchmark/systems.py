@@ -51,8 +51,7 @@ class EngineSystem:
         return self.engine.memory.weight_bytes, self.engine.memory.kv_bytes
 
     def prefix(self) -> tuple[int, int, int]:
-        s = self.engine.scheduler.blocks.stats
-        return s.lookups, s.hits, s.tokens_saved
+        return self.engine.scheduler.blocks.stats.counts()
 
     def config_of(self, out: RequestOutput) -> tuple[str, int, tuple[int, ...] | None]:
         return self.engine.name, self.engine.num_layers, self.engine.exit_layers
