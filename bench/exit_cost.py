@@ -98,7 +98,7 @@ def profiled() -> dict[str, tuple[float | None, float | None]]:
         L = row.num_layers
         points = registry[name].exit_config().exit_points(L)  # what profiling checked
         layers, checks = exit_walk(points, L, {d: n / row.tokens for d, n in row.histogram.items()})
-        step = fit.seconds(L, 4 * layers, 4 * checks) if fit else None
+        step = fit.seconds(L, 4 * layers, 4 * checks, 4) if fit else None
         out[name] = (row.time_per_token_s, step)
     return out
 

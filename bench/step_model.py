@@ -78,7 +78,7 @@ def main() -> None:
         steps = record_steps(entry.path, entry.exit_config(), [L, max(2, L // 2), 2], args.tokens)
         full, partial = [s for s in steps if s.depth == L], [s for s in steps if s.depth < L]
         fit = fit_steps([sample(s) for s in full])
-        rows = [("helios", lambda s: fit.seconds(s.depth, s.layer_rows, s.check_rows),
+        rows = [("helios", lambda s: fit.seconds(s.depth, s.layer_rows, s.check_rows, s.rows),
                  f"{fit.per_layer_s * 1e3:.3f} | {fit.per_row_layer_s * 1e3:.3f}"),
                 ("no depth", no_depth_fit(full), "- | -")]
         for label, predict, coefficients in rows:

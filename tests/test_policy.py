@@ -106,10 +106,10 @@ def test_breaches_at_a_partial_depth_are_censored():
 # --- step-time model -----------------------------------------------------------------------------
 def test_step_fit_recovers_the_coefficients_and_ignores_stray_slow_steps():
     records = steps(1e-3, 4e-4, 6, layers_per_row=3.5) + steps(1e-3, 4e-4, 3, rows=(1, 3, 5), layers_per_row=2.2)
-    fit = fit_steps([(r.seconds, r.depth, r.layer_rows, r.check_rows) for r in records])
+    fit = fit_steps([(r.seconds, r.depth, r.layer_rows, r.check_rows, r.rows) for r in records])
     assert fit.per_layer_s == pytest.approx(1e-3) and fit.per_row_layer_s == pytest.approx(4e-4)
     # A few steps 10x slow (another process had the core): one trimming pass drops them.
-    noisy = [(r.seconds * (10 if i % 9 == 0 else 1 + 0.02 * (i % 3)), r.depth, r.layer_rows, 0)
+    noisy = [(r.seconds * (10 if i % 9 == 0 else 1 + 0.02 * (i % 3)), r.depth, r.layer_rows, 0, r.rows)
              for i, r in enumerate(records)]
     fit = fit_steps(noisy)
     assert fit.per_layer_s == pytest.approx(1e-3, rel=0.1) and fit.per_row_layer_s == pytest.approx(4e-4, rel=0.1)
@@ -117,17 +117,17 @@ def test_step_fit_recovers_the_coefficients_and_ignores_stray_slow_steps():
 
 
 def test_step_fit_needs_steps_that_separate_the_terms():
-    same_shape = [(0.01, 6, 24, 0)] * 20  # one batch size, no exits: depth and layer-rows move together
+    same_shape = [(0.01, 6, 24, 0, 4)] * 20  # one batch size, no exits: depth and layer-rows move together
     assert fit_steps(same_shape) is None
-    assert fit_steps([(0.01, 6, 6 * n, 0) for n in (1, 2, 4)]) is None  # too few steps
+    assert fit_steps([(0.01, 6, 6 * n, 0, n) for n in (1, 2, 4)]) is None  # too few steps
     # Time that does not grow with the batch: all per-layer, never a negative per-row cost.
-    flat = fit_steps([(0.006 - 1e-5 * n, 6, 6 * n, 0) for n in (1, 2, 4, 8) * 3])
+    flat = fit_steps([(0.006 - 1e-5 * n, 6, 6 * n, 0, n) for n in (1, 2, 4, 8) * 3])
     assert flat.per_row_layer_s == 0.0 and flat.per_layer_s > 0
 
 
 def test_step_fit_prices_a_check_only_where_the_steps_checked_at_different_densities():
-    def step(n, checks_per_row):  # depth 6, every row runs 4 blocks
-        return 1e-3 * 6 + 4e-4 * 4 * n + 3e-4 * checks_per_row * n, 6, 4 * n, checks_per_row * n
+    def step(n, checks_per_row):  # depth 6, every row runs 4 blocks (exited rows cost nothing here)
+        return 1e-3 * 6 + 4e-4 * 4 * n + 3e-4 * checks_per_row * n, 6, 4 * n, checks_per_row * n, n
 
     every_layer = [step(n, 4) for n in (1, 2, 4, 8)] * 3
     fit = fit_steps(every_layer)  # checks per block never vary: the check stays inside the block cost
@@ -138,8 +138,37 @@ def test_step_fit_prices_a_check_only_where_the_steps_checked_at_different_densi
     assert both.seconds(6, 8, 2) == pytest.approx(6e-3 + 8 * 4e-4 + 2 * 3e-4)
     given = fit_steps(every_layer, check_ratio=0.75)  # until then, the offline profile's check in blocks
     assert given.per_row_layer_s == pytest.approx(4e-4) and given.per_check_row_s == pytest.approx(3e-4)
-    slower = fit_steps([(2 * t, d, r, k) for t, d, r, k in every_layer], check_ratio=0.75)  # the machine slowed
+    slower = fit_steps([(2 * t, d, r, k, n) for t, d, r, k, n in every_layer], check_ratio=0.75)  # the machine slowed
     assert slower.per_row_layer_s == pytest.approx(8e-4) and slower.per_check_row_s == pytest.approx(6e-4)
+
+
+def test_a_row_that_exited_still_pays_the_attention_half_of_every_deeper_layer():
+    """Exited rows write K/V and run attention in the layers above their exit: the fit prices those
+    layers at the model's attention share of a block, so exits save only the rest."""
+    share = 0.25
+    def step(n, layers_per_row):  # depth 8: n rows, each through `layers_per_row` blocks, the rest exited
+        exited = n * (8 - layers_per_row)
+        return 1e-3 * 8 + 4e-4 * (n * layers_per_row + share * exited), 8, n * layers_per_row, 0, n
+
+    samples = [step(n, k) for n in (1, 2, 4, 8) for k in (3, 5, 8)] * 2
+    fit = fit_steps(samples, exited_share=share)
+    assert fit.per_layer_s == pytest.approx(1e-3) and fit.per_row_layer_s == pytest.approx(4e-4)
+    assert fit.seconds(8, 24, 0, 8) == pytest.approx(step(8, 3)[0])
+    assert fit.exit_saving_s == pytest.approx(3e-4)
+    free = fit_steps(samples)  # counted as free, exits look cheaper than they are at the big batch
+    assert free.seconds(8, 24, 0, 8) < step(8, 3)[0]
+    # The estimate charges the exited rows too: 8 rows through 2.2 of 6 layers, 3.8 layers exited.
+    entry_fit = StepFit(1e-3, 4e-4, None, 20, exited_share=share)
+    assert entry_fit.seconds(6, 8 * 2.2, 0, 8) == pytest.approx(6e-3 + 4e-4 * 8 * (2.2 + share * 3.8))
+    assert entry_fit.seconds(6, 8 * 6) == pytest.approx(6e-3 + 4e-4 * 48)  # no rows given: none exited
+
+
+def test_the_attention_share_is_the_attention_halfs_weights(family):
+    c = Registry.load(family, "float32")["tiny-6l"].config
+    attention = c.hidden_size * (2 * c.q_size + 2 * c.kv_size)
+    mlp = (3 if c.gated_mlp else 2) * c.hidden_size * c.intermediate_size
+    assert c.attention_share == pytest.approx(attention / (attention + mlp))
+    assert 0 < c.attention_share < 1
 
 
 def test_exit_points_are_kept_only_where_their_exits_pay_for_the_check():
@@ -510,6 +539,6 @@ def test_helios_profile_fills_the_registry_and_the_shortlist_uses_it(family, tmp
     e = estimate(entry, None, entry.num_layers, LIMITS)
     assert e.measured and e.tpot_s == pytest.approx(entry.profile.time_per_output_token_s)
     # ... with the step-time fit of its batch and of one prompt alone
-    assert e.step == entry.profile.step_fit and e.step.per_layer_s + e.step.per_row_layer_s > 0
+    assert e.step == entry.profile.step_fit(entry.config.attention_share) and e.step.per_layer_s + e.step.per_row_layer_s > 0
     with pytest.raises(SystemExit):
         main(["profile", "--registry", str(family), "--prompts", str(tmp_path / "missing.txt")])

@@ -80,6 +80,15 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def attention_share(self) -> float:
+        """The attention half's share of a block's per-row matmul work (Q/K/V and output projections
+        over all of them): what a row that exited below a layer still costs there, since it writes
+        the layer's K/V and the decode step runs attention on the whole batch (runner.py)."""
+        attention = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
+        return attention / (attention + mlp)
+
     def kv_bytes_per_token_per_layer(self, element_size: int) -> int:
         """K and V for one token in one layer."""
         return 2 * self.kv_size * element_size

@@ -81,7 +81,8 @@ class HeliosPolicy:
         self.limits = replace(limits, memory_budget=limits.memory_budget // share)
         self._lengths: deque[int] = deque(maxlen=256)  # prompt + output tokens of recent requests
         self.pht = PerformanceHistoryTable({e.name: e.profile.check_ratio for e in registry
-                                            if e.profile and e.profile.check_ratio is not None})
+                                            if e.profile and e.profile.check_ratio is not None},
+                                           {e.name: e.config.attention_share for e in registry})
         self.task_rows: dict[tuple[str, str], ProfileRow] = {}  # per-request mode: (model, task) -> profile
         self.monitors = {m: BreachMonitor(c.window, c.breach_limit) for m in self.candidates}
         self.events: list[PolicyEvent] = []

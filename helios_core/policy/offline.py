@@ -35,7 +35,7 @@ def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, m
     records = [r for c in done for r in c.records]
     engine.set_exit_layers(())  # the same batch without a check: what the checks cost
     engine.generate([p.text for p in prompts], params)
-    fit = fit_steps([sample(s) for s in engine.drain_steps()])
+    fit = fit_steps([sample(s) for s in engine.drain_steps()], exited_share=entry.config.attention_share)
     tpots = [c.summary.time_per_output_token_s for c in done if c.summary.time_per_output_token_s is not None]
     exits = Counter(r.exit_layer for r in records)
     return OfflineProfile(

@@ -13,11 +13,15 @@ The table also keeps each model's engine steps (`StepRecord`: decode wall time, 
 blocks and exit checks run), at every depth it has served at, and fits the step-time model the cost
 model uses:
 
-    step seconds = per_layer_s x loaded depth + per_row_layer_s x layer-rows + per_check_row_s x check-rows
+    step seconds = per_layer_s x loaded depth + per_row_layer_s x (layer-rows + exited_share x exited-rows)
+                   + per_check_row_s x check-rows
 
 per_layer_s is what every loaded layer costs once per step, whoever runs it (kernel launches, the
-exited rows' K/V fill, the fixed part of the exit checks); per_row_layer_s is one row through one
-block; per_check_row_s one row's exit check (the final norm, the LM head and the confidence), which
+fixed part of the exit checks); per_row_layer_s is one row through one block; exited-rows counts the
+layers a row passes after it exited (rows x depth - layer-rows), where it still runs the attention
+half of the block (its K/V, and attention over the whole batch: runner.py), priced at the model's
+`ModelConfig.attention_share` of a block (a prior from the weights: the steps of one workload hardly
+separate the two halves); per_check_row_s one row's exit check (the final norm, the LM head and the confidence), which
 the policy weighs against the blocks an exit saves when it thins the exit points (planner.py). The
 check cost separates from the blocks only over steps that checked at different densities; until
 then a check costs what the offline profile measured in blocks, and without one it stays inside
@@ -113,28 +117,36 @@ class StepFit:
     prefill_token_layer_s: float | None  # measured prefill seconds per prompt token per layer, if any
     samples: int
     per_check_row_s: float | None = None  # per exit check of one row (final norm, LM head, confidence)
+    exited_share: float = 0.0  # what a layer costs a row that exited below it, as a share of per_row_layer_s
 
-    def seconds(self, depth: float, layer_rows: float, check_rows: float = 0.0) -> float:
+    def seconds(self, depth: float, layer_rows: float, check_rows: float = 0.0, rows: float | None = None) -> float:
         """Predicted decode step time with `depth` layers loaded, `layer_rows` blocks and `check_rows`
-        exit checks run."""
-        return self.per_layer_s * depth + self.per_row_layer_s * layer_rows + (self.per_check_row_s or 0.0) * check_rows
+        exit checks run by `rows` sequences (None: no row exited early, rows x depth = layer_rows)."""
+        exited = 0.0 if rows is None else max(0.0, rows * depth - layer_rows)
+        return (self.per_layer_s * depth + self.per_row_layer_s * (layer_rows + self.exited_share * exited)
+                + (self.per_check_row_s or 0.0) * check_rows)
+
+    @property
+    def exit_saving_s(self) -> float:
+        """What a row saves per layer it skips by exiting: the block, less the attention half it still runs."""
+        return self.per_row_layer_s * (1.0 - self.exited_share)
 
     def to_dict(self) -> dict:
         return {"per_layer_s": self.per_layer_s, "per_row_layer_s": self.per_row_layer_s,
-                "per_check_row_s": self.per_check_row_s, "prefill_token_layer_s": self.prefill_token_layer_s,
-                "samples": self.samples}
+                "per_check_row_s": self.per_check_row_s, "exited_share": self.exited_share,
+                "prefill_token_layer_s": self.prefill_token_layer_s, "samples": self.samples}
 
 
-Sample = tuple[float, int, int, int]  # (decode seconds, depth, layer-rows, check-rows): compact for the router's state
+Sample = tuple[float, int, int, int, int]  # (decode seconds, depth, layer-rows, check-rows, rows): compact
 CHECK_SPREAD = 0.25  # checks per block must vary this much across the steps to fit the check cost apart
 
 
 def sample(record: StepRecord) -> Sample:
-    return record.seconds, record.depth, record.layer_rows, record.check_rows
+    return record.seconds, record.depth, record.layer_rows, record.check_rows, record.rows
 
 
 def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None,
-              check_ratio: float | None = None) -> StepFit | None:
+              check_ratio: float | None = None, exited_share: float = 0.0) -> StepFit | None:
     """Least squares of seconds on (depth, layer-rows, check-rows), then once more without the steps whose
     residual exceeds 3x the median: a shared CPU leaves stray slow steps (another process, a first call).
 
@@ -142,23 +154,26 @@ def fit_steps(samples: list[Sample], prefill_token_layer_s: float | None = None,
     e.g. profiling at every exit point and serving at a few, with MIN_STEPS at each end; otherwise a
     check costs `check_ratio` blocks (the offline profile's ratio: a property of the model on the
     device, which outlasts the machine's speed drifting since), and without one the checks stay
-    inside per_row_layer_s."""
-    fit = _least_squares(samples, prefill_token_layer_s, check_ratio)
+    inside per_row_layer_s. A layer a row passes after exiting counts as `exited_share` of a block."""
+    fit = _least_squares(samples, prefill_token_layer_s, check_ratio, exited_share)
     if fit is None:
         return None
-    residuals = [abs(t - fit.seconds(d, r, k)) for t, d, r, k in samples]
+    residuals = [abs(t - fit.seconds(d, r, k, n)) for t, d, r, k, n in samples]
     cut = max(3 * statistics.median(residuals), 1e-12)
     kept = [s for s, e in zip(samples, residuals) if e <= cut]
-    return _least_squares(kept, prefill_token_layer_s, check_ratio) or fit
+    return _least_squares(kept, prefill_token_layer_s, check_ratio, exited_share) or fit
 
 
-def _least_squares(samples: list[Sample], prefill: float | None, check_ratio: float | None) -> StepFit | None:
+def _least_squares(samples: list[Sample], prefill: float | None, check_ratio: float | None,
+                   exited_share: float) -> StepFit | None:
     """Coefficients >= 0, through the origin (the data put the intercept near 0). None when the steps
     cannot separate depth from layer-rows: too few, or layer-rows per loaded layer (the batch) never varied."""
     if len(samples) < MIN_STEPS:
         return None
     t = np.array([s[0] for s in samples], dtype=float)
-    x = np.array([s[1:] for s in samples], dtype=float)  # depth, layer-rows, check-rows
+    x = np.array([s[1:4] for s in samples], dtype=float)  # depth, block-rows, check-rows
+    rows = np.array([s[4] for s in samples], dtype=float)
+    x[:, 1] += exited_share * np.maximum(rows * x[:, 0] - x[:, 1], 0.0)  # exited rows' attention halves
     sdd, sdr, srr = x[:, 0] @ x[:, 0], x[:, 0] @ x[:, 1], x[:, 1] @ x[:, 1]
     if srr <= 0 or sdd * srr - sdr * sdr <= 0.01 * sdd * srr:
         return None
@@ -168,12 +183,12 @@ def _least_squares(samples: list[Sample], prefill: float | None, check_ratio: fl
     if density.max() - density.min() >= CHECK_SPREAD and min(sparse, dense) >= MIN_STEPS:
         a, b, c = _nonnegative(x, t)
         if b > 0 and c > 0:  # else the noise took one term's share: the prior is the better guess
-            return StepFit(a, b, prefill, len(samples), c)
+            return StepFit(a, b, prefill, len(samples), c, exited_share)
     if check_ratio is not None:  # a check is check_ratio blocks: one regressor, blocks + ratio x checks
         a, b = _nonnegative(np.stack([x[:, 0], x[:, 1] + check_ratio * x[:, 2]], axis=1), t)
-        return StepFit(a, b, prefill, len(samples), check_ratio * b)
+        return StepFit(a, b, prefill, len(samples), check_ratio * b, exited_share)
     a, b = _nonnegative(x[:, :2], t)
-    return StepFit(a, b, prefill, len(samples))
+    return StepFit(a, b, prefill, len(samples), exited_share=exited_share)
 
 
 def _nonnegative(x: np.ndarray, t: np.ndarray) -> list[float]:
@@ -194,8 +209,9 @@ def _nonnegative(x: np.ndarray, t: np.ndarray) -> list[float]:
 
 
 class PerformanceHistoryTable:
-    def __init__(self, check_priors: dict[str, float] | None = None):
+    def __init__(self, check_priors: dict[str, float] | None = None, exited_shares: dict[str, float] | None = None):
         self.check_priors = check_priors or {}  # model -> a check's cost in blocks (offline), until the steps fit one
+        self.exited_shares = exited_shares or {}  # model -> ModelConfig.attention_share
         self.rows: dict[str, ProfileRow] = {}
         self.steps: dict[tuple[str, int], deque[Sample]] = {}  # (model, depth) -> newest decode steps
         self.prefill: dict[str, tuple[float, int]] = {}  # model -> (prefill seconds, prompt token-layers)
@@ -216,7 +232,7 @@ class PerformanceHistoryTable:
             samples = [s for (m, _), q in self.steps.items() if m == model for s in q]
             seconds, token_layers = self.prefill.get(model, (0.0, 0))
             self._fits[model] = fit_steps(samples, seconds / token_layers if token_layers else None,
-                                          self.check_priors.get(model))
+                                          self.check_priors.get(model), self.exited_shares.get(model, 0.0))
         return self._fits[model]
 
     def start(self, model: str, num_layers: int, at_request: int) -> ProfileRow:

@@ -12,13 +12,15 @@ Estimates for a model m loaded to depth d (L = m's layers), from its full-depth 
   capacity(d) = the engine's memory plan: (budget - weights(d) - workspace) / KV bytes per block(d)
                 blocks, in sequences of the observed mean length (prompt + output)
   n           = min(capacity(d), demand): the batch the objective assumes
-  step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d + per_row_layer_s * n * layers(d)
-                + per_check_row_s * n * checks(d), the time between a sequence's tokens with n sequences
-                decoding; the batch's fixed cost per loaded layer is shared by its n rows, the blocks are not.
+  step(n, d)  = the model's measured step-time fit (pht.StepFit): per_layer_s * d
+                + per_row_layer_s * n * (layers(d) + exited_share * (d - layers(d))) + per_check_row_s * n * checks(d),
+                the time between a sequence's tokens with n sequences decoding; the batch's fixed cost per
+                loaded layer is shared by its n rows, the blocks are not, and a row that exited still runs
+                the attention half of every deeper loaded layer.
 Exit points: a check (final norm + LM head + softmax) costs about as much as a block or more, so
 checking at every layer costs more than the exits it finds save. Where the step fit prices a check,
 the estimate keeps only the exit points whose exits pay for it (`thin_exits`: the subset minimising
-per_row_layer_s * layers + per_check_row_s * checks, assuming a token confident at depth l is still
+the blocks' exit saving * layers + per_check_row_s * checks, assuming a token confident at depth l is still
 confident at the next point kept), and the policy serves with those. Checking later never lets a
 token leave earlier, so quality can only move toward full depth's; profiling keeps every point, so
 the histogram says where each token first became confident.
@@ -129,7 +131,7 @@ class Estimate:
 
     def step_s(self, rows: int) -> float:
         """Seconds per decode step (between a sequence's tokens) with `rows` sequences decoding."""
-        return self.step.seconds(self.depth, rows * self.layers, rows * self.checks) if self.step else self.tpot_s
+        return self.step.seconds(self.depth, rows * self.layers, rows * self.checks, rows) if self.step else self.tpot_s
 
     @property
     def token_layer_s(self) -> float:
@@ -217,7 +219,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
         shares = dict(entry.profile.exit_shares)
         layers_full = sum(d * s for d, s in shares.items())
         tpot_full = entry.profile.time_per_output_token_s
-        steps = steps or entry.profile.step_fit
+        steps = steps or entry.profile.step_fit(entry.config.attention_share)
     else:  # no measurement: a prior of exits spread evenly over the L layers
         layers_full = tpot_full = None
     points, exits = tuple(p for p in exit_points(entry) if p < depth), None
@@ -231,7 +233,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
     measured = bool(tpot_full) and bool(layers_full)
     tpot = tpot_full * layers / layers_full if measured else flops_per_token(entry, layers, checks)
     if shares is not None and steps is not None and steps.per_check_row_s is not None:
-        exits = thin_exits(points, depth, shares, steps.per_row_layer_s, steps.per_check_row_s)
+        exits = thin_exits(points, depth, shares, steps.exit_saving_s, steps.per_check_row_s)
         layers, checks = exit_walk(exits, depth, shares)
     breach = 0.0 if depth == L else min(1.0, max(0.0, not_exited) * shift)
     flops = flops_per_token(entry, layers, checks)

@@ -75,12 +75,12 @@ class OfflineProfile:
             return None
         return self.step_per_check_row_s / self.step_per_row_layer_s
 
-    @property
-    def step_fit(self) -> StepFit | None:
+    def step_fit(self, exited_share: float) -> StepFit | None:
+        """The recorded fit; `exited_share` is the model's `ModelConfig.attention_share` (not recorded)."""
         if self.step_per_layer_s is None or self.step_per_row_layer_s is None:
             return None
         return StepFit(self.step_per_layer_s, self.step_per_row_layer_s, None, samples=0,  # count not recorded
-                       per_check_row_s=self.step_per_check_row_s)
+                       per_check_row_s=self.step_per_check_row_s, exited_share=exited_share)
 
 
 @dataclass(frozen=True)
