@@ -151,7 +151,12 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
-    assert set(report["systems"]) == {"helios", "ee_baseline", "full_depth", "hf_generate"}
+    assert set(report["systems"]) == {"helios", "helios_single", "ee_baseline", "full_depth", "hf_generate"}
+    # helios_single runs the HELIOS loop over the baseline model alone: nothing else serves, or is ever started.
+    single = report["systems"]["helios_single"]["served_by"]
+    assert single and all(config.startswith(report["settings"]["baseline"] + "@") for config in single), single
+    assert {e["model"] for e in report["loops"]["helios_single"]["timeline"]} == {report["settings"]["baseline"]}
+    assert set(report["loops"]) == {"helios", "helios_single"}
     for name, r in report["systems"].items():
         assert REQUIRED <= set(r), name
         assert r["completed"] == 6 and r["errors"] == 0 and r["output_tokens"] == 36
@@ -164,7 +169,8 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
     assert report["systems"]["full_depth"]["agreement_with_full_depth"] == 1.0
     assert report["systems"]["hf_generate"]["accuracy"] == pytest.approx(report["systems"]["full_depth"]["accuracy"],
                                                                          abs=0.01)
-    assert {p["system"] for p in report["sweep"]} == {"full_depth", "ee_baseline", "helios", "fixed_depth"}
+    assert {p["system"] for p in report["sweep"]} == {"full_depth", "ee_baseline", "helios", "helios_single",
+                                                      "fixed_depth"}
     assert {p["exit_every"] for p in report["sweep"] if p["system"] != "full_depth"} == {4}
     assert "full_depth" in report["matched_quality"]["points"]
     assert "| helios |" in (out / "results.md").read_text()

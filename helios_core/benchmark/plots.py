@@ -54,21 +54,22 @@ def exit_histograms(report: dict, out: Path) -> Path:
 
 
 def timeline(report: dict, out: Path) -> Path | None:
-    events = report.get("timeline") or []
-    if not events:
+    loops = {name: loop["timeline"] for name, loop in report.get("loops", {}).items() if loop["timeline"]}
+    if not loops:
         return None
-    t0 = events[0]["time"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for model in sorted({e["model"] for e in events}):
-        mine = [e for e in events if e["model"] == model]
-        ax.step([e["time"] - t0 for e in mine], [e["capacity"] if e["kind"] != "release" else 0 for e in mine],
-                where="post", marker="o", label=model)
-        for e in mine:
-            ax.annotate(f"{e['kind']} {e['layers']}L", (e["time"] - t0, e["capacity"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set(xlabel="seconds since start", ylabel="batch capacity (sequences)",
-           title="Helios: starts, loads, switches and capacity")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(loops), 1, figsize=(8, 4 * len(loops)), squeeze=False)
+    for ax, (name, events) in zip(axes[:, 0], loops.items()):
+        t0 = events[0]["time"]
+        for model in sorted({e["model"] for e in events}):
+            mine = [e for e in events if e["model"] == model]
+            ax.step([e["time"] - t0 for e in mine], [e["capacity"] if e["kind"] != "release" else 0 for e in mine],
+                    where="post", marker="o", label=model)
+            for e in mine:
+                ax.annotate(f"{e['kind']} {e['layers']}L", (e["time"] - t0, e["capacity"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set(xlabel="seconds since start", ylabel="batch capacity (sequences)",
+               title=f"{name}: starts, loads, switches and capacity")
+        ax.legend(fontsize=8)
     return _save(fig, out / "timeline.png")
 
 

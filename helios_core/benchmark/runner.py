@@ -29,7 +29,8 @@ from .systems import HFGenerate, HeliosSystem, RunResult, drive, engine_system, 
 from .traces import SLO, served_configs, summarize
 from .workload import BenchRequest, load_workload, poisson_arrivals, with_system_prompt
 
-SYSTEMS = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
+SYSTEMS = ("helios", "helios_single", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
+HELIOS_LOOPS = ("helios", "helios_single")  # the systems the orchestrator runs
 QUALITY_SOURCES = {"code": ["stdlib"], "prose": ["pydoc"], "summarize": ["pydoc"]}  # else both
 
 
@@ -45,7 +46,7 @@ class BenchConfig:
     max_model_len: int = 1024
     threshold: float | None = None  # every model's exit threshold; None = the registry's
     exit_every: int | None = None  # exit points every k layers on every model; None = the registry's
-    systems: tuple[str, ...] = ("helios", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
+    systems: tuple[str, ...] = ("helios", "helios_single", "ee_baseline", "full_depth", "hf_generate", "helios_serve")
     loads: tuple[str, ...] = ("closed:64", "poisson:2", "poisson:4", "poisson:8")
     warmup: int = 24
     policy: dict = field(default_factory=dict)  # PolicyConfig fields
@@ -105,9 +106,12 @@ def _requests(base: list[BenchRequest], prefix: str) -> list[BenchRequest]:
 
 def _build(name: str, cfg: BenchConfig, registry: Registry, budget: int):
     entry = registry[cfg.baseline]
-    if name == "helios":
+    if name in HELIOS_LOOPS:
+        # helios_single: the same loop over the baseline model alone (exits, partial loading, freed
+        # memory -> batch; nothing to switch to), so switching's share of the gain reads off the table.
+        models = registry if name == "helios" else Registry([entry], registry.path)
         return HeliosSystem(Orchestrator(OrchestratorConfig(
-            registry=registry, memory_budget=budget, max_model_len=cfg.max_model_len, device=cfg.device,
+            registry=models, memory_budget=budget, max_model_len=cfg.max_model_len, device=cfg.device,
             enable_prefix_caching=cfg.prefix_caching, policy=PolicyConfig(**cfg.policy))))
     if name in ("ee_baseline", "full_depth"):
         return engine_system(str(entry.path), cfg.baseline, budget, cfg.max_model_len, entry.exit_config(),
@@ -174,10 +178,11 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "systems": results,
         "ratios": _ratios(results),
-        "timeline": systems["helios"].orch.timeline if "helios" in systems else [],
-        "policy_events": [dataclasses.asdict(e) for e in systems["helios"].orch.policy.events]
-        if "helios" in systems else [],
-        "pht": systems["helios"].orch.policy.pht.to_dict() if "helios" in systems else {},
+        # Per HELIOS loop: its starts, loads and switches, the policy's decisions, and what it measured.
+        "loops": {name: {"timeline": systems[name].orch.timeline,
+                         "policy_events": [dataclasses.asdict(e) for e in systems[name].orch.policy.events],
+                         "pht": systems[name].orch.policy.pht.to_dict()}
+                  for name in HELIOS_LOOPS if name in systems},
         "serve_policy_events": serve_policy.get("events", []),
         "serve_pht": serve_policy.get("pht", {}),
         "seconds": time.time() - started,
@@ -252,6 +257,9 @@ def _ratios(results: dict) -> dict:
         "helios_over_ee_baseline_throughput": ratio("helios", "ee_baseline", "output_tokens_per_s"),
         "helios_over_full_depth_throughput": ratio("helios", "full_depth", "output_tokens_per_s"),
         "helios_over_ee_baseline_batch": ratio("helios", "ee_baseline", "max_concurrent_batch"),
+        "helios_single_over_ee_baseline_throughput": ratio("helios_single", "ee_baseline", "output_tokens_per_s"),
+        "helios_single_over_ee_baseline_batch": ratio("helios_single", "ee_baseline", "max_concurrent_batch"),
+        "helios_over_helios_single_throughput": ratio("helios", "helios_single", "output_tokens_per_s"),
         "serve_over_in_process_throughput": ratio("helios_serve", "helios", "output_tokens_per_s"),
         "helios_accuracy_minus_full_depth": (results["helios"]["accuracy"] - results["full_depth"]["accuracy"])
         if "helios" in results and "full_depth" in results else None,

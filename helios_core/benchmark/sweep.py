@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..engine import EngineConfig, LLMEngine
 from ..policy import Registry
 from .quality import NO_EXIT, QualityOracle
-from .runner import BenchConfig, _build, _requests, _run, baseline_budget, parse_load, quality_oracle, with_exits
+from .runner import HELIOS_LOOPS, BenchConfig, _build, _requests, _run, baseline_budget, parse_load, quality_oracle, with_exits
 from .systems import EngineSystem
 from .traces import served_configs, summarize
 from .workload import load_workload
@@ -62,8 +62,9 @@ def _frontier_points(cfg, registry, budget, oracle, threshold, every, coverages,
     points = [_point(_build("ee_baseline", c, reg, budget), c, oracle, per_model, system="ee_baseline", **knobs)]
     for coverage in coverages:
         cc = dataclasses.replace(c, policy={**cfg.policy, "coverage": coverage})
-        points.append(_point(_build("helios", cc, reg, budget), cc, oracle, per_model, system="helios",
-                             coverage=coverage, **knobs))
+        for loop in HELIOS_LOOPS:
+            points.append(_point(_build(loop, cc, reg, budget), cc, oracle, per_model, system=loop,
+                                 coverage=coverage, **knobs))
     entry = reg[cfg.baseline]
     for depth in depths:  # partial loading alone: the baseline model at a fixed depth, same budget
         engine = LLMEngine(EngineConfig(model=str(entry.path), name=cfg.baseline, num_layers=depth,
@@ -93,4 +94,6 @@ def matched_ratios(best: dict) -> dict:
 
     return {"helios_over_ee_baseline_throughput": ratio("helios", "ee_baseline", "output_tokens_per_s"),
             "helios_over_full_depth_throughput": ratio("helios", "full_depth", "output_tokens_per_s"),
-            "helios_over_ee_baseline_batch": ratio("helios", "ee_baseline", "max_concurrent_batch")}
+            "helios_over_ee_baseline_batch": ratio("helios", "ee_baseline", "max_concurrent_batch"),
+            "helios_single_over_ee_baseline_throughput": ratio("helios_single", "ee_baseline", "output_tokens_per_s"),
+            "helios_single_over_ee_baseline_batch": ratio("helios_single", "ee_baseline", "max_concurrent_batch")}

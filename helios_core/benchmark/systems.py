@@ -4,6 +4,7 @@ Every system serves the same requests on the same memory budget:
   full_depth    one model, every layer for every token (plain decoding, continuous batching)
   ee_baseline   the same model with every layer loaded and early exits at the threshold (EE-LLM style)
   helios        the orchestrator: the HELIOS policy over the registry, partial loading, switches
+  helios_single the orchestrator over the baseline model alone: exits, partial loading, freed memory -> batch
   hf_generate   transformers `generate` on static batches of B0 requests (what fits the budget)
 """
 
