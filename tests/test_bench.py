@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helios_core.benchmark.runner import baseline_budget, parse_load
+from helios_core.benchmark.runner import _ratios, baseline_budget, parse_load
 from helios_core.benchmark.systems import EngineSystem, HFGenerate, drive, greedy
 from helios_core.benchmark.traces import SLO, Trace, summarize
 from helios_core.benchmark.workload import BenchRequest, load_workload, poisson_arrivals, with_system_prompt
@@ -176,3 +176,22 @@ def test_cli_smoke_run_writes_results_table_and_plots(tmp_path):
     assert "| helios |" in (out / "results.md").read_text()
     for png in ("throughput_vs_load", "latency_cdfs", "exit_histograms", "timeline", "frontier"):
         assert (out / f"{png}.png").stat().st_size > 1000, png
+
+
+def test_ratios_compare_each_helios_loop_with_its_baseline_and_serve_load_by_load():
+    def system(tok_s, batch, loads=()):
+        return {"output_tokens_per_s": tok_s, "max_concurrent_batch": batch, "accuracy": 0.5, "perplexity": 8.0,
+                "loads": [{"load": spec, "output_tokens_per_s": v} for spec, v in loads]}
+
+    results = {"helios": system(300.0, 30, [("closed:64", 300.0), ("poisson:2", 50.0)]),
+               "helios_single": system(200.0, 20), "ee_baseline": system(100.0, 10), "full_depth": system(150.0, 10),
+               "helios_serve": system(270.0, 28, [("closed:64", 270.0), ("poisson:2", 40.0)])}
+    r = _ratios(results)
+    assert r["helios_single_over_ee_baseline_throughput"] == 2.0 and r["helios_single_over_ee_baseline_batch"] == 2.0
+    assert r["helios_over_helios_single_throughput"] == 1.5 and r["helios_over_full_depth_throughput"] == 2.0
+    assert r["serve_over_in_process_throughput_closed:64"] == pytest.approx(0.9)
+    assert r["serve_over_in_process_throughput_poisson:2"] == pytest.approx(0.8)
+    del results["helios_single"], results["helios_serve"]
+    r = _ratios(results)
+    assert r["helios_single_over_ee_baseline_throughput"] is None
+    assert not any(k.startswith("serve_over_in_process_throughput_") for k in r)

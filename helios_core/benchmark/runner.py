@@ -264,7 +264,14 @@ def _ratios(results: dict) -> dict:
         "helios_accuracy_minus_full_depth": (results["helios"]["accuracy"] - results["full_depth"]["accuracy"])
         if "helios" in results and "full_depth" in results else None,
         "helios_perplexity_over_full_depth": ratio("helios", "full_depth", "perplexity"),
+        **{f"serve_over_in_process_throughput_{mine['load']}": _per_load(mine, theirs)
+           for mine, theirs in zip(results.get("helios_serve", {}).get("loads", []),
+                                   results.get("helios", {}).get("loads", []))},
     }
+
+
+def _per_load(mine: dict, theirs: dict) -> float | None:
+    return mine["output_tokens_per_s"] / theirs["output_tokens_per_s"] if theirs["output_tokens_per_s"] else None
 
 
 def nan_to_none(x):
