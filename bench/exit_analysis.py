@@ -40,6 +40,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -52,13 +53,14 @@ import torch.nn.functional as F
 
 from helios_core.engine import load_tokenizer
 from helios_core.exits import ExitConfig, ExitHeads
-from helios_core.models import load_model
+from helios_core.models import Transformer, load_model
 from helios_core.quality import (
     TokenTable,
     batches,
     full_pass,
     chunk_tokens,
     cross_tab,
+    exited_early,
     simulate_exits,
     summarize,
 )
@@ -80,21 +82,27 @@ def held_out_tokens(spec: str, tokenizer, limit: int | None) -> tuple[list[int],
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     files = held_out_files(spec)
     texts = [tokenizer(f.read_text(encoding="utf-8", errors="replace")).input_ids + eos for f in files]
-    cap = max(map(len, texts))
-    if limit is not None and sum(map(len, texts)) > limit:
-        lo, hi = 1, cap  # smallest cap with sum(min(len, cap)) >= limit
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sum(min(len(t), mid) for t in texts) >= limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        cap = lo
+    cap = per_file_cap([len(t) for t in texts], limit)
     ids, used = [], []
     for f, t in zip(files, texts):
         ids += t[:cap]
         used.append({"file": f"{f.parent.name}/{f.name}", "tokens": min(len(t), cap), "file_tokens": len(t)})
     return ids[:limit], used
+
+
+def per_file_cap(lengths: list[int], limit: int | None) -> int:
+    """The smallest cap c with sum(min(length, c)) >= limit (the longest length if all fit)."""
+    cap = max(lengths)
+    if limit is not None and sum(lengths) > limit:
+        lo, hi = 1, cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(min(n, mid) for n in lengths) >= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        cap = lo
+    return cap
 
 
 def shallow_depths(layers: int) -> list[int]:
@@ -106,23 +114,26 @@ def _mean(x: torch.Tensor) -> float | None:
 
 
 @torch.inference_mode()
-def measure(model_dir: Path, chunks: list[list[int]], batch_size: int) -> dict:
-    """Per-token results of one model on one source: full pass, exits at each threshold, forced exits."""
-    net = load_model(model_dir, dtype="float32", device="cpu", max_len=max(len(c) for c in chunks))
-    heads = ExitHeads(net)
+def measure(net: Transformer, heads: ExitHeads, chunks: list[list[int]], batch_size: int,
+            exit_config: ExitConfig = ExitConfig(), thresholds: tuple[float, ...] = THRESHOLDS,
+            ks: list[int] | None = None, depths: list[int] | None = None) -> dict:
+    """Per-token results of one model on one source: full pass (at `depths`, default every depth), exits at
+    each threshold (exit_config's other settings), forced exits with only k layers loaded (default
+    `shallow_depths`)."""
     layers = net.config.num_layers
-    ks = shallow_depths(layers)
+    ks = ks or shallow_depths(layers)
     full = {"targets": [], "nll": [], "top1": [], "conf": []}
-    exits = {t: {"depth": [], "nll": [], "top1": [], "conf": [], "forced": []} for t in THRESHOLDS}
-    forced = {(t, k): {"forced": [], "top1": [], "conf": []} for t in THRESHOLDS for k in ks}
+    exits = {t: {"depth": [], "nll": [], "top1": [], "conf": [], "forced": []} for t in thresholds}
+    forced = {(t, k): {"forced": [], "top1": [], "conf": []} for t in thresholds for k in ks}
+    configs = {t: replace(exit_config, threshold=t) for t in thresholds}
     for batch in batches(chunks, batch_size):
         tokens = torch.tensor(batch)
         targets = tokens[:, 1:].reshape(-1)
-        nll, top1, conf = full_pass(net, heads, tokens, ExitConfig())
+        nll, top1, conf = full_pass(net, heads, tokens, exit_config, depths)
         for key, v in zip(("targets", "nll", "top1", "conf"), (targets, nll, top1, conf)):
             full[key].append(v)
-        for t in THRESHOLDS:
-            trace = simulate_exits(net, heads, tokens, ExitConfig(threshold=t))
+        for t, config in configs.items():
+            trace = simulate_exits(net, heads, tokens, config)
             logits = trace.logits[:, :-1].reshape(-1, trace.logits.shape[-1])
             e = exits[t]
             e["depth"].append(trace.depth[:, :-1].reshape(-1))
@@ -131,7 +142,7 @@ def measure(model_dir: Path, chunks: list[list[int]], batch_size: int) -> dict:
             e["conf"].append(trace.confidence[:, :-1].reshape(-1))
             e["forced"].append(trace.forced[:, :-1].reshape(-1))
             for k in ks:  # partial loading: layers [0, k) only, the rest forced out at depth k
-                tr = simulate_exits(net, heads, tokens, ExitConfig(threshold=t), loaded_layers=k)
+                tr = simulate_exits(net, heads, tokens, config, loaded_layers=k)
                 f = forced[(t, k)]
                 f["forced"].append(tr.depth[:, :-1].reshape(-1) == k)
                 f["top1"].append(tr.logits[:, :-1].reshape(-1, tr.logits.shape[-1]).argmax(-1))
@@ -153,19 +164,20 @@ def pool(parts: list[dict]) -> dict:
                        for key in first["forced"]}}
 
 
-def low_confidence_agreement(r: dict) -> list[dict]:
-    """(2a) among tokens with confidence at depth k below a cut: share with top-1 == final top-1."""
-    top1, conf, layers = r["full"]["top1"], r["full"]["conf"], r["layers"]
+def low_confidence_agreement(r: dict, groups: list[tuple[str, list[int]]], cuts: tuple[float, ...],
+                             depths: list[int] | None = None) -> list[dict]:
+    """(2a) among tokens with confidence at depth k below a cut: share with top-1 == final top-1, for each
+    group of depths (pooled). depths: the full pass's columns (default: every depth); the last is final."""
+    top1, conf = r["full"]["top1"], r["full"]["conf"]
+    depths = depths or list(range(1, r["layers"] + 1))
     final = top1[:, -1]
     rows = []
-    third = max(1, layers // 3)
-    groups = [(f"{k}", [k]) for k in r["shallow"]] + [(f"1-{third} (<= L/3, pooled)", list(range(1, third + 1)))]
-    for label, depths in groups:
-        idx = [d - 1 for d in depths]
+    for label, group in groups:
+        idx = [depths.index(d) for d in group]
         agree = (top1[:, idx] == final[:, None]).reshape(-1)
         c = conf[:, idx].reshape(-1)
-        row = {"depth": label, "depths": depths, "agreement_all": _mean(agree)}
-        for cut in CUTS:
+        row = {"depth": label, "depths": group, "agreement_all": _mean(agree)}
+        for cut in cuts:
             low = c < cut
             row[f"share_below_{cut}"] = _mean(low)
             row[f"agreement_below_{cut}"] = _mean(agree[low])
@@ -194,23 +206,23 @@ def table_of(r: dict, t: float) -> TokenTable:
                       forced=e["forced"])
 
 
-def complementary(results: dict[str, dict], t: float) -> dict:
-    """(1) for each ordered pair: P(early on B | not early on A); union of early exits over the models."""
-    names = list(results)
-    depth = {n: results[n]["exits"][t]["depth"] for n in names}
-    layers = {n: results[n]["layers"] for n in names}
-    early = {n: depth[n] <= EARLY_FRACTION * layers[n] for n in names}
+def complementary(depth: dict[str, torch.Tensor], layers: dict[str, int], t: float,
+                  early_fraction: float | None = EARLY_FRACTION) -> dict:
+    """(1) for each ordered pair: P(early on B | not early on A); union of early exits over the models.
+    depth: each model's exit depths of the same tokens; early_fraction None: early = before the last layer."""
+    names = list(depth)
+    early = {n: exited_early(depth[n], layers[n], early_fraction) for n in names}
     pairs = []
     for a in names:
         for b in names:
             if a != b:
-                ct = cross_tab(depth[a], layers[a], depth[b], layers[b], EARLY_FRACTION)
+                ct = cross_tab(depth[a], layers[a], depth[b], layers[b], early_fraction)
                 pairs.append({"a": a, "b": b, **ct.to_dict()})
     union = torch.stack(list(early.values())).any(0)
     shares = {n: _mean(early[n]) for n in names}
     best = max(shares, key=shares.get)
     late_best = ~early[best]
-    return {"threshold": t, "early_fraction": EARLY_FRACTION, "tokens": int(union.numel()),
+    return {"threshold": t, "early_fraction": early_fraction, "tokens": int(union.numel()),
             "early_share": shares, "best_single": best, "best_single_share": shares[best],
             "together_share": _mean(union),
             "late_on_best_early_elsewhere": _mean(union[late_best]),
@@ -270,15 +282,16 @@ def print_complementary(comp: dict) -> None:
                   f"(paper: 74% -> 92%)")
 
 
-def print_forced(obs2: dict) -> None:
+def print_forced(obs2: dict, cuts: tuple[float, ...] = CUTS) -> None:
     print("\n## (2a) Low-confidence agreement with the final layer (full pass)\n")
-    print("| model | source | depth | agree (all) | share conf<0.8 | agree if <0.8 | share <0.5 | agree if <0.5 | share <0.2 | agree if <0.2 |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | source | depth | agree (all) |"
+          + "".join(f" share {'conf' if i == 0 else ''}<{c} | agree if <{c} |" for i, c in enumerate(cuts)))
+    print("|---|---|---|---:|" + "---:|---:|" * len(cuts))
     for name, by_src in obs2.items():
         for src, o in by_src.items():
             for r in o["low_confidence"]:
                 print(f"| {name} | {src} | {r['depth']} | {pct(r['agreement_all'])} |"
-                      + "".join(f" {pct(r[f'share_below_{c}'])} | {pct(r[f'agreement_below_{c}'])} |" for c in CUTS))
+                      + "".join(f" {pct(r[f'share_below_{c}'])} | {pct(r[f'agreement_below_{c}'])} |" for c in cuts))
     print("\n## (2b) Forced exits under partial loading (engine-simulated): forced top-1 == full model's final top-1 (paper: 85%)\n")
     print("| model | source | threshold | loaded layers | forced share | agree if forced | forced conf<0.2 share | agree if forced & <0.2 | agree, all tokens |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -316,7 +329,8 @@ def main() -> int:
                         "tokens_per_file_cap": max(f["tokens"] for f in files), "files": files}
         for name in MODELS:
             t0 = time.perf_counter()
-            results[name][src] = measure(models_dir / name, chunks, args.batch_size)
+            net = load_model(models_dir / name, dtype="float32", device="cpu", max_len=max(len(c) for c in chunks))
+            results[name][src] = measure(net, ExitHeads(net), chunks, args.batch_size)
             print(f"{name} on {src} ({spec}): {sources[src]['predicted_tokens']} tokens, "
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     for name in MODELS:
@@ -347,9 +361,14 @@ def main() -> int:
         out["models"][name] = {"layers": layers, "params": results[name]["all"]["params"],
                                "shallow_depths": results[name]["all"]["shallow"], "by_source": summaries[name]}
     for src in list(SOURCES) + ["all"]:
-        out["complementary"][src] = {t: complementary({n: results[n][src] for n in MODELS}, t) for t in THRESHOLDS}
+        layers = {n: results[n][src]["layers"] for n in MODELS}
+        out["complementary"][src] = {t: complementary({n: results[n][src]["exits"][t]["depth"] for n in MODELS}, layers, t)
+                                     for t in THRESHOLDS}
     for name in MODELS:
-        out["forced_exits"][name] = {src: {"low_confidence": low_confidence_agreement(results[name][src]),
+        third = max(1, results[name]["all"]["layers"] // 3)
+        groups = [(f"{k}", [k]) for k in results[name]["all"]["shallow"]]
+        groups.append((f"1-{third} (<= L/3, pooled)", list(range(1, third + 1))))
+        out["forced_exits"][name] = {src: {"low_confidence": low_confidence_agreement(results[name][src], groups, CUTS),
                                            "forced": forced_exit_agreement(results[name][src])}
                                      for src in list(SOURCES) + ["all"]}
     out["elapsed_s"] = time.perf_counter() - started

@@ -14,7 +14,8 @@ Text is cut into chunks (256 tokens by default) and each chunk is read in two pa
 
 `TokenTable` keeps the per-token results, so two models sharing a tokenizer can be compared token
 by token (`cross_tab`): HELIOS observes that tokens that do not exit early on one model often do on
-another.
+another. Models with different tokenizers are compared where both predict a token starting at the same
+character (`aligned_positions`).
 """
 
 from __future__ import annotations
@@ -127,26 +128,29 @@ class TokenTable:
 
 
 @torch.inference_mode()
-def full_pass(model: Transformer, heads: ExitHeads, tokens: Tensor,
-               exit_config: ExitConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, T) tokens -> nll, top1, confidence, each (N*(T-1), L): every depth, every predicted token."""
+def full_pass(model: Transformer, heads: ExitHeads, tokens: Tensor, exit_config: ExitConfig,
+              depths: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, T) tokens -> nll, top1, confidence, each (N*(T-1), D): every predicted token decoded at each of
+    `depths` in increasing order (default: every depth; fewer saves LM heads, the cost of a large vocabulary)."""
     n, t = tokens.shape
+    decoded = set(depths or range(1, model.num_loaded_layers + 1))
     _, hidden = model(tokens, output_hidden_states=True)
     targets = tokens[:, 1:].reshape(-1)
     points = set(exit_config.exit_points(model.num_loaded_layers))
     previous = model.embed_tokens(tokens, torch.arange(t, device=tokens.device).expand(n, t))
     nll, top1, conf = [], [], []
     for depth, h in enumerate(hidden, start=1):
-        logp = torch.log_softmax(heads.logits(depth, h[:, :-1].reshape(-1, h.shape[-1])).float(), dim=-1)
-        nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        top2 = logp.topk(2, dim=-1)  # one softmax serves NLL, top-1 and confidence (max_prob or margin)
-        top1.append(top2.indices[:, 0])
-        if exit_config.measure in LOGIT_FREE:
-            conf.append(exit_confidence(heads, exit_config.measure, depth, h[:, :-1].reshape(-1, h.shape[-1]),
-                                        previous[:, :-1].reshape(-1, h.shape[-1]), logp))
-        else:
-            p = top2.values.exp()
-            conf.append(p[:, 0] if exit_config.measure == "max_prob" else p[:, 0] - p[:, 1])
+        if depth in decoded:
+            flat, prev = h[:, :-1].reshape(-1, h.shape[-1]), previous[:, :-1].reshape(-1, h.shape[-1])
+            logp = torch.log_softmax(heads.logits(depth, flat).float(), dim=-1)
+            nll.append(-logp.gather(1, targets[:, None])[:, 0])
+            top2 = logp.topk(2, dim=-1)  # one softmax serves NLL, top-1 and confidence (max_prob or margin)
+            top1.append(top2.indices[:, 0])
+            if exit_config.measure in LOGIT_FREE:
+                conf.append(exit_confidence(heads, exit_config.measure, depth, flat, prev, logp))
+            else:
+                p = top2.values.exp()
+                conf.append(p[:, 0] if exit_config.measure == "max_prob" else p[:, 0] - p[:, 1])
         if depth in points:
             previous = h
     return torch.stack(nll, 1), torch.stack(top1, 1), torch.stack(conf, 1)
@@ -349,9 +353,10 @@ def evaluate_text(model: str, source: str, exit_config: ExitConfig = ExitConfig(
 # --- two models, one tokenizer ----------------------------------------------------------------------
 @dataclass
 class CrossTab:
-    """Tokens by whether they exit early on model A and on model B ("early" = at <= early_fraction of depth)."""
+    """Tokens by whether they exit early on model A and on model B ("early" = at <= early_fraction of depth,
+    or with early_fraction None before the model's last layer)."""
 
-    early_fraction: float
+    early_fraction: float | None
     tokens: int
     both_early: int
     a_only: int  # early on A, not on B
@@ -373,15 +378,41 @@ class CrossTab:
                                "a_early_given_b_late": self.a_early_given_b_late}
 
 
+def exited_early(depth: Tensor, layers: int, early_fraction: float | None = 0.5) -> Tensor:
+    """Exit depths -> bool: at <= early_fraction of the model's layers, or (None) before its last layer."""
+    return depth < layers if early_fraction is None else depth <= early_fraction * layers
+
+
 def cross_tab(depth_a: Tensor, layers_a: int, depth_b: Tensor, layers_b: int,
-              early_fraction: float = 0.5) -> CrossTab:
+              early_fraction: float | None = 0.5) -> CrossTab:
     """Exit depths of the same tokens on two models (e.g. `report.table.exit_depth`) and the models' depths."""
     if depth_a.shape != depth_b.shape:
         raise ValueError(f"exit depths cover different tokens: shapes {tuple(depth_a.shape)}, {tuple(depth_b.shape)}")
-    a = depth_a <= early_fraction * layers_a
-    b = depth_b <= early_fraction * layers_b
+    a = exited_early(depth_a, layers_a, early_fraction)
+    b = exited_early(depth_b, layers_b, early_fraction)
     return CrossTab(early_fraction, a.numel(), int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum()),
                     int((~a & ~b).sum()))
+
+
+# --- two models, two tokenizers ------------------------------------------------------------------
+def token_starts(offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Character offsets of a tokenization (its offset mapping) -> where each token starts new text, or -1:
+    a special token (empty span) or a byte-level piece of a character the previous token began."""
+    starts, end = [], 0
+    for s, e in offsets:
+        starts.append(s if e > s and s >= end else -1)
+        end = max(end, e)
+    return starts
+
+
+def aligned_positions(starts_a: Sequence[int], starts_b: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Indices into two models' per-token results whose predicted tokens start at the same character
+    (each list: the start of the token each position predicts, -1 for none). There both models have
+    read the same text, so their exit decisions can be compared although the tokenizers differ."""
+    index_b = {c: i for i, c in enumerate(starts_b) if c >= 0}
+    pairs = [(i, index_b[c]) for i, c in enumerate(starts_a) if c >= 0 and c in index_b]
+    a, b = zip(*pairs) if pairs else ((), ())
+    return torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)
 
 
 # --- text sources -----------------------------------------------------------------------------------
