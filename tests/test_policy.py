@@ -142,6 +142,15 @@ def test_step_fit_prices_a_check_only_where_the_steps_checked_at_different_densi
     assert slower.per_row_layer_s == pytest.approx(8e-4) and slower.per_check_row_s == pytest.approx(6e-4)
 
 
+def test_sparse_exit_points_against_none_separate_the_check_cost():
+    """A 30-layer model with 5 exit points, profiled with them and without (`helios profile`)."""
+    def step(n, checks_per_row):
+        return 1e-3 * 30 + 4e-4 * 30 * n + 2e-4 * checks_per_row * n, 30, 30 * n, checks_per_row * n, n
+
+    fit = fit_steps([step(n, 5) for n in (1, 2, 4, 8)] * 3 + [step(n, 0) for n in (1, 2, 4, 8)] * 3)
+    assert fit.per_check_row_s == pytest.approx(2e-4) and fit.per_row_layer_s == pytest.approx(4e-4)
+
+
 def test_a_row_that_exited_still_pays_the_attention_half_of_every_deeper_layer():
     """Exited rows write K/V and run attention in the layers above their exit: the fit prices those
     layers at the model's attention share of a block, so exits save only the rest."""
