@@ -225,8 +225,11 @@ def test_token_logprobs_match_transformers_and_give_the_output_perplexity(tiny_l
     eng = make(tiny_llama, early_exit=False)
     [out] = eng.generate([PROMPTS[0]], GREEDY)
     logits = hf_logits(tiny_llama, [PROMPTS[0] + out.token_ids[:-1]])[0, len(PROMPTS[0]) - 1 :]
-    expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    logp = torch.log_softmax(logits.double(), -1)
+    expected = logp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert [r.logprob for r in out.records] == pytest.approx(expected.tolist(), abs=1e-4)
+    # The greedy exit's confidence is the max softmax probability, read from the same log-softmax.
+    assert [r.confidence for r in out.records] == pytest.approx(logp.amax(-1).exp().tolist(), abs=1e-5)
     assert out.summary.perplexity == pytest.approx(math.exp(-expected.mean().item()), rel=1e-4)
 
 
