@@ -37,8 +37,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32:  # one fused op on the hot fp32 path
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        # Half precision: normalise in fp32 like the reference implementation, scale in the model dtype.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # Half precision: like the reference implementation, normalise in fp32, round, then scale in the
+        # model dtype. rms_norm computes in fp32 and rounds once, so it needs no fp32 copies of x; with the
+        # weight inside it, the scaling would skip that rounding and drift from transformers by an ulp.
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -96,17 +98,19 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (max_len, head_dim), halves duplicated (the rotate-half convention)."""
+    """cos/sin of shape (max_len, head_dim), halves duplicated (the rotate-half convention), the sine's
+    first half negated: rotate_half(x) * sin is then the swap of x's halves times this table."""
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(rope, head_dim))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    # x: (N, T, heads, D); rope: cos, sin of shape (N, T, 1, D) in x's dtype (see Transformer.rope)
+    # x: (N, T, heads, D); rope: cos, signed sin of shape (N, T, 1, D) in x's dtype (see Transformer.rope).
+    # The same products and sum as transformers' x * cos + rotate_half(x) * sin (-a * b == a * -b exactly),
+    # one op fewer.
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 # cos/sin per RoPE variant (Transformer.rope); None for models with learned positions.
