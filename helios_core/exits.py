@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .models.checkpoint import ADAPTER_FORMAT
 from .models.low_rank import PREFIX as BACKBONE, apply_backbone, parse_backbone
-from .models.transformer import Transformer, make_norm
+from .models.transformer import Linear, Transformer, make_norm
 
 ADAPTER_VERSIONS = ("1", "2", "3", "4")  # 2 added exit probes, 3 low-rank heads, 4 a backbone adapter
 MEASURES = ("max_prob", "margin", "cosine", "probe")
@@ -93,11 +93,11 @@ class ExitHead(nn.Module):
         c = model.config
         if proj and rank:
             raise ValueError("an exit head's adapter is full-rank (proj) or low-rank (rank), not both")
-        self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False) if proj else None
-        self.down = nn.Linear(c.hidden_size, rank, bias=False) if rank else None
-        self.up = nn.Linear(rank, c.hidden_size, bias=False) if rank else None
+        self.proj = Linear(c.hidden_size, c.hidden_size, bias=False) if proj else None
+        self.down = Linear(c.hidden_size, rank, bias=False) if rank else None
+        self.up = Linear(rank, c.hidden_size, bias=False) if rank else None
         self.norm = make_norm(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
 
     def features(self, h: Tensor) -> Tensor:
         """What the LM head reads: the normed (and adapted) hidden state."""

@@ -26,12 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
-from .models.transformer import Transformer
+from .models.transformer import Transformer, linear
 
 
 @dataclass
@@ -119,7 +118,7 @@ class ModelRunner:
                         if weight is model.lm_head.weight:
                             features[left], deferred[left] = f, True
                         else:  # a head with its own LM head
-                            out.logits[left] = F.linear(f, weight).float()
+                            out.logits[left] = linear(f, weight).float()
                     else:
                         out.logits[left] = logits
                     out.depth[left] = depth
@@ -133,7 +132,7 @@ class ModelRunner:
                 left = capped[depth][running[capped[depth]]]
                 if left.numel():
                     f, weight = heads.features(depth, x[left, 0])
-                    out.logits[left] = F.linear(f, weight).float()
+                    out.logits[left] = linear(f, weight).float()
                     out.confidence[left] = exit_confidence(heads, measure, depth, x[left, 0], previous[left, 0],
                                                            out.logits[left])
                     out.depth[left], out.forced[left] = depth, True
@@ -147,9 +146,9 @@ class ModelRunner:
             if defer and weight is model.lm_head.weight:
                 features[rows], deferred[rows] = f, True
             elif run is None:  # every row leaves here: take the product itself, not a copy of it
-                out.logits = F.linear(f, weight).float()
+                out.logits = linear(f, weight).float()
             else:
-                out.logits[rows] = F.linear(f, weight).float()
+                out.logits[rows] = linear(f, weight).float()
         if defer and bool(deferred.any()):
             if bool(deferred.all()):
                 out.logits = model.lm_head(features).float()

@@ -27,6 +27,35 @@ from torch import Tensor, nn
 from .config import ModelConfig, RopeConfig
 
 
+# --- linear layers -----------------------------------------------------------------------------
+def padded_rows(rows: int) -> int:
+    """The row count a half-precision matmul on the CPU runs at: `rows` up to 8, then rounded up to
+    four steps per doubling (at most 25% more rows, 7 below 64). oneDNN keeps a primitive (~0.4 MB) for
+    every distinct shape it meets, so a server's memory would grow with every batch size it sees."""
+    if rows <= 8:
+        return rows
+    step = max(8, 1 << ((rows - 1).bit_length() - 3))
+    return -(-rows // step) * step
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count."""
+    rows = x.numel() // x.shape[-1]
+    padded = padded_rows(rows)
+    if padded == rows or weight.dtype == torch.float32 or weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    out = F.linear(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), weight, bias)
+    return out[:rows].view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: a bounded number of matmul shapes in half precision on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # --- norms -------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -148,8 +177,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.out_bias)
+        self.wqkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.wo = Linear(config.q_size, config.hidden_size, bias=config.out_bias)
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
 
@@ -158,7 +187,7 @@ class Attention(nn.Module):
         c = self.config
         w = self.wqkv.weight[c.q_size :]
         b = self.wqkv.bias[c.q_size :] if self.wqkv.bias is not None else None
-        k, v = F.linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
+        k, v = linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
         k = k.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         v = v.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         if self.k_norm is not None:
@@ -187,8 +216,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.gated_mlp
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
-        self.w_in = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.w_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.w_in = Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.w_out = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATION_FNS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -252,7 +281,7 @@ class Transformer(nn.Module):
             self.pos_embed = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(num_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def num_loaded_layers(self) -> int:
