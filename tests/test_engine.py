@@ -312,4 +312,5 @@ def test_bfloat16_on_cpu_runs_a_bounded_set_of_matmul_shapes(tiny_llama):
         shapes[dtype] = _matmul_shapes(lambda: [eng.generate(b, params) for b in batches])
     rows = {n for _, n, *_ in shapes["bfloat16"]}
     assert all(padded_rows(n) == n for n in rows), sorted(rows)
-    assert len(shapes["bfloat16"]) < len(shapes["float32"]) / 2
+    assert any(padded_rows(n) != n for _, n, *_ in shapes["float32"])  # the workload meets other counts
+    assert len(shapes["bfloat16"]) < len(shapes["float32"])
