@@ -40,13 +40,14 @@ def padded_rows(rows: int) -> int:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count."""
-    rows = x.numel() // x.shape[-1]
-    padded = padded_rows(rows)
-    if padded == rows or weight.dtype == torch.float32 or weight.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    out = F.linear(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), weight, bias)
-    return out[:rows].view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype != torch.float32 and weight.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        padded = padded_rows(rows)
+        if padded != rows:
+            flat = x.reshape(rows, x.shape[-1])
+            out = F.linear(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), weight, bias)
+            return out[:rows].view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
