@@ -11,6 +11,7 @@ seconds apart differ by ±25%). The figure is the median over step pairs of B's 
 each side's median step time. Cases: no exits; checks at every layer that nobody passes (threshold
 2); thresholds 0.5 and 0.9 at every layer; and both every 4 layers (`--no-exits`: the first only, for
 a model without trained exits). A case's model is a demo model's suffix or a checkpoint directory.
+`--dtype` sets both engines' dtype (`--config` only B's fields).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--config", type=json.loads, default={},
                     help='EngineConfig fields for B only, as JSON, e.g. \'{"block_size": 32}\'')
+    ap.add_argument("--dtype", default="auto", help="both engines' dtype (auto: what each revision picks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import helios_core as current
@@ -101,8 +103,9 @@ def main() -> None:
             for early_exit, threshold, every in CASES[:1] if args.no_exits else CASES:
                 a_times, b_times, ratios = [], [], []
                 for _ in range(args.repeat):
-                    a = engine(other, model, int(batch), early_exit, threshold, every)
-                    b = engine(current, model, int(batch), early_exit, threshold, every, **args.config)
+                    a = engine(other, model, int(batch), early_exit, threshold, every, dtype=args.dtype)
+                    b = engine(current, model, int(batch), early_exit, threshold, every,
+                               **{"dtype": args.dtype, **args.config})
                     ta, tb = alternate(a, b)
                     a_times += ta
                     b_times += tb

@@ -337,7 +337,7 @@ class LLMEngine:
             caps=[s.depth_cap or self.num_layers for s in seqs] if any(s.depth_cap for s in seqs) else None,
         )
         new_tokens = self.sampler(out.logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(1, new_tokens[:, None])[:, 0]
+        logprobs = out.logprobs.gather(1, new_tokens[:, None])[:, 0]
         depths = out.depth.tolist()  # .tolist() waits for the device: the step's time is complete here
         rows = zip(seqs, new_tokens.tolist(), depths, out.confidence.tolist(), out.forced.tolist(), logprobs.tolist())
         seconds, now = self._clock() - start, time.perf_counter()

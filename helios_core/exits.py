@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .models.checkpoint import ADAPTER_FORMAT
 from .models.low_rank import PREFIX as BACKBONE, apply_backbone, parse_backbone
-from .models.transformer import Transformer, make_norm
+from .models.transformer import Linear, Transformer, make_norm
 
 ADAPTER_VERSIONS = ("1", "2", "3", "4")  # 2 added exit probes, 3 low-rank heads, 4 a backbone adapter
 MEASURES = ("max_prob", "margin", "cosine", "probe")
@@ -93,11 +93,11 @@ class ExitHead(nn.Module):
         c = model.config
         if proj and rank:
             raise ValueError("an exit head's adapter is full-rank (proj) or low-rank (rank), not both")
-        self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False) if proj else None
-        self.down = nn.Linear(c.hidden_size, rank, bias=False) if rank else None
-        self.up = nn.Linear(rank, c.hidden_size, bias=False) if rank else None
+        self.proj = Linear(c.hidden_size, c.hidden_size, bias=False) if proj else None
+        self.down = Linear(c.hidden_size, rank, bias=False) if rank else None
+        self.up = Linear(rank, c.hidden_size, bias=False) if rank else None
         self.norm = make_norm(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False) if lm_head else None
 
     def features(self, h: Tensor) -> Tensor:
         """What the LM head reads: the normed (and adapted) hidden state."""
@@ -278,13 +278,14 @@ def exit_check(heads: ExitHeads, exit_config: ExitConfig, depth: int, h: Tensor,
 
 
 def exit_confidence(heads: ExitHeads, measure: str, depth: int, h: Tensor, previous: Tensor | None,
-                    logits: Tensor | None) -> Tensor:
+                    logits: Tensor | None = None, logprobs: Tensor | None = None) -> Tensor:
     """(N, D) hidden states at `depth` -> (N,) confidence in [0, 1].
 
-    logits: the depth's exit logits, needed by max_prob and margin (and by probe where a forced exit
-    lands on a depth without a probe: its max probability stands in). previous: the hidden state at
-    the previous exit point (cosine). With the probe measure the model's own last layer has
-    confidence 1: its token is the full model's by definition.
+    logits: the depth's exit logits, or logprobs: their log-softmax where the caller has it (one pass
+    over the vocabulary saved), needed by max_prob and margin (and by probe where a forced exit lands
+    on a depth without a probe: its max probability stands in). previous: the hidden state at the
+    previous exit point (cosine). With the probe measure the model's own last layer has confidence 1:
+    its token is the full model's by definition.
     """
     if measure == "cosine":
         return cosine_saturation(h, previous)
@@ -294,15 +295,16 @@ def exit_confidence(heads: ExitHeads, measure: str, depth: int, h: Tensor, previ
         if str(depth) in heads.probes:
             return torch.sigmoid(heads.probe_logit(depth, h))
         measure = "max_prob"
-    return confidence_from_logits(logits, measure)
+    if logprobs is None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return confidence_from_logprobs(logprobs, measure)
 
 
-def confidence_from_logits(logits: Tensor, measure: str) -> Tensor:
-    """(N, V) logits -> (N,) confidence in [0, 1]."""
-    probs = torch.softmax(logits.float(), dim=-1)
+def confidence_from_logprobs(logprobs: Tensor, measure: str) -> Tensor:
+    """(N, V) fp32 log-softmax -> (N,) confidence in [0, 1]."""
     if measure == "max_prob":
-        return probs.amax(dim=-1)  # amax: max() also computes indices, 10x slower here
-    top2 = probs.topk(2, dim=-1).values
+        return logprobs.amax(dim=-1).exp()  # amax: max() also computes indices, 10x slower here
+    top2 = logprobs.topk(2, dim=-1).values.exp()
     return top2[:, 0] - top2[:, 1]
 
 

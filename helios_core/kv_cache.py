@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .models.config import ModelConfig
-from .models.transformer import attend, per_layer
+from .models.transformer import attend, padded_rows, per_layer
 
 
 class MemoryBudgetError(ValueError):
@@ -206,6 +206,10 @@ class DecodeKV:
                 else:
                     owner[table[j]] = (row, j)
         self.hi = max(owner) + 1  # blocks [0, hi) are read in place; unread ones there are masked
+        if cache.dtype != torch.float32 and device.type == "cpu":  # few matmul shapes (see padded_rows)
+            self.hi = min(padded_rows(self.hi), cache.num_blocks)
+            if extra:
+                extra += [(0, 0, -1)] * (padded_rows(len(extra)) - len(extra))  # masked: read by nobody
         row_of = [0] * self.hi
         logical = [-1] * self.hi  # -1: nobody reads this block
         for block, (row, j) in owner.items():
@@ -219,9 +223,15 @@ class DecodeKV:
         q_pos = self.positions[self.pair_row][:, None]
         read = (logical_t >= 0)[:, None] & (key_pos <= q_pos)
 
-        def bias(window: int | None) -> Tensor:  # (P, 1, 1, bs): 0 = attend, -inf = not
+        def bias(window: int | None) -> tuple[Tensor, Tensor]:
+            """(P, 1, 1, bs) bias: 0 = attend, -inf = not; and (P, 1, 1) True where a pair attends to no
+            key at all (unread, or out of the window): its bias is 0 instead, so its softmax stays finite,
+            and its weight is zeroed through its max."""
             allowed = read if window is None else read & (q_pos - key_pos < window)
-            return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[:, None, None, :]
+            dead = ~allowed.any(-1)
+            masked = ~allowed & ~dead[:, None]
+            return (torch.zeros(allowed.shape, device=device).masked_fill_(masked, float("-inf"))[:, None, None, :],
+                    dead[:, None, None])
 
         self.biases = per_layer(cache.config.layer_windows, bias)
 
@@ -244,19 +254,23 @@ class DecodeKV:
         if self.extra_blocks.numel():
             shared = torch.matmul(qp[self.hi :], kp[self.extra_blocks].transpose(-1, -2))
             scores = torch.cat([scores, shared])
-        scores = scores.float().add_(self.biases[layer])
-        # Softmax per row across its blocks: the row's max, then exponentials and their sum.
-        block_max = scores.amax(-1)  # (P, KV, G)
+        bias, dead = self.biases[layer]
+        scores = torch.add(scores, bias)  # fp32
+        # Softmax per block (one fused kernel: its exponential is several times faster than exp_), then
+        # each block reweighted to the row's softmax, flash-decoding style: a block with max m and
+        # exponential sum s (1 / its largest probability) weighs exp(m - row max) * s / the row's total.
+        block_max = scores.amax(-1).masked_fill_(dead, float("-inf"))  # (P, KV, G)
+        probs = scores.softmax(-1)
         index = self.pair_row[:, None, None].expand_as(block_max)
         row_max = block_max.new_full(groups, float("-inf")).scatter_reduce_(0, index, block_max, "amax")
-        weights = scores.sub_(row_max[self.pair_row][..., None]).exp_()
-        denom = weights.new_zeros(groups).index_add_(0, self.pair_row, weights.sum(-1))
-        weights = weights.to(vp.dtype)
+        mass = (block_max - row_max[self.pair_row]).exp_().div_(probs.amax(-1))
+        total = mass.new_zeros(groups).index_add_(0, self.pair_row, mass)
+        weights = torch.mul(probs, (mass / total[self.pair_row])[..., None], out=torch.empty_like(probs, dtype=vp.dtype))
         partial = torch.matmul(weights[in_place], vp[in_place])  # (hi, KV, G, D)
         if self.extra_blocks.numel():
             partial = torch.cat([partial, torch.matmul(weights[self.hi :], vp[self.extra_blocks])])
         out = torch.zeros(*groups, d, device=q.device).index_add_(0, self.pair_row, partial.float())
-        return out.div_(denom[..., None]).to(q.dtype).view(n, 1, h * d)
+        return out.to(q.dtype).view(n, 1, h * d)
 
 
 class PrefillKV:

@@ -26,17 +26,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
-from .models.transformer import Transformer
+from .models.transformer import Transformer, linear
 
 
 @dataclass
 class DecodeOutput:
     logits: Tensor  # (B, V) fp32: the logits each row exited with
+    logprobs: Tensor  # (B, V) fp32: their log-softmax (the sampled token's logprob, and the greedy exit's confidence)
     depth: Tensor  # (B,) int64: exit depth, 1-based
     confidence: Tensor  # (B,) fp32: confidence at the exit depth
     forced: Tensor  # (B,) bool: greedy exit at the last loaded layer of a partially loaded model
@@ -87,6 +87,7 @@ class ModelRunner:
         previous = x  # hidden state at the previous exit point (cosine measure)
         out = DecodeOutput(
             logits=torch.empty(n_rows, model.config.vocab_size, device=device),
+            logprobs=torch.empty(0),  # filled at the end, once every row has its logits
             depth=torch.full((n_rows,), n_loaded, dtype=torch.long, device=device),
             confidence=torch.empty(n_rows, device=device),
             forced=torch.zeros(n_rows, dtype=torch.bool, device=device),
@@ -117,7 +118,7 @@ class ModelRunner:
                         if weight is model.lm_head.weight:
                             features[left], deferred[left] = f, True
                         else:  # a head with its own LM head
-                            out.logits[left] = F.linear(f, weight).float()
+                            out.logits[left] = linear(f, weight).float()
                     else:
                         out.logits[left] = logits
                     out.depth[left] = depth
@@ -131,7 +132,7 @@ class ModelRunner:
                 left = capped[depth][running[capped[depth]]]
                 if left.numel():
                     f, weight = heads.features(depth, x[left, 0])
-                    out.logits[left] = F.linear(f, weight).float()
+                    out.logits[left] = linear(f, weight).float()
                     out.confidence[left] = exit_confidence(heads, measure, depth, x[left, 0], previous[left, 0],
                                                            out.logits[left])
                     out.depth[left], out.forced[left] = depth, True
@@ -144,16 +145,20 @@ class ModelRunner:
             f, weight = heads.features(n_loaded, x[rows, 0])
             if defer and weight is model.lm_head.weight:
                 features[rows], deferred[rows] = f, True
+            elif run is None:  # every row leaves here: take the product itself, not a copy of it
+                out.logits = linear(f, weight).float()
             else:
-                out.logits[rows] = F.linear(f, weight).float()
+                out.logits[rows] = linear(f, weight).float()
         if defer and bool(deferred.any()):
             if bool(deferred.all()):
-                out.logits.copy_(model.lm_head(features).float())
+                out.logits = model.lm_head(features).float()
             else:
                 index = deferred.nonzero()[:, 0]
                 out.logits[index] = model.lm_head(features[index]).float()
+        # One pass over the vocabulary serves the sampled tokens' logprobs and the greedy exit's confidence.
+        out.logprobs = torch.log_softmax(out.logits, dim=-1)
         if not all_gone:
             out.confidence[rows] = exit_confidence(heads, measure, n_loaded, x[rows, 0], previous[rows, 0],
-                                                   out.logits[rows])
+                                                   logprobs=out.logprobs[rows])
             out.forced[rows] = n_loaded < model.config.num_layers
         return out

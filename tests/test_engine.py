@@ -1,5 +1,7 @@
 """Engine behaviour: continuous batching, the KV budget and capacity, stops, streaming, aborts."""
 
+import random
+
 import pytest
 import torch
 
@@ -225,8 +227,11 @@ def test_token_logprobs_match_transformers_and_give_the_output_perplexity(tiny_l
     eng = make(tiny_llama, early_exit=False)
     [out] = eng.generate([PROMPTS[0]], GREEDY)
     logits = hf_logits(tiny_llama, [PROMPTS[0] + out.token_ids[:-1]])[0, len(PROMPTS[0]) - 1 :]
-    expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    logp = torch.log_softmax(logits.double(), -1)
+    expected = logp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert [r.logprob for r in out.records] == pytest.approx(expected.tolist(), abs=1e-4)
+    # The greedy exit's confidence is the max softmax probability, read from the same log-softmax.
+    assert [r.confidence for r in out.records] == pytest.approx(logp.amax(-1).exp().tolist(), abs=1e-5)
     assert out.summary.perplexity == pytest.approx(math.exp(-expected.mean().item()), rel=1e-4)
 
 
@@ -267,3 +272,45 @@ def test_release_waiting_hands_back_the_queue_and_the_rest_runs_on(tiny_llama):
     ref = make(tiny_llama, early_exit=False)
     assert got[ids[2]] == ref.generate([PROMPTS[2]], GREEDY)[0].token_ids
     assert not eng.has_unfinished()
+
+
+def _matmul_shapes(fn) -> set[tuple]:
+    """(op, rows, operand shapes) of every matmul `fn()` runs; rows: the input's rows for linear, the
+    leading (batch) dimension for matmul. The engine runs in inference mode, where these reach the
+    dispatcher whole."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.linear.default, aten.matmul.default):
+                x = args[0]
+                rows = x.numel() // x.shape[-1] if func is aten.linear.default else x.shape[0]
+                shapes.add((str(func), rows, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    shapes: set[tuple] = set()
+    with Record():
+        fn()
+    return shapes
+
+
+def test_bfloat16_on_cpu_runs_a_bounded_set_of_matmul_shapes(tiny_llama):
+    """oneDNN keeps a primitive per bf16 matmul shape, so the engine rounds row counts (batch rows, running
+    rows after exits, prompt tokens) and KV blocks up to `padded_rows`: random batches in bf16 meet only
+    those, and fewer shapes than in fp32, whose matmuls run at the exact sizes."""
+    from helios_core.models.transformer import padded_rows
+
+    rng = random.Random(0)
+    batches = [[rng.choice(PROMPTS) + [rng.randrange(300)] * rng.randrange(40) for _ in range(n)]
+               for n in rng.sample(range(1, 30), 12)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    shapes = {}
+    for dtype in ("bfloat16", "float32"):
+        eng = make(tiny_llama, dtype=dtype, exit=ExitConfig(threshold=0.3), block_size=4)
+        shapes[dtype] = _matmul_shapes(lambda: [eng.generate(b, params) for b in batches])
+    rows = {n for _, n, *_ in shapes["bfloat16"]}
+    assert all(padded_rows(n) == n for n in rows), sorted(rows)
+    assert any(padded_rows(n) != n for _, n, *_ in shapes["float32"])  # the workload meets other counts
+    assert len(shapes["bfloat16"]) < len(shapes["float32"])

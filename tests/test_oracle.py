@@ -254,3 +254,27 @@ def test_bfloat16_matches_hf_bfloat16(tiny_model_dirs, family):
     assert out.token_ids[:4] == gen[:4]
     # and the first token agrees with fp32 HF too (the tiny models have large top-1 margins)
     assert out.token_ids[0] == hf_ref(path, ids)[0]
+
+
+def test_bfloat16_norm_and_rope_round_as_transformers_does():
+    """In bf16, RMSNorm (fp32 normalisation, rounded, then scaled in bf16) and RoPE give transformers'
+    Llama values bit for bit: cheaper formulations must keep every rounding step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from helios_core.models.config import RopeConfig
+    from helios_core.models.transformer import RMSNorm, apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 64, generator=g) * 3).bfloat16()
+    ours, ref = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        ref.weight.copy_(ours.weight)
+    assert torch.equal(ours.bfloat16()(x), ref.bfloat16()(x))
+
+    q = torch.randn(2, 5, 4, 16, generator=g).bfloat16()  # (N, T, heads, D)
+    cos, sin = (t.bfloat16() for t in rope_tables(RopeConfig(), 16, 5))
+    hf_cos = torch.cat([torch.outer(torch.arange(5.0), 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16))] * 2, -1)
+    expected, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), hf_cos.cos().bfloat16()[None],
+                                       hf_cos.sin().bfloat16()[None])
+    assert torch.equal(apply_rope(q, (cos[None, :, None], sin[None, :, None])), expected.transpose(1, 2))

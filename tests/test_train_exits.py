@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from helios_core.cli import main
 from helios_core.engine import EngineConfig, LLMEngine
-from helios_core.exits import ExitConfig, confidence_from_logits, load_exit_heads
+from helios_core.exits import ExitConfig, load_exit_heads
 from helios_core.sampling import SamplingParams
 from helios_core.train_exits import candidate_kl, fit_probes, train_exit_heads, train_exit_probes
 from tiny_models import hf_greedy, make_pickle_checkpoint
@@ -60,7 +60,7 @@ def test_engine_exits_where_the_trained_heads_say(tiny_llama, trained):
     heads = load_exit_heads(path, probe.model)
     with torch.inference_mode():  # by hand: the first generated token sees the full prompt at every depth
         hidden = [probe.model(torch.tensor([p]), output_hidden_states=True)[1] for p in PROMPTS]
-        conf = torch.stack([confidence_from_logits(heads.logits(2, h[1][:, -1]), "max_prob")[0] for h in hidden])
+        conf = torch.stack([heads.logits(2, h[1][:, -1]).float().softmax(-1).amax() for h in hidden])
         tokens = [int(heads.logits(2, h[1][:, -1]).argmax()) for h in hidden]
         full = [int(probe.model(torch.tensor([p]))[0, -1].argmax()) for p in PROMPTS]
     low, high = conf.sort().values[len(PROMPTS) // 2 - 1 : len(PROMPTS) // 2 + 1].tolist()

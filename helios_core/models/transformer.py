@@ -27,6 +27,36 @@ from torch import Tensor, nn
 from .config import ModelConfig, RopeConfig
 
 
+# --- linear layers -----------------------------------------------------------------------------
+def padded_rows(rows: int) -> int:
+    """The row count a half-precision matmul on the CPU runs at: `rows` up to 16, then rounded up to
+    eight steps per doubling (at most 12.5% more rows). oneDNN keeps a primitive (~0.4 MB) for every
+    distinct shape it meets, so a server's memory would grow with every batch size it sees."""
+    if rows <= 16:
+        return rows
+    step = 1 << ((rows - 1).bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count."""
+    if weight.dtype != torch.float32 and weight.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        padded = padded_rows(rows)
+        if padded != rows:
+            flat = x.reshape(rows, x.shape[-1])
+            out = F.linear(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), weight, bias)
+            return out[:rows].view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: a bounded number of matmul shapes in half precision on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # --- norms -------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -37,8 +67,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32:  # one fused op on the hot fp32 path
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        # Half precision: normalise in fp32 like the reference implementation, scale in the model dtype.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # Half precision: like the reference implementation, normalise in fp32, round, then scale in the
+        # model dtype. rms_norm computes in fp32 and rounds once, so it needs no fp32 copies of x; with the
+        # weight inside it, the scaling would skip that rounding and drift from transformers by an ulp.
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -96,17 +128,19 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (max_len, head_dim), halves duplicated (the rotate-half convention)."""
+    """cos/sin of shape (max_len, head_dim), halves duplicated (the rotate-half convention), the sine's
+    first half negated: rotate_half(x) * sin is then the swap of x's halves times this table."""
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(rope, head_dim))
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    # x: (N, T, heads, D); rope: cos, sin of shape (N, T, 1, D) in x's dtype (see Transformer.rope)
+    # x: (N, T, heads, D); rope: cos, signed sin of shape (N, T, 1, D) in x's dtype (see Transformer.rope).
+    # The same products and sum as transformers' x * cos + rotate_half(x) * sin (-a * b == a * -b exactly),
+    # one op fewer.
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 # cos/sin per RoPE variant (Transformer.rope); None for models with learned positions.
@@ -144,8 +178,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.out_bias)
+        self.wqkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.wo = Linear(config.q_size, config.hidden_size, bias=config.out_bias)
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
 
@@ -154,7 +188,7 @@ class Attention(nn.Module):
         c = self.config
         w = self.wqkv.weight[c.q_size :]
         b = self.wqkv.bias[c.q_size :] if self.wqkv.bias is not None else None
-        k, v = F.linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
+        k, v = linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
         k = k.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         v = v.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         if self.k_norm is not None:
@@ -183,8 +217,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.gated_mlp
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
-        self.w_in = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.w_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.w_in = Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.w_out = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATION_FNS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -248,7 +282,7 @@ class Transformer(nn.Module):
             self.pos_embed = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(num_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def num_loaded_layers(self) -> int:
