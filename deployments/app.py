@@ -49,6 +49,7 @@ from ray.serve import Application
 import helios_models
 from helios_core.cli import parse_bytes
 from helios_core.engine import EngineConfig
+from helios_core.kv_cache import MemoryBudgetError
 from helios_core.policy import Registry
 from helios_core.pull import pull_registry
 
@@ -98,7 +99,12 @@ def build_app(args: dict | None = None) -> Application:
     pull_registry(registry, progress=say)  # `serve run` too: replicas load the models from disk
     # Sized here (and by the router) at what "auto" is on this host; each replica resolves it for its own
     # device, so on a cluster whose replicas' devices differ from this host's these sizes are estimates.
-    entries = list(Registry.load(registry, dtype))
+    entries, refused = servable(list(Registry.load(registry, dtype)), budget, max_model_len, batching)
+    for name, reason in refused.items():
+        say(f"not serving {name}: {reason}")
+    if not entries:
+        raise ValueError(f"no registry model fits memory_budget={budget} bytes at full depth: "
+                         + "; ".join(f"{name}: {reason}" for name, reason in refused.items()))
     router = Router.bind(registry, budget, max_model_len, policy, dtype, block_size=batching["block_size"],
                          max_num_seqs=batching["max_num_seqs"])
     replicas = {}
@@ -112,6 +118,22 @@ def build_app(args: dict | None = None) -> Application:
         replicas[entry.name] = ModelReplica.options(**options).bind(
             entry.name, registry, budget, max_model_len, router, device, dtype, threads, hold, niceness, batching)
     return Ingress.bind(router, replicas, registry, max_tokens, api_key, max_model_len, max_body_bytes)
+
+
+def servable(entries: list, budget: int, max_model_len: int, batching: dict) -> tuple[list, dict[str, str]]:
+    """The registry models a replica can hold at full depth in `budget`, and why each other one cannot.
+    The policy profiles a model at full depth before it serves it, so a model that does not fit there
+    never serves: it gets no replica (and its engine would refuse the budget at start)."""
+    fitting, refused = [], {}
+    for entry in entries:
+        try:
+            entry.plan(entry.num_layers, budget, max_model_len, batching["max_num_seqs"],
+                       block_size=batching["block_size"])
+        except MemoryBudgetError as e:
+            refused[entry.name] = str(e)
+        else:
+            fitting.append(entry)
+    return fitting, refused
 
 
 def autoscaling_target(entry, budget: int, max_model_len: int, expected_len: int, batching: dict | None = None) -> int:

@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
-from deployments.app import autoscaling_target, build_app  # noqa: E402
+from deployments.app import autoscaling_target, build_app, servable  # noqa: E402
 from helios_core.engine import EngineConfig, LLMEngine  # noqa: E402
 from helios_core.policy import Registry  # noqa: E402
 from helios_core.sampling import SamplingParams  # noqa: E402
@@ -214,6 +214,20 @@ def test_build_app_checks_its_arguments():
         build_app({"registry": str(REGISTRY), "max_num_seqs": 0})
     with pytest.raises(ValueError, match="enable_prefix_caching must be true or false, got 'no'"):
         build_app({"registry": str(REGISTRY), "enable_prefix_caching": "no"})
+
+
+def test_models_that_do_not_fit_the_budget_at_full_depth_get_no_replica():
+    """A budget sized for the smallest demo model: the others cannot be profiled, so they are not deployed."""
+    entries = list(Registry.load(REGISTRY, "float32"))
+    small = min(entries, key=lambda e: e.weight_bytes(e.num_layers))
+    budget = small.plan(small.num_layers, 1 << 40, 1024).budget_for_blocks(1024 // 64)
+    batching = {"max_num_seqs": 256, "block_size": 64}
+    fitting, refused = servable(entries, budget, 1024, batching)
+    assert [e.name for e in fitting] == [small.name] and small.name not in refused
+    assert set(refused) == {e.name for e in entries} - {small.name}
+    assert all("need at least" in reason for reason in refused.values())
+    with pytest.raises(ValueError, match="no registry model fits memory_budget=1048576 bytes at full depth"):
+        build_app({"registry": str(REGISTRY), "memory_budget": "1MiB"})
 
 
 def test_the_autoscaling_target_counts_sequences_of_the_expected_length():
