@@ -47,7 +47,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 import helios_models
-from helios_core.cli import parse_bytes
+from helios_core.memory_size import parse_bytes
 from helios_core.engine import EngineConfig
 from helios_core.kv_cache import MemoryBudgetError
 from helios_core.policy import Registry

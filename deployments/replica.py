@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import ray
 from ray import serve
 
-from helios_core.cli import parse_bytes
+from helios_core.memory_size import parse_bytes
 from helios_core.dtypes import default_device, dtype_name, resolve_dtype
 from helios_core.engine import STEP_LOG, EngineConfig
 from helios_core.engine_process import EngineProcess, EngineState

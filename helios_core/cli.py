@@ -5,24 +5,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import re
 import sys
 
-MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-                "g": 2**30, "gb": 10**9, "gib": 2**30}
-
+from .memory_size import parse_bytes
 
 MEASURES = ("max_prob", "margin", "cosine", "probe")  # exits.MEASURES, without importing torch for --help
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_HELP = "weights' dtype (default auto: bfloat16 where the device computes it natively and faster, else float32)"
-
-
-def parse_bytes(text: str) -> int:
-    """'512MiB', '2GB', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in MEMORY_UNITS:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (examples: 512MiB, 2GiB, 1000000)")
-    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()])
 
 
 def _exit_layers(text: str) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ QUICK = {"limit": 32, "max_tokens": 32, "loads": ("closed:32", "poisson:4"), "wa
 
 
 def add_parser(sub) -> None:
-    from ..cli import parse_bytes
+    from ..memory_size import parse_bytes
 
     b = sub.add_parser("bench", help="benchmark Helios against its baselines (same load, same memory budget)")
     b.add_argument("--out", default="bench-results", help="output directory (results.json, results.md, plots)")
