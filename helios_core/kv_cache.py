@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .models.config import ModelConfig
-from .models.transformer import attend, padded_rows, per_layer
+from .models.transformer import attend, padded_rows, pads_shapes, per_layer
 
 
 class MemoryBudgetError(ValueError):
@@ -206,7 +206,7 @@ class DecodeKV:
                 else:
                     owner[table[j]] = (row, j)
         self.hi = max(owner) + 1  # blocks [0, hi) are read in place; unread ones there are masked
-        if cache.dtype != torch.float32 and device.type == "cpu":  # few matmul shapes (see padded_rows)
+        if pads_shapes(cache.dtype, device):  # few matmul shapes (see padded_rows)
             self.hi = min(padded_rows(self.hi), cache.num_blocks)
             if extra:
                 extra += [(0, 0, -1)] * (padded_rows(len(extra)) - len(extra))  # masked: read by nobody

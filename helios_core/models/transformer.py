@@ -38,9 +38,14 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def pads_shapes(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matmuls of this dtype on this device run at `padded_rows` (half precision on the CPU)."""
+    return dtype != torch.float32 and device.type == "cpu"
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count."""
-    if weight.dtype != torch.float32 and weight.device.type == "cpu":
+    if pads_shapes(weight.dtype, weight.device):
         rows = x.numel() // x.shape[-1]
         padded = padded_rows(rows)
         if padded != rows:
