@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Collection, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 
@@ -431,6 +431,19 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
+def load_tokenizers(paths: dict[str, Path]) -> dict[str, Any]:
+    """name -> `load_tokenizer` of each model directory, one object per distinct tokenizer file: the
+    models of a family share one."""
+    by_file, tokenizers = {}, {}
+    for name, path in paths.items():
+        path = Path(path)
+        key = (path / "tokenizer.json").read_bytes() if (path / "tokenizer.json").is_file() else name
+        if key not in by_file:
+            by_file[key] = load_tokenizer(path)
+        tokenizers[name] = by_file[key]
+    return tokenizers
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """`text`'s token ids, with the tokenizer's special tokens (its BOS) unless the text already starts
     with the BOS token's text, as a chat template that emits it renders: one BOS, never two."""
@@ -438,4 +451,4 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids)
 
 
-__all__ = ["EngineConfig", "LLMEngine", "LayerEvent", "encode", "load_tokenizer"]
+__all__ = ["EngineConfig", "LLMEngine", "LayerEvent", "encode", "load_tokenizer", "load_tokenizers"]

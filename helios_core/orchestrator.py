@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import default_device, dtype_name, resolve_dtype
-from .engine import EngineConfig, LLMEngine, encode, load_tokenizer
+from .engine import EngineConfig, LLMEngine, encode, load_tokenizers
 from .policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from .request import Completion, RequestOutput
 from .sampling import SamplingParams
@@ -50,10 +50,9 @@ class OrchestratorConfig:
 @dataclass
 class _Pending:
     request_id: str
-    token_ids: list[int]
+    prompt_ids: dict[str, list[int]]  # model -> the prompt as its tokenizer reads it
     params: SamplingParams
     task: str | None
-    arrival: float
 
 
 class Orchestrator:
@@ -68,10 +67,10 @@ class Orchestrator:
         self.policy = HeliosPolicy(self.registry, self.limits, config.policy)
         self.engines: dict[str, LLMEngine] = {}
         self.model_of: dict[str, str] = {}  # request id -> model serving it
-        self._task_of: dict[str, str | None] = {}
+        self._live: dict[str, _Pending] = {}  # assigned requests, until they finish (a switch may requeue them)
         self._pending: deque[_Pending] = deque()
         self._ids = itertools.count()
-        self._tokenizers = self._load_tokenizers()
+        self._tokenizers, self._one_vocab = self._load_tokenizers()
         self.timeline: list[dict] = []  # loads, unloads, switches with capacity, for plots and the dashboard
         self._released_prefix = [0, 0, 0]  # prefix reuse counts of engines since released
         self._reconcile()
@@ -84,23 +83,23 @@ class Orchestrator:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.model_of or any(p.request_id == request_id for p in self._pending):
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self._tokenize(prompt)
-        self._pending.append(_Pending(request_id, ids, params, task, time.perf_counter()))
+        self._pending.append(_Pending(request_id, self._tokenize(prompt), params, task))
         return request_id
 
-    def _load_tokenizers(self) -> dict:
-        """model -> tokenizer, one object per distinct tokenizer file (a family shares one)."""
-        by_file, tokenizers = {}, {}
-        for model in self.policy.candidates:
-            path = self.registry[model].path
-            key = (path / "tokenizer.json").read_bytes() if (path / "tokenizer.json").is_file() else model
-            if key not in by_file:
-                by_file[key] = load_tokenizer(path)
-            tokenizers[model] = by_file[key]
-        return tokenizers
+    def _load_tokenizers(self) -> tuple[dict, bool]:
+        """model -> tokenizer, one object per distinct tokenizer file (a family shares one); and whether
+        the candidates' tokenizers share one vocabulary (token ids then mean the same to every model)."""
+        tokenizers = load_tokenizers({m: self.registry[m].path for m in self.policy.candidates})
+        vocabs = [t.get_vocab() for t in {id(t): t for t in tokenizers.values()}.values() if t is not None]
+        return tokenizers, all(v == vocabs[0] for v in vocabs[1:])
 
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        ids_by_model, encoded = set(), {}  # encoded: each shared tokenizer runs once
+    def _tokenize(self, prompt: str | list[int]) -> dict[str, list[int]]:
+        """The prompt as each candidate reads it, checked against each: text is encoded by every model's
+        own tokenizer (models of different families may serve it alike); token ids need one vocabulary."""
+        if not isinstance(prompt, str) and not self._one_vocab:
+            raise ValueError("the candidate models have different tokenizers, so token ids would mean "
+                             "different text to each: send the prompt as text")
+        ids_by_model, encoded = {}, {}  # encoded: each shared tokenizer runs once
         for model, tok in self._tokenizers.items():
             if isinstance(prompt, str):
                 if tok is None:
@@ -118,10 +117,8 @@ class Orchestrator:
             if len(ids) >= self.config.max_model_len:
                 raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.config.max_model_len}; "
                                  "it must leave room for at least one generated token")
-            ids_by_model.add(tuple(ids))
-        if len(ids_by_model) > 1:  # models are interchangeable only if they read the prompt alike
-            raise ValueError("the candidate models tokenize this prompt differently; serve one tokenizer family")
-        return list(ids_by_model.pop())
+            ids_by_model[model] = ids
+        return ids_by_model
 
     def abort(self, request_id: str) -> None:
         for p in list(self._pending):
@@ -157,7 +154,8 @@ class Orchestrator:
         return outputs
 
     def _finished(self, model: str, depth: int, summary: RequestSummary) -> None:
-        self.policy.observe_request(model, depth, summary, self._task_of.pop(summary.request_id, None))
+        request = self._live.pop(summary.request_id, None)
+        self.policy.observe_request(model, depth, summary, request.task if request else None)
         self.model_of.pop(summary.request_id, None)
 
     def _assign(self) -> None:
@@ -167,10 +165,10 @@ class Orchestrator:
             if engine is None or model in self._draining():
                 return  # held: a profiling round is full, or the chosen model is not loaded yet
             p = self._pending.popleft()
-            engine.add_request(p.token_ids, p.params, p.request_id)
+            engine.add_request(p.prompt_ids[model], p.params, p.request_id)
             self.policy.assigned(model, p.task)
             self.model_of[p.request_id] = model
-            self._task_of[p.request_id] = p.task
+            self._live[p.request_id] = p
 
     def _draining(self) -> set[str]:
         return {m for m in self.engines if m not in self.policy.targets}
@@ -183,8 +181,7 @@ class Orchestrator:
             # Draining: what it has not started goes back to the queue, for the model chosen now.
             for seq in reversed(self.engines[name].release_waiting()):
                 self.model_of.pop(seq.request_id)
-                self._pending.appendleft(_Pending(seq.request_id, seq.token_ids, seq.params,
-                                                  self._task_of.pop(seq.request_id), seq.arrival_time))
+                self._pending.appendleft(self._live.pop(seq.request_id))
             if not self.engines[name].has_unfinished():
                 self._release(name)
         for name, target in self.policy.targets.items():
@@ -250,7 +247,7 @@ class Orchestrator:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         tasks = tasks or [None] * len(prompts)
         ids = [self.add_request(p, sp, task=t) for p, sp, t in zip(prompts, params_list, tasks)]
-        prompt_ids = {p.request_id: p.token_ids for p in self._pending}
+        prompt_ids = {p.request_id: p.prompt_ids for p in self._pending}  # per model; the one that served it below
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         records: dict[str, list] = {i: [] for i in ids}
         text: dict[str, str] = {i: "" for i in ids}
@@ -263,8 +260,8 @@ class Orchestrator:
                     text[out.request_id] += out.new_text
                     if out.finished:
                         done[out.request_id] = out
-        return [Completion(i, prompt_ids[i], tokens[i], text[i], records[i], done[i].finish_reason, done[i].summary)
-                for i in ids]
+        return [Completion(i, prompt_ids[i][done[i].summary.model], tokens[i], text[i], records[i],
+                           done[i].finish_reason, done[i].summary) for i in ids]
 
     def stats(self) -> dict:
         """Per live model: depth, capacity and use, memory; plus the policy's state and the timeline."""

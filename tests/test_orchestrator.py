@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.engine import EngineConfig, LLMEngine, encode
 from helios_core.orchestrator import Orchestrator, OrchestratorConfig
 from helios_core.policy import HeliosPolicy, Limits, PolicyConfig, Registry
 from helios_core.sampling import SamplingParams
@@ -20,6 +21,7 @@ from helios_core.telemetry import RequestSummary, TokenRecord
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from prompts import load_prompts  # noqa: E402
+from tiny_models import hf_logits  # noqa: E402
 
 MODELS = ["helios-demo-code-6l", "helios-demo-prose-12l", "helios-demo-mixed-16l"]
 PARAMS = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -241,3 +243,32 @@ def test_the_engine_serves_with_the_exit_points_the_policy_keeps(tmp_path):
     served_steps = list(orch.policy.pht.steps[("code", 6)])[steps_before:]
     assert sum(checks for *_, checks in served_steps) == sum(
         sum(p <= r.exit_layer for p in serve.exits) for c in done for r in c.records)
+
+
+def test_models_with_different_tokenizers_each_read_the_prompt_their_own_way(tiny_llama, tmp_path):
+    """A demo model (its own tokenizer) and a tiny Llama (the test tokenizer) as candidates, no exits:
+    text prompts are encoded by each model's tokenizer, profiling sends requests to both, and every
+    completion is the serving model's greedy continuation of its own encoding of the text (checked
+    against transformers' logits, up to near-ties). Token ids would mean different text to the two
+    models, so they are refused."""
+    demo = ROOT / "models" / "helios-demo-code-6l"
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "demo", "path": str(demo), "exit_layers": []},
+                                               {"name": "tiny", "path": str(tiny_llama), "exit_layers": []}]}))
+    orch = Orchestrator(OrchestratorConfig(registry=str(path), dtype="float32", memory_budget=BUDGET,
+                                           max_model_len=256, max_num_seqs=3,
+                                           policy=PolicyConfig(slo="energy", profile_requests=2)))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        orch.add_request([1, 2, 3])
+    assert not orch.has_unfinished()
+    prompts = [p["prompt"][:100] for p in load_prompts("code")[:8]]  # within the tiny model's 256 positions
+    done = run(orch, prompts)
+    assert {c.summary.model for c in done} == {"demo", "tiny"}
+    dirs = {"demo": demo, "tiny": tiny_llama}
+    for prompt, got in zip(prompts, done):
+        model = got.summary.model
+        assert got.prompt_token_ids == encode(orch._tokenizers[model], prompt)
+        logits = hf_logits(dirs[model], got.prompt_token_ids + got.token_ids)[0, len(got.prompt_token_ids) - 1 : -1]
+        chosen = logits.gather(1, torch.tensor(got.token_ids)[:, None])[:, 0]
+        assert torch.all(chosen >= logits.max(-1).values - 1e-3)  # greedy at every step
+    assert encode(orch._tokenizers["demo"], prompts[0]) != encode(orch._tokenizers["tiny"], prompts[0])
