@@ -416,6 +416,36 @@ def aligned_positions(starts_a: Sequence[int], starts_b: Sequence[int]) -> tuple
 
 
 # --- text sources -----------------------------------------------------------------------------------
+def load_texts(source: str, tokenizer, limit: int) -> list[tuple[str, bool]]:
+    """The text `load_text_tokens(source, tokenizer, limit)` reads, file by file, with whether the file is
+    whole (it then ends with end-of-text): the last is cut after the character where the `limit`-th
+    token ends, so that another tokenizer can read the same characters."""
+    from .train import BUILTIN_SOURCES, held_out_files, parse_source
+
+    files = held_out_files(source) if source in BUILTIN_SOURCES else parse_source(source).files
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    texts, count = [], 0
+    for f in files:
+        if count >= limit:
+            break
+        text = f.read_text(encoding="utf-8", errors="replace")
+        offsets = tokenizer(text, return_offsets_mapping=True).offset_mapping
+        if count + len(offsets) + eos <= limit:
+            texts.append((text, True))
+        elif count + len(offsets) > limit:
+            texts.append((text[: offsets[limit - count - 1][1]], False))
+        else:
+            texts.append((text, False))  # the file fits, its end-of-text does not
+        count += len(offsets) + eos
+    return texts
+
+
+def tokenize_texts(texts: Sequence[tuple[str, bool]], tokenizer) -> list[int]:
+    """`load_texts`' text as `tokenizer` reads it: each whole file followed by end-of-text."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [t for text, whole in texts for t in tokenizer(text).input_ids + (eos if whole else [])]
+
+
 def load_text_tokens(source: str, tokenizer, limit: int | None = None) -> tuple[list[int], list[Path]]:
     """Token ids of a file, a directory's text files, or a builtin source (`stdlib`, `pydoc`: only its
     held-out files, so a model is never scored on its training data). Each file ends with end-of-text.

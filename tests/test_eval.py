@@ -7,13 +7,16 @@ import pathlib
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
 
 from helios_core.cli import main
 from helios_core.engine import EngineConfig, LLMEngine, load_tokenizer
 from helios_core.evaluate import Prompt, evaluate, lcs_length, load_prompts, rouge_l
 from helios_core.exits import ExitConfig, ExitHeads
 from helios_core.models import load_model
-from helios_core.quality import analyze, chunk_tokens, cross_tab, load_text_tokens, simulate_exits
+from helios_core.quality import (analyze, chunk_tokens, cross_tab, load_text_tokens, load_texts, simulate_exits,
+                                 tokenize_texts)
 from helios_core.sampling import SamplingParams
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
@@ -32,6 +35,23 @@ def code_chunks():
     ids, files = load_text_tokens("stdlib", load_tokenizer(CODE), limit=768)
     assert len(ids) == 768 and files
     return chunk_tokens(ids, 128)
+
+
+def test_another_tokenizer_reads_the_same_characters_as_the_reference(tiny_llama):
+    """load_texts cuts the held-out text where the reference's 768 tokens end: the reference reads it
+    back as (nearly) the same tokens, another tokenizer decodes its tokens to exactly that text."""
+    ref, other = load_tokenizer(CODE), load_tokenizer(tiny_llama)
+    ids, files = load_text_tokens("stdlib", ref, limit=768)
+    texts = load_texts("stdlib", ref, 768)
+    assert len(texts) == len(files) and all(whole for _, whole in texts[:-1])
+    for (text, _), f in zip(texts, files):
+        assert f.read_text(encoding="utf-8", errors="replace").startswith(text)
+    again = tokenize_texts(texts, ref)
+    assert abs(len(again) - 768) <= 2 and again[:760] == ids[:760]  # a cut may re-merge the last token
+    theirs = tokenize_texts(texts, other)
+    assert len(theirs) != len(ids)  # another segmentation of the same characters
+    eos = other.convert_ids_to_tokens(other.eos_token_id)
+    assert other.decode(theirs).replace(eos, "") == "".join(text for text, _ in texts)
 
 
 # --- metrics and prompt files -------------------------------------------------------------------------
@@ -257,3 +277,34 @@ def test_cli_json_and_errors(tiny_llama, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith("helios: error: ") and message in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_quality_oracle_gives_another_familys_perplexity_per_reference_token(tiny_llama, tmp_path):
+    """The bench's oracle over two tokenizer families: the reference's figures are those of an oracle of
+    its family alone; the other model's perplexity is its NLL of the same text (transformers' logits)
+    over the reference's token count."""
+    from tiny_models import hf_logits
+
+    from helios_core.benchmark.quality import NO_EXIT, QualityOracle
+    from helios_core.policy import Registry
+
+    def registry(models: dict) -> Registry:
+        path = tmp_path / f"{len(models)}.yaml"
+        path.write_text(yaml.safe_dump({"models": [{"name": n, "path": str(p), "exit_layers": []}
+                                                   for n, p in models.items()]}))
+        return Registry.load(str(path), "float32")
+
+    both = QualityOracle(registry({"demo": CODE, "tiny": tiny_llama}), ["stdlib"], 256, chunk_len=128,
+                         reference="demo")
+    alone = QualityOracle(registry({"demo": CODE}), ["stdlib"], 256, chunk_len=128)
+    assert both.tokens == alone.tokens
+    assert both.mixture({("demo", 6, None): 1}, {"demo": NO_EXIT}) == alone.mixture({("demo", 6, None): 1},
+                                                                                     {"demo": NO_EXIT})
+    chunks = [c for c in both._chunks["tiny"] if len(c) > 1]
+    nll = sum(float(F.cross_entropy(hf_logits(tiny_llama, c)[0, :-1], torch.tensor(c[1:]), reduction="sum"))
+              for c in chunks)
+    hf = both.transformers("tiny")
+    assert hf["perplexity"] == pytest.approx(math.exp(nll / both.tokens), rel=1e-4)
+    ours = both.mixture({("tiny", 6, None): 1}, {"tiny": NO_EXIT})
+    assert ours["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-3)
+    assert ours["agreement_with_full_depth"] == 1.0

@@ -83,9 +83,9 @@ def baseline_budget(registry: Registry, model: str, b0: int, max_model_len: int)
 
 
 def quality_oracle(cfg: BenchConfig, registry: Registry) -> QualityOracle:
-    """Teacher-forced quality on the held-out text that matches the workload."""
+    """Teacher-forced quality on the held-out text that matches the workload, cut in the baseline's tokens."""
     return QualityOracle(registry, QUALITY_SOURCES.get(cfg.workload, ["stdlib", "pydoc"]), cfg.quality_tokens,
-                         device=cfg.device)
+                         device=cfg.device, reference=cfg.baseline)
 
 
 def with_exits(registry: Registry, threshold: float | None, exit_every: int | None = None) -> Registry:
