@@ -260,8 +260,8 @@ def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, .
             top = torch.cat([top, targets[:, None]], dim=1)
     for d in depths:
         if topk:
-            features, weight = heads.features(d, hidden[d])
-            kl, student_target = candidate_kl(features.flatten(0, 1), weight, teacher, top, sampled)
+            features, lm_head = heads.features(d, hidden[d])
+            kl, student_target = candidate_kl(features.flatten(0, 1), lm_head.weight, teacher, top, sampled)
             loss = loss + kl
             if ce_weight:
                 loss = loss + ce_weight * -student_target.mean()
