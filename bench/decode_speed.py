@@ -343,7 +343,7 @@ def _category(name: str, shapes) -> str:
     """Where an aten op's self time goes, by name and (for softmax/max) input shape."""
     n = name.removeprefix("aten::")
     first = shapes[0] if shapes and isinstance(shapes[0], list) else []
-    if n in ("mm", "addmm"):
+    if n in ("mm", "addmm", "_weight_int8pack_mm"):
         return "matmul (linear layers, lm_head)"
     if n in ("bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"):
         return "attention (QK^T, PV)"

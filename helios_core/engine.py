@@ -100,7 +100,7 @@ class LLMEngine:
         self.name = config.name or Path(config.model).name
         self.model = load_model(config.model, config.num_layers, dtype, device, max_len=self.max_model_len,
                                 quantization=config.quantization)
-        self.device = self.model.embed.weight.device
+        self.device = self.model.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
         self.tokenizer = load_tokenizer(config.model)
         self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
@@ -111,7 +111,7 @@ class LLMEngine:
         self.memory_budget = config.memory_budget or self._default_budget()
         self.memory = m = self._plan(self.model.num_loaded_layers)
         self.cache = KVCache(model_config, self.model.num_loaded_layers, m.num_blocks, config.block_size,
-                             self.model.embed.weight.dtype, self.device)
+                             self.model.dtype, self.device)
         self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache)
         self.scheduler = Scheduler(m.num_blocks, config.block_size, m.max_seqs, config.max_prefill_tokens,
                                    config.enable_prefix_caching)
@@ -144,7 +144,7 @@ class LLMEngine:
     @property
     def dtype(self) -> str:
         """The weights' and KV cache's dtype, e.g. "bfloat16" (what "auto" resolved to)."""
-        return dtype_name(self.model.embed.weight.dtype)
+        return dtype_name(self.model.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -173,7 +173,7 @@ class LLMEngine:
     def _plan(self, num_layers: int, budget: int | None = None) -> MemoryPlan:
         return plan_memory(
             self.model.config, num_layers, self._weight_bytes(num_layers), budget or self.memory_budget,
-            self.max_model_len, self.model.embed.weight.element_size(), self.config.max_num_seqs,
+            self.max_model_len, self.model.dtype.itemsize, self.config.max_num_seqs,
             self.config.max_prefill_tokens, self.config.block_size,
         )
 

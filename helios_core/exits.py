@@ -179,7 +179,7 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
     if backbone:
         apply_backbone(model, parse_backbone(backbone, model, str(path)))
     depths = sorted({_depth(path, k, c.num_layers) for k in tensors})
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    dtype, device = model.dtype, model.device
     trained, probes = {}, {}
     for d in depths:
         prefix = f"exit.{d}."

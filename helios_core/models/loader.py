@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sourc
 from .config import ModelConfig
 from .low_rank import merge
 from .quantize import check_quantization
-from .transformer import Block, Transformer, quantize_linears
+from .transformer import Block, TiedInt8Embedding, Transformer, quantize_linears
 
 def load_model(
     path: str | Path,
@@ -29,7 +29,8 @@ def load_model(
 
     `max_len` bounds the positions the model will see (RoPE tables are built for it); `dtype` may be
     "auto" (helios_core.dtypes), resolved for `device`. `quantization` "int8": the blocks' matrices
-    and the LM head are stored as int8 as they load (models/quantize.py; a tied LM head gets its own).
+    and the LM head are stored as int8 as they load (models/quantize.py); a tied embedding is then read
+    from the int8 LM head.
     """
     check_quantization(quantization)
     config = ModelConfig.from_pretrained(path)
@@ -52,6 +53,8 @@ def load_model(
     model.quantization = quantization
     if quantization:
         quantize_linears(model.lm_head)
+        if tie:
+            model.embed = TiedInt8Embedding(model.lm_head)
     model.checkpoint = checkpoint
     model.backbone_adapter = {}  # low-rank deltas merged into every layer loaded (low_rank.apply_backbone)
     model.setup_rope(max_len or min(config.max_position_embeddings, 4096))
@@ -67,7 +70,7 @@ def load_layers(model: Transformer, num_layers: int) -> int:
     _check_depth(model.config, num_layers)
     checkpoint: Checkpoint = model.checkpoint
     before = checkpoint.bytes_read
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    dtype, device = model.dtype, model.device
     blocks = []  # attached only once all are read, so a failed read leaves the model as it was
     for i in range(model.num_loaded_layers, num_layers):
         with torch.device("meta"):

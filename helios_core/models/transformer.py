@@ -83,6 +83,19 @@ def quantize_linears(module: nn.Module) -> None:
             m.quantize()
 
 
+class TiedInt8Embedding(nn.Module):
+    """The embedding of a model whose LM head is tied to it, read from the int8 LM head (a row per
+    token, dequantized as it is looked up): the full-precision table is not kept beside it."""
+
+    def __init__(self, lm_head: Linear):
+        super().__init__()
+        self.lm_head = [lm_head]  # a reference, not a submodule: its weights are counted once, as the head's
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        head = self.lm_head[0]
+        return F.embedding(tokens, head.weight).to(head.scale.dtype) * head.scale[tokens].unsqueeze(-1)
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of a module's weights: parameters and quantization scales, tied tensors counted once."""
     seen, total = set(), 0
@@ -325,16 +338,24 @@ class Transformer(nn.Module):
     def num_loaded_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype: activations, K/V and every weight that is not quantized."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def setup_rope(self, max_len: int) -> None:
         c = self.config
         if c.positions == "rope":
             ropes = [c.rope] if c.local_rope is None else [c.rope, c.local_rope]  # indexed by config.rope_index
             tables = [rope_tables(rope, c.head_dim, max_len) for rope in ropes]
             # Tables in the model dtype with a head axis, so applying RoPE costs no casts or reshapes.
-            w = self.embed.weight
             for name, part in (("rope_cos", 0), ("rope_sin", 1)):
                 stacked = torch.stack([table[part] for table in tables])[:, :, None]  # (variants, max_len, 1, D)
-                self.register_buffer(name, stacked.to(w.device, w.dtype), persistent=False)
+                self.register_buffer(name, stacked.to(self.device, self.dtype), persistent=False)
 
     def rope(self, positions: Tensor) -> RopeTables:
         """cos/sin of every RoPE variant for positions (N, T), each shaped (N, T, 1, D) to broadcast over
@@ -366,7 +387,7 @@ class Transformer(nn.Module):
 
     def forward_with_grad(self, tokens: Tensor, output_hidden_states: bool = False):
         """`forward` outside inference mode, for training adapters of the (frozen) model."""
-        tokens = tokens.to(self.embed.weight.device)  # callers may build token ids on the CPU
+        tokens = tokens.to(self.device)  # callers may build token ids on the CPU
         n, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(n, t)
         x = self.embed_tokens(tokens, positions)
