@@ -59,7 +59,7 @@ def main() -> None:
             runs[name].append((len(depths) / seconds, sum(depths) / len(depths),
                                sum(d < deepest for d in depths) / len(depths)))
     print(f"{args.model}: {len(prompts)} prompts x {args.max_tokens} tokens, batch {len(prompts)}, "
-          f"{args.threads} threads, {next(iter(engines.values())).model.embed.weight.dtype}")
+          f"{args.threads} threads, {next(iter(engines.values())).model.dtype}")
     for name, results in runs.items():
         tok_s, layers_per_token, early = max(results)
         print(f"{name}: best of {args.repeats} {tok_s:.1f} tok/s (all: {', '.join(f'{r[0]:.1f}' for r in results)}), "

@@ -28,6 +28,8 @@ from .dtypes import default_device, dtype_name, resolve_dtype
 from .exits import ExitConfig, ExitHeads, load_exit_heads
 from .kv_cache import DecodeKV, KVCache, MemoryPlan, blocks_for, plan_memory
 from .models import ModelConfig, load_layers, load_model, unload_layers
+from .models.quantize import check_quantization
+from .models.transformer import weight_bytes
 from .prompt_limits import check_prompt_size, max_prompt_chars
 from .request import Completion, RequestOutput, RequestStatus, Sequence
 from .runner import ModelRunner
@@ -46,6 +48,7 @@ class EngineConfig:
     name: str | None = None  # served name; defaults to the directory name
     num_layers: int | None = None  # loaded depth; None = every layer
     dtype: str = "auto"  # auto (the device's fastest native dtype, helios_core.dtypes) | float32 | bfloat16 | float16
+    quantization: str | None = None  # "int8": weight-only int8 matrices (models/quantize.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     memory_budget: int | None = None  # bytes for weights + KV + workspace; None = DEFAULT_BUDGET_SEQS at full depth
     max_model_len: int | None = None  # prompt + output tokens per sequence; None = min(model's, 2048)
@@ -58,6 +61,7 @@ class EngineConfig:
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
+        check_quantization(self.quantization)
         positive = {"max_num_seqs": self.max_num_seqs, "max_prefill_tokens": self.max_prefill_tokens,
                     "memory_budget": self.memory_budget, "block_size": self.block_size}
         for name, value in positive.items():
@@ -94,8 +98,9 @@ class LLMEngine:
                 f"max_position_embeddings), got {self.max_model_len}"
             )
         self.name = config.name or Path(config.model).name
-        self.model = load_model(config.model, config.num_layers, dtype, device, max_len=self.max_model_len)
-        self.device = self.model.embed.weight.device
+        self.model = load_model(config.model, config.num_layers, dtype, device, max_len=self.max_model_len,
+                                quantization=config.quantization)
+        self.device = self.model.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
         self.tokenizer = load_tokenizer(config.model)
         self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
@@ -106,7 +111,7 @@ class LLMEngine:
         self.memory_budget = config.memory_budget or self._default_budget()
         self.memory = m = self._plan(self.model.num_loaded_layers)
         self.cache = KVCache(model_config, self.model.num_loaded_layers, m.num_blocks, config.block_size,
-                             self.model.embed.weight.dtype, self.device)
+                             self.model.dtype, self.device)
         self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache)
         self.scheduler = Scheduler(m.num_blocks, config.block_size, m.max_seqs, config.max_prefill_tokens,
                                    config.enable_prefix_caching)
@@ -139,7 +144,7 @@ class LLMEngine:
     @property
     def dtype(self) -> str:
         """The weights' and KV cache's dtype, e.g. "bfloat16" (what "auto" resolved to)."""
-        return dtype_name(self.model.embed.weight.dtype)
+        return dtype_name(self.model.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -162,13 +167,13 @@ class LLMEngine:
     def _weight_bytes(self, num_layers: int) -> int:
         """Weights held at a given depth (blocks are identical in size, so this is exact)."""
         model = self.model
-        block = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+        block = weight_bytes(model.layers[0])
         return model.weight_bytes() - model.num_loaded_layers * block + num_layers * block + self.heads.weight_bytes()
 
     def _plan(self, num_layers: int, budget: int | None = None) -> MemoryPlan:
         return plan_memory(
             self.model.config, num_layers, self._weight_bytes(num_layers), budget or self.memory_budget,
-            self.max_model_len, self.model.embed.weight.element_size(), self.config.max_num_seqs,
+            self.max_model_len, self.model.dtype.itemsize, self.config.max_num_seqs,
             self.config.max_prefill_tokens, self.config.block_size,
         )
 

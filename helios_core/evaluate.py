@@ -95,7 +95,7 @@ def output_nll(model: Transformer, prompt_ids: Sequence[int], output_ids: Sequen
     """Per output token, -log p(token | prompt, previous outputs) under `model` (teacher-forced)."""
     if not output_ids:
         return []
-    tokens = torch.tensor([list(prompt_ids) + list(output_ids)], device=model.embed.weight.device)
+    tokens = torch.tensor([list(prompt_ids) + list(output_ids)], device=model.device)
     logits = model(tokens)[0, len(prompt_ids) - 1 : -1].float()
     return F.cross_entropy(logits, tokens[0, len(prompt_ids) :], reduction="none").tolist()
 

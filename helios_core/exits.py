@@ -144,13 +144,13 @@ class ExitHeads(nn.Module):
         model, head = self.model[0], self._head(depth)
         return model.lm_head(model.norm(h)) if head is None else head(h, model.lm_head)
 
-    def features(self, depth: int, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(features, LM-head weight (V, D)) at `depth`: logits = features @ weight.T. Lets training
-        score a few candidate tokens per position instead of the whole vocabulary."""
+    def features(self, depth: int, h: Tensor) -> tuple[Tensor, Linear]:
+        """(features, LM head) at `depth`: logits = lm_head(features). Lets the engine defer the LM head
+        of leaving rows, and training score a few candidate tokens (lm_head.weight) per position."""
         model, head = self.model[0], self._head(depth)
         if head is None:
-            return model.norm(h), model.lm_head.weight
-        return head.features(h), (head.lm_head or model.lm_head).weight
+            return model.norm(h), model.lm_head
+        return head.features(h), head.lm_head or model.lm_head
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -179,7 +179,7 @@ def load_exit_heads(path: str | Path, model: Transformer) -> ExitHeads:
     if backbone:
         apply_backbone(model, parse_backbone(backbone, model, str(path)))
     depths = sorted({_depth(path, k, c.num_layers) for k in tensors})
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    dtype, device = model.dtype, model.device
     trained, probes = {}, {}
     for d in depths:
         prefix = f"exit.{d}."

@@ -64,7 +64,7 @@ def simulate_exits(
     k = loaded_layers or model.num_loaded_layers
     if not 1 <= k <= model.num_loaded_layers:
         raise ValueError(f"loaded_layers must be in [1, {model.num_loaded_layers}], got {k}")
-    device = model.embed.weight.device
+    device = model.device
     tokens = tokens.to(device)
     positions = torch.arange(t, device=device).expand(n, t)
     x = model.embed_tokens(tokens, positions)
@@ -162,7 +162,7 @@ def token_table(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[
     if model.num_loaded_layers != model.config.num_layers:
         raise ValueError("quality analysis needs every layer loaded (loaded_layers simulates partial loading)")
     check_probes(heads, exit_config)
-    device = model.embed.weight.device
+    device = model.device
     parts = []
     for batch in batches(chunks, batch_size):
         tokens = torch.tensor(batch, device=device)

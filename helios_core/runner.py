@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
-from .models.transformer import Transformer, linear
+from .models.transformer import Transformer
 
 
 @dataclass
@@ -114,11 +114,11 @@ class ModelRunner:
                     sel, conf, logits = found
                     left = sel if run is None else run[sel]
                     if logits is None:
-                        f, weight = heads.features(depth, x[left, 0])
-                        if weight is model.lm_head.weight:
+                        f, lm_head = heads.features(depth, x[left, 0])
+                        if lm_head is model.lm_head:
                             features[left], deferred[left] = f, True
                         else:  # a head with its own LM head
-                            out.logits[left] = linear(f, weight).float()
+                            out.logits[left] = lm_head(f).float()
                     else:
                         out.logits[left] = logits
                     out.depth[left] = depth
@@ -131,8 +131,8 @@ class ModelRunner:
                 running[slice(None) if run is None else run] = True
                 left = capped[depth][running[capped[depth]]]
                 if left.numel():
-                    f, weight = heads.features(depth, x[left, 0])
-                    out.logits[left] = linear(f, weight).float()
+                    f, lm_head = heads.features(depth, x[left, 0])
+                    out.logits[left] = lm_head(f).float()
                     out.confidence[left] = exit_confidence(heads, measure, depth, x[left, 0], previous[left, 0],
                                                            out.logits[left])
                     out.depth[left], out.forced[left] = depth, True
@@ -142,13 +142,13 @@ class ModelRunner:
 
         if not all_gone:  # greedy exit: whatever still runs leaves at the last loaded layer
             rows = slice(None) if run is None else run
-            f, weight = heads.features(n_loaded, x[rows, 0])
-            if defer and weight is model.lm_head.weight:
+            f, lm_head = heads.features(n_loaded, x[rows, 0])
+            if defer and lm_head is model.lm_head:
                 features[rows], deferred[rows] = f, True
             elif run is None:  # every row leaves here: take the product itself, not a copy of it
-                out.logits = linear(f, weight).float()
+                out.logits = lm_head(f).float()
             else:
-                out.logits[rows] = linear(f, weight).float()
+                out.logits[rows] = lm_head(f).float()
         if defer and bool(deferred.any()):
             if bool(deferred.all()):
                 out.logits = model.lm_head(features).float()

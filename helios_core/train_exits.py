@@ -207,7 +207,7 @@ def _frozen_model(model_dir: str | Path, exit_layers, seq_len: int, dev: str) ->
 def make_head(model: Transformer, proj: bool, lm_head: bool, rank: int | None = None) -> ExitHead:
     """A head that starts out computing exactly the shared head (final norm + LM head): its adapter's
     last matrix is zero."""
-    head = ExitHead(model, proj=proj, lm_head=lm_head, rank=rank).to(model.embed.weight.dtype)
+    head = ExitHead(model, proj=proj, lm_head=lm_head, rank=rank).to(model.dtype)
     head.norm.load_state_dict(model.norm.state_dict())
     if head.proj is not None:
         torch.nn.init.zeros_(head.proj.weight)
@@ -260,8 +260,8 @@ def distillation_loss(model: Transformer, heads: ExitHeads, depths: tuple[int, .
             top = torch.cat([top, targets[:, None]], dim=1)
     for d in depths:
         if topk:
-            features, weight = heads.features(d, hidden[d])
-            kl, student_target = candidate_kl(features.flatten(0, 1), weight, teacher, top, sampled)
+            features, lm_head = heads.features(d, hidden[d])
+            kl, student_target = candidate_kl(features.flatten(0, 1), lm_head.weight, teacher, top, sampled)
             loss = loss + kl
             if ce_weight:
                 loss = loss + ce_weight * -student_target.mean()
@@ -352,7 +352,7 @@ def evaluate(model: Transformer, heads: ExitHeads, depths: tuple[int, ...], wind
     exits = {d: 0 for d in all_depths}
     exit_agree, n = 0, 0
     for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size].to(model.embed.weight.device)
+        batch = windows[i : i + batch_size].to(model.device)
         hidden, final = frozen_forward(model, batch[:, :-1], depths)
         final, targets = final.flatten(0, 1), batch[:, 1:].flatten()
         final_top = final.argmax(-1)
@@ -462,7 +462,7 @@ def probe_data(heads: ExitHeads, depths: tuple[int, ...], windows: Tensor,
     model = heads.model[0]
     xs, ys, ps = [], [], []
     for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size, :-1].to(model.embed.weight.device)
+        batch = windows[i : i + batch_size, :-1].to(model.device)
         hidden, final = frozen_forward(model, batch, depths)
         final_top = final.flatten(0, 1).argmax(-1)
         h = torch.stack([hidden[d].flatten(0, 1) for d in depths])  # (L', n, D)

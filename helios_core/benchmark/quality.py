@@ -53,7 +53,8 @@ class QualityOracle:
     def _model(self, name: str):
         if name not in self._models:
             entry = self.registry[name]
-            net = load_model(str(entry.path), device=self.device, max_len=self.chunk_len)
+            net = load_model(str(entry.path), device=self.device, max_len=self.chunk_len,
+                             quantization=entry.quantization)
             heads = load_exit_heads(str(entry.exit_heads), net) if entry.exit_heads else ExitHeads(net)
             self._models[name] = (net, heads)
         return self._models[name]

@@ -14,7 +14,8 @@ from ..dtypes import resolve_dtype
 from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sources, read_params
 from .config import ModelConfig
 from .low_rank import merge
-from .transformer import Block, Transformer
+from .quantize import check_quantization
+from .transformer import Block, TiedInt8Embedding, Transformer, quantize_linears
 
 def load_model(
     path: str | Path,
@@ -22,12 +23,16 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     max_len: int | None = None,
+    quantization: str | None = None,
 ) -> Transformer:
     """Load embeddings, final norm, LM head and the first `num_layers` blocks (all when None).
 
     `max_len` bounds the positions the model will see (RoPE tables are built for it); `dtype` may be
-    "auto" (helios_core.dtypes), resolved for `device`.
+    "auto" (helios_core.dtypes), resolved for `device`. `quantization` "int8": the blocks' matrices
+    and the LM head are stored as int8 as they load (models/quantize.py); a tied embedding is then read
+    from the int8 LM head.
     """
+    check_quantization(quantization)
     config = ModelConfig.from_pretrained(path)
     checkpoint = Checkpoint(path)
     num_layers = config.num_layers if num_layers is None else num_layers
@@ -45,6 +50,11 @@ def load_model(
     _assign(model, params, skip=("lm_head.weight",) if tie else ())
     if tie:
         model.lm_head.weight = model.embed.weight
+    model.quantization = quantization
+    if quantization:
+        quantize_linears(model.lm_head)
+        if tie:
+            model.embed = TiedInt8Embedding(model.lm_head)
     model.checkpoint = checkpoint
     model.backbone_adapter = {}  # low-rank deltas merged into every layer loaded (low_rank.apply_backbone)
     model.setup_rope(max_len or min(config.max_position_embeddings, 4096))
@@ -60,13 +70,15 @@ def load_layers(model: Transformer, num_layers: int) -> int:
     _check_depth(model.config, num_layers)
     checkpoint: Checkpoint = model.checkpoint
     before = checkpoint.bytes_read
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    dtype, device = model.dtype, model.device
     blocks = []  # attached only once all are read, so a failed read leaves the model as it was
     for i in range(model.num_loaded_layers, num_layers):
         with torch.device("meta"):
             block = Block(model.config, i)
         _assign(block, read_params(checkpoint, layer_sources(model.config, i), "", dtype, device))
         merge(block, model.backbone_adapter.get(i, {}))
+        if model.quantization:
+            quantize_linears(block)
         blocks.append(block)
     model.layers.extend(blocks)
     return checkpoint.bytes_read - before

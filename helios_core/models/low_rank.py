@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quantize import dequantize_rows, quantize_rows
+
 ADAPTED = ("attn.wqkv", "attn.wo", "mlp.w_in", "mlp.w_out")  # every matrix of a block (Q/K/V and gate/up fused)
 PREFIX = "backbone."
 
@@ -138,8 +140,14 @@ def apply_backbone(model: nn.Module, adapter: dict[int, dict[str, tuple[Tensor, 
 @torch.no_grad()
 def merge(block: nn.Module, deltas: dict[str, tuple[Tensor, Tensor]]) -> None:
     """W + b @ a, computed in fp32 and rounded once to the weight's dtype; a new tensor, so storage the
-    checkpoint reader may share is never written."""
+    checkpoint reader may share is never written. An int8 weight (models/quantize.py) is merged in
+    fp32 and quantized again."""
     for name, (a, b) in deltas.items():
-        weight = block.get_submodule(name).weight
+        linear = block.get_submodule(name)
+        weight = linear.weight
         delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
-        weight.data = (weight.float() + delta).to(weight.dtype)
+        if getattr(linear, "scale", None) is None:
+            weight.data = (weight.float() + delta).to(weight.dtype)
+        else:
+            q, scale = quantize_rows(dequantize_rows(weight, linear.scale).float() + delta)
+            weight.data, linear.scale = q, scale.to(linear.scale.dtype)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, RopeConfig
+from .quantize import int8_linear, quantize_rows
 
 
 # --- linear layers -----------------------------------------------------------------------------
@@ -43,8 +44,11 @@ def pads_shapes(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype != torch.float32 and device.type == "cpu"
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """F.linear, with x's rows padded to `padded_rows` where oneDNN would cache a primitive per row count.
+    With `scale`, the weight is int8 with one scale per output row (models/quantize.py)."""
+    if scale is not None:
+        return int8_linear(x, weight, scale, bias)
     if pads_shapes(weight.dtype, weight.device):
         rows = x.numel() // x.shape[-1]
         padded = padded_rows(rows)
@@ -56,10 +60,52 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `linear`: a bounded number of matmul shapes in half precision on the CPU."""
+    """nn.Linear through `linear`: a bounded number of matmul shapes in half precision on the CPU, and
+    optionally an int8 weight (`quantize`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("scale", None)  # per output row, once quantized
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.scale)
+
+    def quantize(self) -> None:
+        """Store the weight as int8 with a scale per output row; a tied weight is untied."""
+        q, self.scale = quantize_rows(self.weight)
+        self.weight = nn.Parameter(q, requires_grad=False)
+
+
+def quantize_linears(module: nn.Module) -> None:
+    """Weight-only int8 for every `Linear` in `module` (models/quantize.py)."""
+    for m in module.modules():
+        if isinstance(m, Linear) and m.scale is None:
+            m.quantize()
+
+
+class TiedInt8Embedding(nn.Module):
+    """The embedding of a model whose LM head is tied to it, read from the int8 LM head (a row per
+    token, dequantized as it is looked up): the full-precision table is not kept beside it."""
+
+    def __init__(self, lm_head: Linear):
+        super().__init__()
+        self.lm_head = [lm_head]  # a reference, not a submodule: its weights are counted once, as the head's
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        head = self.lm_head[0]
+        return F.embedding(tokens, head.weight).to(head.scale.dtype) * head.scale[tokens].unsqueeze(-1)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's weights: parameters and quantization scales, tied tensors counted once."""
+    seen, total = set(), 0
+    scales = (m.scale for m in module.modules() if isinstance(m, Linear) and m.scale is not None)
+    for t in (*module.parameters(), *scales):
+        key = id(t) if t.device.type == "meta" else t.data_ptr()  # meta tensors have no storage
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 # --- norms -------------------------------------------------------------------------------------
@@ -191,9 +237,8 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """K/V only (no Q): used to fill the cache for tokens that exited below this layer."""
         c = self.config
-        w = self.wqkv.weight[c.q_size :]
-        b = self.wqkv.bias[c.q_size :] if self.wqkv.bias is not None else None
-        k, v = linear(x, w, b).split([c.kv_size, c.kv_size], dim=-1)
+        w, b, scale = (None if t is None else t[c.q_size :] for t in (self.wqkv.weight, self.wqkv.bias, self.wqkv.scale))
+        k, v = linear(x, w, b, scale).split([c.kv_size, c.kv_size], dim=-1)
         k = k.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         v = v.view(*x.shape[:2], c.num_kv_heads, c.head_dim)
         if self.k_norm is not None:
@@ -293,16 +338,24 @@ class Transformer(nn.Module):
     def num_loaded_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype: activations, K/V and every weight that is not quantized."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def setup_rope(self, max_len: int) -> None:
         c = self.config
         if c.positions == "rope":
             ropes = [c.rope] if c.local_rope is None else [c.rope, c.local_rope]  # indexed by config.rope_index
             tables = [rope_tables(rope, c.head_dim, max_len) for rope in ropes]
             # Tables in the model dtype with a head axis, so applying RoPE costs no casts or reshapes.
-            w = self.embed.weight
             for name, part in (("rope_cos", 0), ("rope_sin", 1)):
                 stacked = torch.stack([table[part] for table in tables])[:, :, None]  # (variants, max_len, 1, D)
-                self.register_buffer(name, stacked.to(w.device, w.dtype), persistent=False)
+                self.register_buffer(name, stacked.to(self.device, self.dtype), persistent=False)
 
     def rope(self, positions: Tensor) -> RopeTables:
         """cos/sin of every RoPE variant for positions (N, T), each shaped (N, T, 1, D) to broadcast over
@@ -320,13 +373,8 @@ class Transformer(nn.Module):
         return x
 
     def weight_bytes(self) -> int:
-        """Bytes of all parameters held, tied tensors counted once."""
-        seen, total = set(), 0
-        for p in self.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        return total
+        """Bytes of all weights held (`weight_bytes`), tied tensors counted once."""
+        return weight_bytes(self)
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, output_hidden_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
@@ -339,7 +387,7 @@ class Transformer(nn.Module):
 
     def forward_with_grad(self, tokens: Tensor, output_hidden_states: bool = False):
         """`forward` outside inference mode, for training adapters of the (frozen) model."""
-        tokens = tokens.to(self.embed.weight.device)  # callers may build token ids on the CPU
+        tokens = tokens.to(self.device)  # callers may build token ids on the CPU
         n, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(n, t)
         x = self.embed_tokens(tokens, positions)

@@ -23,7 +23,7 @@ from .registry import ModelEntry, OfflineProfile
 def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, max_tokens: int = 32,
                   max_model_len: int | None = None, device: str = "auto") -> OfflineProfile:
     engine = LLMEngine(EngineConfig(model=str(entry.path), name=entry.name, dtype=entry.dtype, device=device,
-                                    max_model_len=max_model_len, exit=entry.exit_config(),
+                                    quantization=entry.quantization, max_model_len=max_model_len, exit=entry.exit_config(),
                                     max_num_seqs=max(len(prompts), 1)))
     params = [SamplingParams(max_tokens=p.max_tokens or max_tokens, temperature=0, ignore_eos=True) for p in prompts]
     engine.generate([prompts[0].text], params[0])  # warm-up: first-call allocations are not the model's speed

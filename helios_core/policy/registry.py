@@ -10,6 +10,7 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
         exit_heads: null                   # trained exit-head adapter (.safetensors), optional
         measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
         probe_gate: null                   # max_prob/margin: LM head only where exit_heads' probe reaches this
+        quantization: null                 # int8: weight-only int8 matrices (models/quantize.py)
         profile: {...}                     # offline telemetry, written by `helios profile`
 
 Instead of `path`, an entry may name a model of `helios pull`'s catalog: `pull: smollm2-135m-instruct`
@@ -43,7 +44,8 @@ from ..kv_cache import MemoryPlan, plan_memory
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.low_rank import PREFIX as BACKBONE
-from ..models.transformer import Transformer
+from ..models.quantize import check_quantization
+from ..models.transformer import TiedInt8Embedding, Transformer, quantize_linears, weight_bytes
 from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
 
@@ -98,6 +100,7 @@ class ModelEntry:
     measure: str = "max_prob"
     probe_gate: float | None = None
     pull: str | None = None  # the catalog name when `path` is its pull directory
+    quantization: str | None = None  # "int8": weight-only int8 matrices; sizes and profile are measured so
 
     @property
     def num_layers(self) -> int:
@@ -125,22 +128,27 @@ class ModelEntry:
                            self.element_size, max_num_seqs, max_prefill_tokens, block_size)
 
 
-def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Path | None) -> tuple[int, int]:
-    """(fixed bytes, bytes per block) at `dtype`, from the architecture built on the meta device."""
-    size = resolve_dtype(dtype).itemsize
+def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Path | None,
+                    quantization: str | None = None) -> tuple[int, int]:
+    """(fixed bytes, bytes per block) at `dtype` and `quantization`, from the architecture built on the
+    meta device as the loader builds it (models/loader.py)."""
     with torch.device("meta"):
-        model = Transformer(config, num_layers=1)
+        model = Transformer(config, num_layers=1).to(resolve_dtype(dtype))
     tied = config.tie_embeddings or Checkpoint(path).resolve("lm_head.weight") is None
-    fixed = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers."))
     if tied:
-        fixed -= model.lm_head.weight.numel()
-    block = sum(p.numel() for p in model.layers[0].parameters())
+        model.lm_head.weight = model.embed.weight
+    if quantization:
+        quantize_linears(model.lm_head)
+        quantize_linears(model.layers[0])
+        if tied:
+            model.embed = TiedInt8Embedding(model.lm_head)
+    block = weight_bytes(model.layers[0])
     heads = 0
     if exit_heads is not None:
         with safe_open(str(exit_heads), "pt") as f:
             # A backbone adapter is merged into the blocks' weights at load: it holds no memory of its own.
             heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(BACKBONE))
-    return (fixed + heads) * size, block * size
+    return weight_bytes(model) - block + heads * resolve_dtype(dtype).itemsize, block
 
 
 class Registry:
@@ -199,6 +207,7 @@ class Registry:
                 "exit_heads": _relative(e.exit_heads, path.parent) if e.exit_heads else None,
                 **({"measure": e.measure} if e.measure != "max_prob" else {}),
                 **({"probe_gate": e.probe_gate} if e.probe_gate is not None else {}),
+                **({"quantization": e.quantization} if e.quantization else {}),
                 "layers": e.num_layers,
                 "weight_bytes_fixed": e.fixed_weight_bytes,
                 "weight_bytes_per_layer": e.layer_weight_bytes,
@@ -230,7 +239,8 @@ def _relative(p: Path, base: Path) -> str:
 
 
 KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile",
-              "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype"}
+              "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype",
+              "quantization"}
 
 
 def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = True) -> ModelEntry:
@@ -261,15 +271,20 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
         if exit_cfg.exit_layers and max(exit_cfg.exit_layers) > config.num_layers:
             raise ValueError(f"exit_layers {list(exit_cfg.exit_layers)} go deeper than the model's "
                              f"{config.num_layers} layers")
-        fixed, block = measure_weights(path, config, dtype, heads)
+        quantization = raw.get("quantization")
+        check_quantization(quantization)
+        fixed, block = measure_weights(path, config, dtype, heads, quantization)
+        recorded_weights = ((fixed, block) if recorded_dtype == dtype
+                            else measure_weights(path, config, recorded_dtype, heads, quantization))
     except (TypeError, ValueError) as err:
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
-                       _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"))
-    # Every size is elements x element size: at the file's dtype it is these sizes rescaled.
+                       _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"),
+                       quantization)
+    # The sizes as the file's dtype makes them.
     served, at = entry.element_size, resolve_dtype(recorded_dtype).itemsize
-    recorded = {"layers": entry.num_layers, "weight_bytes_fixed": fixed // served * at,
-                "weight_bytes_per_layer": block // served * at,
+    recorded = {"layers": entry.num_layers, "weight_bytes_fixed": recorded_weights[0],
+                "weight_bytes_per_layer": recorded_weights[1],
                 "kv_bytes_per_token_per_layer": entry.kv_bytes_per_token_per_layer // served * at}
     stale = {k: (raw[k], v) for k, v in recorded.items() if k in raw and raw[k] != v}
     if stale and check_sizes:
