@@ -237,10 +237,20 @@ def save_exit_heads(path: str | Path, heads: ExitHeads, dtype: torch.dtype | Non
 # --- confidence measures ----------------------------------------------------------------------------
 def check_probes(heads: ExitHeads, exit_config: ExitConfig) -> None:
     """The probe measure and a probe gate need a probe at every exit point the model can have."""
+    require_probes(exit_config, heads.model[0].config.num_layers, heads.probe_depths())
+
+
+def stored_probe_depths(path: str | Path) -> tuple[int, ...]:
+    """The depths an exit-heads file holds probes for, read from its keys (nothing is loaded)."""
+    with safe_open(str(path), "pt") as f:
+        return tuple(sorted(int(k.split(".")[1]) for k in f.keys() if k.startswith("exit.") and k.endswith(".probe.weight")))
+
+
+def require_probes(exit_config: ExitConfig, num_layers: int, probe_depths: tuple[int, ...]) -> None:
+    """`check_probes` given the depths that have a probe."""
     if exit_config.measure != "probe" and exit_config.probe_gate is None:
         return
-    num_layers = heads.model[0].config.num_layers
-    missing = sorted(set(exit_config.exit_points(num_layers)) - set(heads.probe_depths()))
+    missing = sorted(set(exit_config.exit_points(num_layers)) - set(probe_depths))
     if missing:
         what = "confidence measure 'probe'" if exit_config.measure == "probe" else "probe_gate"
         where = f"the exit heads file {exit_config.heads_path}" if exit_config.heads_path else "no exit heads file"

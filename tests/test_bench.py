@@ -195,3 +195,29 @@ def test_ratios_compare_each_helios_loop_with_its_baseline_and_serve_load_by_loa
     r = _ratios(results)
     assert r["helios_single_over_ee_baseline_throughput"] is None
     assert not any(k.startswith("serve_over_in_process_throughput_") for k in r)
+
+
+def test_sweep_exit_points_without_probes_are_refused_before_anything_runs(tmp_path, capsys):
+    """A probe-measure model whose heads file has probes at depths 1-3 only: a sweep of exit points every
+    4 layers would need one at depth 4. The bench refuses it at once, naming the model and the depth,
+    instead of failing after the main run (which took 20 minutes on the real family)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from helios_core.cli import main
+
+    demo = ROOT / "models" / CODE
+    with safe_open(str(demo / "exit_probes.safetensors"), "pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if int(k.split(".")[1]) <= 3}
+        save_file(kept, str(tmp_path / "probes.safetensors"), metadata=f.metadata())
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(json.dumps({"models": [{"name": "code", "path": str(demo), "exit_layers": [1, 2, 3],
+                                                "exit_heads": "probes.safetensors", "measure": "probe"}]}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--registry", str(registry), "--baseline", "code", "--out", str(out), "--sweep",
+              "--sweep-exit-every", "1", "4"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "every 4 layer(s) on code" in err and "depth(s) [4]" in err, err
+    assert not out.exists()

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .runner import SYSTEMS, BenchConfig, nan_to_none, run_benchmark
+from ..policy import Registry
+from .runner import SYSTEMS, BenchConfig, check_exit_points, nan_to_none, run_benchmark
 from .sweep import matched, matched_ratios, run_sweep
 from .traces import SLO
 
@@ -87,9 +88,11 @@ def main(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
+    every = [None if k == 1 else k for k in args.sweep_exit_every]
+    if args.sweep:  # the sweep runs last: its settings are checked first
+        check_exit_points(Registry.load(config.registry, config.dtype), every)
     report = run_benchmark(config, log=log)
     if args.sweep:
-        every = [None if k == 1 else k for k in args.sweep_exit_every]
         points = run_sweep(config, args.sweep_thresholds, args.sweep_coverages, args.sweep_depths, every, log)
         best = matched(points)
         report |= {"sweep": points, "matched_quality": {"points": best, "ratios": matched_ratios(best)}}

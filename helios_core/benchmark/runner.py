@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..engine import load_tokenizer
 from ..evaluate import rouge_l
+from ..exits import require_probes, stored_probe_depths
 from ..kv_cache import blocks_for
 from ..orchestrator import Orchestrator, OrchestratorConfig
 from ..policy import PolicyConfig, Registry
@@ -100,6 +101,18 @@ def with_exits(registry: Registry, threshold: float | None, exit_every: int | No
     return Registry([change(e) for e in registry], registry.path)
 
 
+def check_exit_points(registry: Registry, exit_every: list[int | None]) -> None:
+    """Refuse, before anything runs, exit points (every k layers) that a model's probe measure has no
+    probes for: the engine would refuse them only when its system is built, after earlier systems ran."""
+    for every in exit_every:
+        for e in with_exits(registry, None, every):
+            probes = stored_probe_depths(e.exit_heads) if e.exit_heads else ()
+            try:
+                require_probes(e.exit_config(), e.num_layers, probes)
+            except ValueError as err:
+                raise ValueError(f"exit points every {every or 1} layer(s) on {e.name}: {err}") from None
+
+
 def _requests(base: list[BenchRequest], prefix: str) -> list[BenchRequest]:
     return [dataclasses.replace(r, id=f"{prefix}-{r.id}") for r in base]
 
@@ -133,6 +146,7 @@ def _run(system, requests: list[BenchRequest], load: tuple[str, float], seed: in
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     started = time.time()
     registry = with_exits(Registry.load(cfg.registry, cfg.dtype), cfg.threshold, cfg.exit_every)
+    check_exit_points(registry, [None])
     budget = cfg.budget or baseline_budget(registry, cfg.baseline, cfg.b0, cfg.max_model_len)
     base = load_workload(cfg.workload, cfg.limit, cfg.max_tokens)
     warm = _requests(load_workload(cfg.workload, cfg.warmup, cfg.max_tokens), "warmup") if cfg.warmup else []
