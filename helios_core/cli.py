@@ -12,6 +12,7 @@ from .memory_size import parse_bytes
 MEASURES = ("max_prob", "margin", "cosine", "probe")  # exits.MEASURES, without importing torch for --help
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)  # models/quantize.QUANTIZATIONS, without importing torch for --help
+QUANTIZATION_HELP = "int8: weight-only int8 matrices (half of bf16's bytes; fastest at small batches on a CPU)"
 DTYPE_HELP = "weights' dtype (default auto: bfloat16 where the device computes it natively and faster, else float32)"
 
 
@@ -43,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--layers", type=int, default=None, help="load only the first K layers (greedy exit at K)")
     gen.add_argument("--no-early-exit", action="store_true", help="run every loaded layer for every token")
     gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    gen.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                     help="int8: weight-only int8 matrices (half of bf16's bytes; fastest at small batches on a CPU)")
+    gen.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="at most N prompts (--prompts) or N tokens (--text)")
     ev.add_argument("--chunk-len", type=int, default=256, help="--text: tokens per teacher-forced chunk")
     ev.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    ev.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -237,14 +238,14 @@ def evaluate(args: argparse.Namespace) -> int:
         from .quality import evaluate_text
 
         report = evaluate_text(args.model, args.text, exit_config, args.layers, args.limit, args.chunk_len,
-                               args.device, args.dtype)
+                               args.device, args.dtype, args.quantization)
         out = {"mode": "text"} | report.to_dict()
     else:
         from .evaluate import evaluate as run, load_prompts
 
         prompts = load_prompts(args.prompts)[: args.limit]
         report = run(args.model, prompts, args.threshold, args.layers, args.max_tokens, args.measure,
-                     args.exit_layers, args.exit_heads, args.device, args.dtype)
+                     args.exit_layers, args.exit_heads, args.device, args.dtype, quantization=args.quantization)
         out = {"mode": "prompts", "prompts_file": args.prompts} | report.to_dict()
     print(json.dumps(out) if args.json else report.format())
     return 0

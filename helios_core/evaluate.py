@@ -178,6 +178,7 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     ignore_eos: bool = True,
+    quantization: str | None = None,
 ) -> EvalReport:
     """Greedy early-exit decoding (threshold, first `layers` layers loaded) vs the full-depth model."""
     from .engine import EngineConfig, LLMEngine
@@ -188,7 +189,8 @@ def evaluate(
     if not prompts:
         raise ValueError("no prompts to evaluate")
     exit_config = ExitConfig(threshold=threshold, measure=measure, exit_layers=exit_layers, heads_path=exit_heads)
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, exit=exit_config))
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, quantization=quantization, device=device,
+                                    exit=exit_config))
     depth = engine.model_config.num_layers
     if layers is not None and not 1 <= layers <= depth:
         raise ValueError(f"layers must be in [1, {depth}], got {layers}")

@@ -328,7 +328,7 @@ def analyze(model: Transformer, heads: ExitHeads, chunks: Sequence[Sequence[int]
 
 def evaluate_text(model: str, source: str, exit_config: ExitConfig = ExitConfig(), layers: int | None = None,
                   limit: int | None = None, chunk_len: int = 256, device: str = "auto",
-                  dtype: str = "auto") -> QualityReport:
+                  dtype: str = "auto", quantization: str | None = None) -> QualityReport:
     """`analyze` on a model directory and a text source (see `load_text_tokens`), at most `limit` tokens."""
     from .engine import load_tokenizer
     from .exits import load_exit_heads
@@ -339,7 +339,7 @@ def evaluate_text(model: str, source: str, exit_config: ExitConfig = ExitConfig(
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
         raise ValueError(f"model {model} has no tokenizer: text evaluation needs one")
-    net = load_model(model, dtype=dtype, device=device, max_len=chunk_len)
+    net = load_model(model, dtype=dtype, device=device, max_len=chunk_len, quantization=quantization)
     depth = net.config.num_layers
     if layers is not None and not 1 <= layers <= depth:
         raise ValueError(f"layers must be in [1, {depth}], got {layers}")

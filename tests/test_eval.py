@@ -308,3 +308,17 @@ def test_quality_oracle_gives_another_familys_perplexity_per_reference_token(tin
     ours = both.mixture({("tiny", 6, None): 1}, {"tiny": NO_EXIT})
     assert ours["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-3)
     assert ours["agreement_with_full_depth"] == 1.0
+
+
+def test_cli_eval_measures_the_int8_weights(capsys):
+    """`helios eval --quantization int8` scores the int8 model: on held-out code its full-depth
+    perplexity moves, by little (int8 keeps each weight within half a step of its row's scale)."""
+    def full_depth(*extra: str) -> dict:
+        assert main(["eval", "--model", str(CODE), "--text", "stdlib", "--limit", "512", "--chunk-len", "128",
+                     "--dtype", "float32", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["depths"][-1]
+
+    plain, int8 = full_depth(), full_depth("--quantization", "int8")
+    assert int8["perplexity"] != plain["perplexity"]
+    assert int8["perplexity"] == pytest.approx(plain["perplexity"], rel=0.05)
+    assert abs(int8["accuracy"] - plain["accuracy"]) < 0.03
