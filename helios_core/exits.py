@@ -243,7 +243,8 @@ def check_probes(heads: ExitHeads, exit_config: ExitConfig) -> None:
 def stored_probe_depths(path: str | Path) -> tuple[int, ...]:
     """The depths an exit-heads file holds probes for, read from its keys (nothing is loaded)."""
     with safe_open(str(path), "pt") as f:
-        return tuple(sorted(int(k.split(".")[1]) for k in f.keys() if k.startswith("exit.") and k.endswith(".probe.weight")))
+        keys = [k for k in f.keys() if k.startswith("exit.") and k.endswith(".probe.weight")]
+    return tuple(sorted(int(k.split(".")[1]) for k in keys))
 
 
 def require_probes(exit_config: ExitConfig, num_layers: int, probe_depths: tuple[int, ...]) -> None:

@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sourc
 from .config import ModelConfig
 from .low_rank import merge
 from .quantize import check_quantization
-from .transformer import Block, TiedInt8Embedding, Transformer, quantize_linears
+from .transformer import Block, Transformer, quantize_lm_head, quantize_linears
 
 def load_model(
     path: str | Path,
@@ -52,9 +52,7 @@ def load_model(
         model.lm_head.weight = model.embed.weight
     model.quantization = quantization
     if quantization:
-        quantize_linears(model.lm_head)
-        if tie:
-            model.embed = TiedInt8Embedding(model.lm_head)
+        quantize_lm_head(model, tie)
     model.checkpoint = checkpoint
     model.backbone_adapter = {}  # low-rank deltas merged into every layer loaded (low_rank.apply_backbone)
     model.setup_rope(max_len or min(config.max_position_embeddings, 4096))

@@ -96,6 +96,13 @@ class TiedInt8Embedding(nn.Module):
         return F.embedding(tokens, head.weight).to(head.scale.dtype) * head.scale[tokens].unsqueeze(-1)
 
 
+def quantize_lm_head(model: "Transformer", tied: bool) -> None:
+    """An int8 LM head; a tied embedding is then read from it (`TiedInt8Embedding`)."""
+    quantize_linears(model.lm_head)
+    if tied:
+        model.embed = TiedInt8Embedding(model.lm_head)
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of a module's weights: parameters and quantization scales, tied tensors counted once."""
     seen, total = set(), 0

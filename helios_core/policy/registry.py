@@ -45,7 +45,7 @@ from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.low_rank import PREFIX as BACKBONE
 from ..models.quantize import check_quantization
-from ..models.transformer import TiedInt8Embedding, Transformer, quantize_linears, weight_bytes
+from ..models.transformer import Transformer, quantize_lm_head, quantize_linears, weight_bytes
 from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
 
@@ -138,10 +138,8 @@ def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Pat
     if tied:
         model.lm_head.weight = model.embed.weight
     if quantization:
-        quantize_linears(model.lm_head)
+        quantize_lm_head(model, tied)
         quantize_linears(model.layers[0])
-        if tied:
-            model.embed = TiedInt8Embedding(model.lm_head)
     block = weight_bytes(model.layers[0])
     heads = 0
     if exit_heads is not None:
