@@ -416,13 +416,18 @@ def aligned_positions(starts_a: Sequence[int], starts_b: Sequence[int]) -> tuple
 
 
 # --- text sources -----------------------------------------------------------------------------------
+def source_files(source: str) -> list[Path]:
+    """The files of a text source: a file, a directory's text files, or a builtin source's held-out files."""
+    from .train import BUILTIN_SOURCES, held_out_files, parse_source
+
+    return held_out_files(source) if source in BUILTIN_SOURCES else parse_source(source).files
+
+
 def load_texts(source: str, tokenizer, limit: int) -> list[tuple[str, bool]]:
     """The text `load_text_tokens(source, tokenizer, limit)` reads, file by file, with whether the file is
     whole (it then ends with end-of-text): the last is cut after the character where the `limit`-th
     token ends, so that another tokenizer can read the same characters."""
-    from .train import BUILTIN_SOURCES, held_out_files, parse_source
-
-    files = held_out_files(source) if source in BUILTIN_SOURCES else parse_source(source).files
+    files = source_files(source)
     eos = 1 if tokenizer.eos_token_id is not None else 0
     texts, count = [], 0
     for f in files:
@@ -450,9 +455,7 @@ def load_text_tokens(source: str, tokenizer, limit: int | None = None) -> tuple[
     """Token ids of a file, a directory's text files, or a builtin source (`stdlib`, `pydoc`: only its
     held-out files, so a model is never scored on its training data). Each file ends with end-of-text.
     Returns the ids (at most `limit`) and the files read."""
-    from .train import BUILTIN_SOURCES, held_out_files, parse_source
-
-    files = held_out_files(source) if source in BUILTIN_SOURCES else parse_source(source).files
+    files = source_files(source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     read = []
