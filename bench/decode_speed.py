@@ -1,6 +1,6 @@
 """Decode throughput of Helios vs Hugging Face transformers on one CPU model, in one run.
 
-    python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--quantization int8]
+    python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--quantization int8] [--compile]
                                  [--batches 1 8 32 64]
                                  [--prompt-len 64] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--json OUT] [--profile B ...]
@@ -14,7 +14,8 @@ What it does (see bench/README.md for what each number means):
      and its decode-shaped GEMM (64 x hidden @ hidden x intermediate), and prints the CPU model and
      its bf16-relevant flags; `--dtype` (default float32) is both systems' weight dtype, "auto" what
      the engine's auto picks on this CPU (helios_core/dtypes.py); `--quantization int8` gives Helios
-     weight-only int8 matrices (transformers keeps the dtype's weights);
+     weight-only int8 matrices (transformers keeps the dtype's weights); `--compile` gives it the
+     compiled small-batch decode step (helios_core/runner.py; compiled before the timed runs);
   3. checks that Helios and a transformers forward loop emit the same greedy tokens (batch 1; with
      int8 weights the tokens differ, and the table's greedy agreement says by how much);
   4. for each batch size, measures decode tokens/s (prefill excluded) of
@@ -243,7 +244,7 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype,
-                quantization: str | None = None) -> LLMEngine:
+                quantization: str | None = None, compile: bool = False) -> LLMEngine:
     """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
@@ -255,6 +256,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
             memory_budget=budget,
             dtype=dtype_name(dtype),
             quantization=quantization,
+            compile=compile,
         ))
 
     engine = build(None)
@@ -271,7 +273,8 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
 
 
 # --- correctness -------------------------------------------------------------------------------------
-def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype) -> dict:
+def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
+                       compile: bool = False) -> dict:
     """Batch 1: Helios must emit the greedy tokens of the transformers forward loop.
 
     Exact equality is expected. Two correct implementations may still round a near-tie (two
@@ -281,7 +284,7 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
     """
     tol = GREEDY_TOL[dtype]
     prompts = make_prompts(1, prompt_len, seed=12345, vocab=vocab)
-    engine = make_engine(path, 1, prompt_len, new_tokens, dtype)
+    engine = make_engine(path, 1, prompt_len, new_tokens, dtype, compile=compile)
     helios = run_helios(engine, prompts, new_tokens)["tokens"][0]
     ref = run_hf_forward(hf, prompts, new_tokens, keep_margins=True)
     expected = ref["tokens"][0]
@@ -309,11 +312,11 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
 
 # --- profile ---------------------------------------------------------------------------------------------
 def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
-                   quantization: str | None = None, rows: int = 25) -> str:
+                   quantization: str | None = None, compile: bool = False, rows: int = 25) -> str:
     """torch.profiler over Helios' decode steps (prefill excluded) at one batch size."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization)
+    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile)
     prompts = make_prompts(batch, prompt_len, seed=batch, vocab=vocab)
     plain = run_helios(engine, prompts, new_tokens)  # warm-up, and the step time without the profiler
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="both systems' weights; auto: what the engine's auto picks on this CPU")
     ap.add_argument("--quantization", default=None, choices=("int8",),
                     help="Helios' weights as weight-only int8 (transformers keeps --dtype's)")
+    ap.add_argument("--compile", action="store_true", help="Helios with its compiled small-batch decode step")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check = None  # int8 weights round every product: the table's greedy agreement measures the change
         if not args.quantization:
-            check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype)
+            check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype, args.compile)
             log(f"greedy check: Helios {'==' if check['exact'] else '~= (near-tie divergence)'} transformers on "
                 f"{check['tokens']} tokens at batch 1 "
                 f"({check['distinct_tokens']} distinct, min top-2 logit margin {check['min_top2_margin']:.3g})")
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for B in args.batches:
             prompts = make_prompts(B, P, seed=B, vocab=shape["vocab"])
-            engine = make_engine(path, B, P, N, dtype, args.quantization)
+            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile)
             raw = {"helios": [], "hf_forward": [], "gen_total_s": [], "gen_prefill_s": []}
             agree = None
             for rep in range(args.repeats):
@@ -518,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": {"path": str(args.model) if args.model else None, **shape,
                       "init_std": None if args.model else INIT_STD, "params": counts,
                       "hf_attn_implementation": attn_impl},
-            "dtype": dtype_name(dtype), "dtype_asked": args.dtype, "quantization": args.quantization,
+            "dtype": dtype_name(dtype), "dtype_asked": args.dtype, "quantization": args.quantization, "compile": args.compile,
             "prompt_len": P, "new_tokens": N, "threads": args.threads, "repeats": args.repeats,
             "matmul_peak_gflops": peak, "matmul_peak_samples": peak_samples, "matmul_peak_1thread": peak_1thread,
             "decode_gemm_gflops": gemm, "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
@@ -534,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles = []
         for B in args.profile or []:
             log(f"profiling Helios decode at batch {B} ...")
-            text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization)
+            text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization, args.compile)
             profiles.append({"batch": B, "table": text})
             print("\n" + text)
 
@@ -578,7 +582,8 @@ def render(meta: dict, results: list[dict]) -> str:
         (f"Model: {m['path'] or 'random Llama'}, {c['total'] / 1e6:.2f}M params (hidden {m['hidden']}, "
          f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), MLP {m['intermediate']}, vocab {m['vocab']}, "
          f"{'tied' if c['tied'] else 'untied'}), {meta['dtype']}"
-         f"{' (Helios: int8 weights)' if meta['quantization'] else ''}. Prompt {meta['prompt_len']} tokens, "
+         f"{' (Helios: int8 weights)' if meta['quantization'] else ''}"
+         f"{' (Helios: compiled decode step)' if meta.get('compile') else ''}. Prompt {meta['prompt_len']} tokens, "
          f"{meta['new_tokens']} new tokens per sequence; decode = the last {meta['new_tokens'] - 1} "
          f"(the first comes from prefill, which is excluded). Best of {meta['repeats']}."),
         (f"CPU: {meta['cpu']} ({meta['cpu_count']} cores; "

@@ -58,6 +58,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     exit: ExitConfig = field(default_factory=ExitConfig)
     early_exit: bool = True  # False: every request runs all loaded layers
+    compile: bool = False  # torch.compile the small-batch full-depth decode step (runner.py), at start
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
@@ -112,7 +113,8 @@ class LLMEngine:
         self.memory = m = self._plan(self.model.num_loaded_layers)
         self.cache = KVCache(model_config, self.model.num_loaded_layers, m.num_blocks, config.block_size,
                              self.model.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache)
+        self.runner = ModelRunner(self.model, self.heads, config.exit, self.cache, compile=config.compile)
+        self.runner.warm_up(self.max_model_len)
         self.scheduler = Scheduler(m.num_blocks, config.block_size, m.max_seqs, config.max_prefill_tokens,
                                    config.enable_prefix_caching)
         self._lengths = deque(maxlen=256)  # prompt + output tokens of the latest finished requests
@@ -221,6 +223,7 @@ class LLMEngine:
             self.cache.resize(num_layers, plan.num_blocks, moves)
             self.scheduler.unload(num_layers)
         self.memory = plan
+        self.runner.warm_up(self.max_model_len)  # a compiled step is specific to the depth: compile the new one now
         event = LayerEvent(time.time(), before, num_layers, bytes_read, time.perf_counter() - start,
                            capacity_before, self.capacity, len(preempted))
         self.layer_events.append(event)

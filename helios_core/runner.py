@@ -19,10 +19,19 @@ discarded rows (bench/decode_ab.py measures the two side by side).
 At the last loaded layer every remaining row leaves (greedy exit); on a partially loaded model
 that exit is *forced*. A row whose context is being refilled for newly loaded layers (`caps`)
 leaves, forced, at the deepest layer its context has K/V in.
+
+With `compile`, a step in which no row may exit and none is capped runs as one torch.compile graph
+when the batch is small (`COMPILED_ROWS`) and its rows share no KV block: there a step is some 600
+small ops whose dispatch costs as much as the products (weight-only int8 at batch 1), and the graph
+fuses the norms, RoPE, the attention's softmax and the residuals. Larger batches are bound by their
+matmuls, which compiling does not speed up; steps with exits branch on the data and stay eager, as
+do batches with shared prompt prefixes (each would be one more graph to compile for a few percent).
+`warm_up` compiles before serving, so no request waits on the compiler.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +40,9 @@ from torch import Tensor
 from .exits import LOGIT_FREE, ExitConfig, ExitHeads, check_probes, exit_check, exit_confidence
 from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
+
+logger = logging.getLogger("helios")
+COMPILED_ROWS = 16  # the largest batch the compiled step serves (bench/decode_speed.py --compile measures it)
 
 
 @dataclass
@@ -43,9 +55,12 @@ class DecodeOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, heads: ExitHeads, exit_config: ExitConfig, cache: KVCache):
+    def __init__(self, model: Transformer, heads: ExitHeads, exit_config: ExitConfig, cache: KVCache,
+                 compile: bool = False):
         check_probes(heads, exit_config)
         self.model, self.heads, self.exit_config, self.cache = model, heads, exit_config, cache
+        # Shapes are symbolic: one graph serves every batch of 2..COMPILED_ROWS rows and every context.
+        self._compiled = torch.compile(self._decode, dynamic=True) if compile else None
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[list[int], Tensor, int]]) -> None:
@@ -66,13 +81,46 @@ class ModelRunner:
             x = layer(x, rope, kv)
         last.fill_kv(x, rope, kv)  # the last layer's output is never read: K/V is all we need
 
-    @torch.inference_mode()
     def decode(
         self, tokens: Tensor, kv: DecodeKV, thresholds: Tensor, early_exit: Tensor, any_early_exit: bool,
         caps: list[int] | None = None,
     ) -> DecodeOutput:
         """One token per row. thresholds (B,) fp32; early_exit (B,) bool; any_early_exit = early_exit.any();
         caps: per row, the deepest layer it may run (None: every loaded layer)."""
+        if (self._compiled is not None and not any_early_exit and caps is None and tokens.shape[0] <= COMPILED_ROWS
+                and not kv.extra_blocks.numel()):
+            try:
+                with torch.no_grad():  # inference mode cannot be traced
+                    return self._compiled(tokens, kv, thresholds, early_exit, False)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler: raised before it runs
+                logger.warning("torch.compile failed, decoding eagerly from now on: %s", e)
+                self._compiled = None
+        with torch.inference_mode():
+            return self._decode(tokens, kv, thresholds, early_exit, any_early_exit, caps)
+
+    def warm_up(self, max_len: int) -> None:
+        """Compile the decode step before serving, so that no request waits on the compiler, on a
+        scratch cache (the live pool is not touched). The compiler specializes sizes of 1, so a graph
+        is compiled for each of: one row reading one block, one row reading several, several rows."""
+        if self._compiled is None:
+            return
+        c, device = self.cache, self.cache.device
+        n = min(3, (max_len - 1) // c.block_size + 1)  # blocks a row reads: 3 where max_len allows
+        last = (n - 1) * c.block_size  # the position that reads them
+        first, second = list(range(n)), list(range(n, 2 * n))
+        layouts = (([0], [[0]]), ([last], [first]), ([last, last], [first, second]))  # (positions, block tables)
+        # Sizes that coincide are specialized too: the pool's is unlike any of the layouts'.
+        scratch = KVCache(c.config, self.model.num_loaded_layers, 2 * n + 5, c.block_size, c.dtype, device)
+        for positions, tables in layouts:
+            rows = len(tables)
+            off = torch.zeros(rows, dtype=torch.bool, device=device)
+            self.decode(torch.zeros(rows, dtype=torch.long, device=device), DecodeKV(scratch, positions, tables),
+                        torch.ones(rows, device=device), off, any_early_exit=False)
+
+    def _decode(
+        self, tokens: Tensor, kv: DecodeKV, thresholds: Tensor, early_exit: Tensor, any_early_exit: bool,
+        caps: list[int] | None = None,
+    ) -> DecodeOutput:
         model, heads = self.model, self.heads
         n_rows, n_loaded = tokens.shape[0], model.num_loaded_layers
         device = tokens.device

@@ -38,12 +38,25 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.to(scale.dtype) * scale[:, None]
 
 
+@torch.library.custom_op("helios::int8_mm", mutates_args=())
+def _int8_mm(act: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """The CPU kernel as an opaque op for torch.compile: inductor's own lowering of it rejects an input
+    that is a fused elementwise result (torch 2.13)."""
+    return torch.ops.aten._weight_int8pack_mm(act, q, scale)
+
+
+@_int8_mm.register_fake
+def _(act: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return act.new_empty(act.shape[0], q.shape[0])
+
+
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ (q * scale[:, None]).T + bias, for x of any leading shape."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.device.type == "cpu":
         act = flat if flat.dtype in (torch.bfloat16, torch.float16) else flat.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(act, q, scale.to(act.dtype)).to(flat.dtype)
+        mm = _int8_mm if torch.compiler.is_compiling() else torch.ops.aten._weight_int8pack_mm  # eager: no wrapper
+        out = mm(act, q, scale.to(act.dtype)).to(flat.dtype)
     else:
         out = F.linear(flat, q.to(flat.dtype)) * scale.to(flat.dtype)
     if bias is not None:
