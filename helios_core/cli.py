@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-early-exit", action="store_true", help="run every loaded layer for every token")
     gen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the small-batch decode step first (minutes; pays with --quantization int8)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
@@ -177,7 +179,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         model=args.model, num_layers=args.layers, dtype=args.dtype, quantization=args.quantization, device=args.device,
         memory_budget=args.memory_budget, max_model_len=args.max_model_len, exit=exit_config,
-        early_exit=not args.no_early_exit, **({"block_size": args.block_size} if args.block_size is not None else {}),
+        early_exit=not args.no_early_exit, compile=args.compile, **({"block_size": args.block_size} if args.block_size is not None else {}),
     ))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))

@@ -42,7 +42,7 @@ from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
 
 logger = logging.getLogger("helios")
-COMPILED_ROWS = 16  # the largest batch the compiled step serves (bench/decode_speed.py --compile measures it)
+COMPILED_ROWS = 8  # the largest batch the compiled step serves: beyond it, compiling measured no faster (docs/engine.md)
 
 
 @dataclass
