@@ -91,3 +91,13 @@ def test_int8_product_compiles_after_elementwise_ops(dtype):
     want = norm_then_product(x)
     assert got.dtype == dtype and got.shape == (3, 48)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
+
+
+def test_without_a_cxx_compiler_the_engine_says_so_and_decodes_eagerly(llama, caplog):
+    torch._dynamo.reset()  # no graph from another test may serve this one
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        engine = _engine(llama, compile=True)
+    assert engine.runner._compiled is None
+    assert "torch.compile failed, decoding eagerly" in caplog.text and "nonexistent" in caplog.text
+    [done] = engine.generate([PROMPTS[0]], GREEDY)
+    assert done.token_ids == hf_greedy(llama, done.prompt_token_ids, GREEDY.max_tokens)
