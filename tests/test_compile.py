@@ -42,13 +42,14 @@ def test_compiled_engine_decodes_as_transformers_and_compiled_before_serving(lla
     engine = _engine(llama, compile=True)
     assert counters["stats"]["unique_graphs"] > graphs  # warm_up compiled at construction
     compiled = counters["stats"]["unique_graphs"]
+    step, rows = engine.runner._compiled, []
+    engine.runner._compiled = lambda tokens, *rest: rows.append(len(tokens)) or step(tokens, *rest)
     # One row, then several (one graph serves 2..COMPILED_ROWS rows).
     done = engine.generate([PROMPTS[0]], GREEDY) + engine.generate(PROMPTS, GREEDY)
     assert counters["stats"]["unique_graphs"] == compiled  # serving did not wait on the compiler
+    assert {1, len(PROMPTS)} <= set(rows) and len(PROMPTS) <= COMPILED_ROWS  # the compiled step served both
     for d in done:
         assert d.token_ids == hf_greedy(llama, d.prompt_token_ids, GREEDY.max_tokens)
-    assert engine.runner._compiled is not None  # no fallback to eager was taken
-    assert len(PROMPTS) <= COMPILED_ROWS
 
 
 def test_new_depth_is_compiled_when_loaded_and_decodes_as_the_eager_engine(llama):
