@@ -42,7 +42,7 @@ from .kv_cache import DecodeKV, KVCache, PrefillKV
 from .models.transformer import Transformer
 
 logger = logging.getLogger("helios")
-COMPILED_ROWS = 8  # the largest batch the compiled step serves: beyond it, compiling measured no faster (docs/engine.md)
+COMPILED_ROWS = 8  # the largest batch the compiled step serves: beyond it, compiling measured no faster
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig
-from helios_core.models.quantize import int8_linear, quantize_rows
+from helios_core.models.quantize import int8_linear, quantize_rows, scale_dtype
 from helios_core.runner import COMPILED_ROWS
 from helios_core.sampling import SamplingParams
 
@@ -82,11 +82,11 @@ def test_int8_product_compiles_after_elementwise_ops(dtype):
     """An int8 product whose input is a fused elementwise result (a norm, a cast) compiles, and computes
     what the eager kernel does."""
     torch.manual_seed(0)
-    q, scale = quantize_rows(torch.randn(48, 32))
+    q, scale = quantize_rows(torch.randn(48, 32), scale_dtype(dtype))
     x = torch.randn(3, 32, dtype=dtype)
 
     def norm_then_product(x):
-        return int8_linear(F.rms_norm(x, (32,)) * 2, q, scale.to(dtype))
+        return int8_linear(F.rms_norm(x, (32,)) * 2, q, scale)
 
     got = torch.compile(norm_then_product, dynamic=True)(x)
     want = norm_then_product(x)

@@ -12,34 +12,38 @@ from tiny_models import SAMPLE_PROMPT, make_tiny_checkpoint
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.models import load_model
 from helios_core.models.low_rank import merge
-from helios_core.models.quantize import dequantize_rows, int8_linear, quantize_rows
+from helios_core.models.quantize import dequantize_rows, int8_linear, quantize_rows, scale_dtype
 from helios_core.models.transformer import Linear
 from helios_core.policy import Registry, RegistryError
 from helios_core.sampling import SamplingParams
 
 
-def test_rows_round_to_within_half_a_step_of_their_own_scale():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_round_to_within_half_a_step_of_their_own_scale(dtype):
+    """In whatever dtype the scale is kept, q is rounded against the scale as stored."""
     torch.manual_seed(0)
     w = torch.randn(48, 40) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different magnitudes
     w[5] = 0  # an all-zero row stays zero
-    q, scale = quantize_rows(w)
-    assert q.dtype == torch.int8 and scale.shape == (48,)
+    q, scale = quantize_rows(w, dtype)
+    assert q.dtype == torch.int8 and scale.shape == (48,) and scale.dtype == dtype
     assert int(q.abs().max()) == 127  # every nonzero row uses the whole range
     err = (dequantize_rows(q, scale) - w).abs()
-    assert torch.all(err <= scale[:, None] / 2 + 1e-7)
+    assert torch.all(err <= scale.float()[:, None] / 2 + 1e-7)
     assert torch.equal(q[5], torch.zeros(40, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_the_product_with_the_dequantized_weight(dtype):
-    """On the CPU the kernel computes in bf16: fp32 activations and scales are rounded to bf16 first, the
-    products accumulate in fp32 and are rounded to bf16 once, then take the activations' dtype."""
+    """On the CPU the kernel computes in bf16: an fp32 model's scales are kept in bf16 and its activations
+    rounded to bf16, the products accumulate in fp32 and are rounded to bf16 once, then take the
+    activations' dtype."""
     torch.manual_seed(1)
-    q, scale = quantize_rows(torch.randn(24, 32))
+    q, scale = quantize_rows(torch.randn(24, 32), scale_dtype(dtype))
+    assert scale.dtype == torch.bfloat16
     x, bias = torch.randn(2, 5, 32, dtype=dtype), torch.randn(24, dtype=dtype)
     bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
-    want = bf(x) @ dequantize_rows(q, bf(scale)).T + bias.float()
-    got = int8_linear(x, q, scale.to(dtype), bias)
+    want = bf(x) @ dequantize_rows(q, scale).T + bias.float()
+    got = int8_linear(x, q, scale, bias)
     assert got.shape == (2, 5, 24) and got.dtype == dtype
     product = want - bias.float()  # rounded to bf16 before the bias is added (and after, in bf16)
     assert torch.all((got.float() - want).abs() <= 2**-8 * (product.abs() + want.abs()) + 1e-6)
@@ -47,9 +51,9 @@ def test_int8_linear_is_the_product_with_the_dequantized_weight(dtype):
 
 def _hf_with_rounded_weights(path):
     """transformers' model computing what Helios' int8 engine computes in fp32: every Linear's weight
-    replaced by its int8 rounding (with the scale in bf16; the per-row scales of a fused matrix are those
-    of its parts), its input and output rounded to bf16; a tied embedding reads the int8 rows with the
-    fp32 scale."""
+    replaced by its int8 rounding against a bf16 scale (the per-row scales of a fused matrix are those of
+    its parts), its input and output rounded to bf16; a tied embedding reads the same int8 rows and
+    scales."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -57,10 +61,10 @@ def _hf_with_rounded_weights(path):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
-                q, scale = quantize_rows(m.weight)
+                q, scale = quantize_rows(m.weight, torch.bfloat16)
                 if m.weight is embedding.weight:
                     embedding.weight = torch.nn.Parameter(dequantize_rows(q, scale))
-                m.weight = torch.nn.Parameter(dequantize_rows(q, scale.to(torch.bfloat16).float()))
+                m.weight = torch.nn.Parameter(dequantize_rows(q, scale))
                 m.register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16).float(),))
                 m.register_forward_hook(lambda _m, _args, out: out.to(torch.bfloat16).float())
     return model

@@ -149,5 +149,4 @@ def merge(block: nn.Module, deltas: dict[str, tuple[Tensor, Tensor]]) -> None:
         if getattr(linear, "scale", None) is None:
             weight.data = (weight.float() + delta).to(weight.dtype)
         else:
-            q, scale = quantize_rows(dequantize_rows(weight, linear.scale).float() + delta)
-            weight.data, linear.scale = q, scale.to(linear.scale.dtype)
+            weight.data, linear.scale = quantize_rows(dequantize_rows(weight, linear.scale) + delta, linear.scale.dtype)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, RopeConfig
-from .quantize import int8_linear, quantize_rows
+from .quantize import int8_linear, quantize_rows, scale_dtype
 
 
 # --- linear layers -----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class Linear(nn.Linear):
 
     def quantize(self) -> None:
         """Store the weight as int8 with a scale per output row; a tied weight is untied."""
-        q, self.scale = quantize_rows(self.weight)
+        q, self.scale = quantize_rows(self.weight, scale_dtype(self.weight.dtype))
         self.weight = nn.Parameter(q, requires_grad=False)
 
 
@@ -87,20 +87,21 @@ class TiedInt8Embedding(nn.Module):
     """The embedding of a model whose LM head is tied to it, read from the int8 LM head (a row per
     token, dequantized as it is looked up): the full-precision table is not kept beside it."""
 
-    def __init__(self, lm_head: Linear):
+    def __init__(self, lm_head: Linear, dtype: torch.dtype):
         super().__init__()
         self.lm_head = [lm_head]  # a reference, not a submodule: its weights are counted once, as the head's
+        self.dtype = dtype  # the model's (the scales may be kept in another, `scale_dtype`)
 
     def forward(self, tokens: Tensor) -> Tensor:
         head = self.lm_head[0]
-        return F.embedding(tokens, head.weight).to(head.scale.dtype) * head.scale[tokens].unsqueeze(-1)
+        return F.embedding(tokens, head.weight).to(self.dtype) * head.scale[tokens].to(self.dtype).unsqueeze(-1)
 
 
 def quantize_lm_head(model: "Transformer", tied: bool) -> None:
     """An int8 LM head; a tied embedding is then read from it (`TiedInt8Embedding`)."""
     quantize_linears(model.lm_head)
     if tied:
-        model.embed = TiedInt8Embedding(model.lm_head)
+        model.embed = TiedInt8Embedding(model.lm_head, model.dtype)
 
 
 def weight_bytes(module: nn.Module) -> int:
