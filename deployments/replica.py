@@ -384,7 +384,8 @@ class ModelReplica:
                 "exit_layers": None if s.exit_layers is None else list(s.exit_layers),
                 "capacity": s.capacity, "capacity_tokens": s.capacity_tokens, "used_tokens": s.used_tokens,
                 "mean_seq_len": s.mean_seq_len, "preempted": s.preempted,
-                "prefix_hit_rate": s.prefix_hit_rate, "prefill_tokens_saved": s.prefill_tokens_saved,
+                "prefix_hit_rate": s.prefix_hit_rate, "prefix_lookups": s.prefix_lookups,
+                "prefix_hits": s.prefix_hits, "prefill_tokens_saved": s.prefill_tokens_saved,
                 "running": s.running, "waiting": s.waiting,
                 "peak_batch": self._peak.max(default=s.running), "max_batch": self._max_batch,
                 "requests": len(self._outboxes),  # here, the engine's queue and batch included

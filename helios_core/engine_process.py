@@ -70,7 +70,8 @@ class EngineState:
     used_tokens: int  # positions of the blocks the running sequences hold
     mean_seq_len: float  # prompt + output tokens of recent requests (max_model_len before any)
     preempted: int  # sequences preempted for lack of blocks, since start
-    prefix_hit_rate: float  # of the prompt blocks looked up, the share found cached, since start
+    prefix_lookups: int  # prompt blocks looked up in the prefix cache, since start
+    prefix_hits: int  # of those, found cached
     prefill_tokens_saved: int  # prompt positions not prefilled thanks to cached prefixes, since start
     running: int
     waiting: int
@@ -86,13 +87,18 @@ class EngineState:
     exit_layers: tuple[int, ...] | None = None  # the exit points in use (None: the configured ones)
     dtype: str = ""  # the weights', e.g. "bfloat16" (what "auto" resolved to)
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Of the prompt blocks looked up, the share found cached, since start."""
+        return self.prefix_hits / self.prefix_lookups if self.prefix_lookups else 0.0
+
     @staticmethod
     def of(engine: LLMEngine) -> "EngineState":
         sched, m, s = engine.scheduler, engine.memory, engine.stats
         running, used = sched.running, sched.blocks.num_used
         return EngineState(engine.name, engine.num_layers, engine.model_config.num_layers, engine.capacity,
                            m.capacity_tokens, sched.used_tokens, engine.mean_seq_len, sched.num_preempted,
-                           sched.blocks.stats.hit_rate, sched.blocks.stats.tokens_saved,
+                           *sched.blocks.stats.counts(),
                            len(running), len(sched.waiting), sum(len(q.token_ids) for q in running),
                            m.weight_bytes, m.kv_bytes, used * m.kv_bytes_per_block, m.budget_bytes,
                            dict(s.histogram), s.tokens, s.forced, s.breaches, engine.exit_layers, engine.dtype)

@@ -77,6 +77,10 @@ def test_helios_serve_system(serve_cluster, tmp_path):
             assert t.served_by == {(model, depth, None): 8}  # profiling: every exit point
             assert t.exit_layers == [depth] * 8 and t.forced == t.breaches == 0
             assert t.output_ids == expected[t.id.removeprefix(f"{spec}-")]
+        lookups, hits, saved = run.prefix  # the replicas' prefix-cache counts over this load
+        assert lookups > 0 and saved == hits * EngineConfig.block_size
+    # The second load repeats the first's prompts: their full blocks are found cached, as in process.
+    assert runs[1][1].prefix[1] > 0
     # The batch is sampled every 0.25 s; the closed loop's 4 requests stream together for longer (CPU).
     assert 1 <= runs[0][1].max_batch <= 4
     [(_, poisson)] = [r for r in runs if r[0] == "poisson:4"]

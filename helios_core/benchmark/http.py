@@ -103,6 +103,12 @@ def _in_use(stats: dict) -> tuple[int, int, int]:
     return sum(s["peak_batch"] for s in live), sum(s["weight_bytes"] for s in live), sum(s["kv_bytes"] for s in live)
 
 
+def _prefix_counts(stats: dict | None) -> tuple[int, int, int]:
+    """(prompt blocks looked up, found cached, positions saved) since start, summed over the replicas."""
+    models = [m for m in (stats or {}).get("models", {}).values() if "error" not in m]
+    return tuple(sum(m[key] for m in models) for key in ("prefix_lookups", "prefix_hits", "prefill_tokens_saved"))
+
+
 def _profiling(stats: dict | None) -> bool:
     return stats is None or any(t["profiling"] for t in stats["policy"].get("targets", {}).values())
 
@@ -118,6 +124,7 @@ async def _drive(client: _Client, requests: list[BenchRequest], load: tuple[str,
                  bar: tqdm) -> RunResult:
     """Open loop (Poisson arrivals) or closed loop (`concurrency` in flight), as `systems.drive`."""
     kind, value = load
+    prefix_before = _prefix_counts(await client.stats())
     samples: list[tuple[int, int, int]] = []
     poller = asyncio.create_task(_poll_stats(client, samples))
     traces = [Trace(r.id, r.task, 0.0) for r in requests]
@@ -150,7 +157,8 @@ async def _drive(client: _Client, requests: list[BenchRequest], load: tuple[str,
     poller.cancel()
     await asyncio.gather(poller, return_exceptions=True)
     batch, weights, kv = (max(column) for column in zip(*samples or [(0, 0, 0)]))
-    return RunResult(traces, seconds, batch, weights, kv)
+    prefix = tuple(after - before for after, before in zip(_prefix_counts(await client.stats()), prefix_before))
+    return RunResult(traces, seconds, batch, weights, kv, prefix)
 
 
 async def _warm_up(client: _Client, warm: list[BenchRequest], seed: int, bar: tqdm,
