@@ -4,6 +4,8 @@ depth, steps with exits left eager, and weight-only int8 traceable."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from helios_core.sampling import SamplingParams
 
 PROMPTS = [SAMPLE_PROMPT, "def add(a, b):", "The quick brown fox"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+# inductor compiles C++ on the CPU; without a compiler the engine decodes eagerly (the last test).
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,6 +41,7 @@ def _engine(path, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(path), dtype="float32", early_exit=False, **kw))
 
 
+@needs_cxx
 def test_compiled_engine_decodes_as_transformers_and_compiled_before_serving(llama):
     graphs = counters["stats"]["unique_graphs"]
     engine = _engine(llama, compile=True)
@@ -52,6 +57,7 @@ def test_compiled_engine_decodes_as_transformers_and_compiled_before_serving(lla
         assert d.token_ids == hf_greedy(llama, d.prompt_token_ids, GREEDY.max_tokens)
 
 
+@needs_cxx
 def test_new_depth_is_compiled_when_loaded_and_decodes_as_the_eager_engine(llama):
     compiled, eager = _engine(llama, compile=True), _engine(llama)
     for engine in (compiled, eager):
@@ -77,6 +83,7 @@ def test_steps_with_exits_run_eagerly_and_exit_as_without_compile(llama):
     assert sum(n for depth, n in runs[0][1].items() if depth < 4) > 0  # some tokens did exit early
 
 
+@needs_cxx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_product_compiles_after_elementwise_ops(dtype):
     """An int8 product whose input is a fused elementwise result (a norm, a cast) compiles, and computes
