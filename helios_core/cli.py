@@ -179,7 +179,8 @@ def generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         model=args.model, num_layers=args.layers, dtype=args.dtype, quantization=args.quantization, device=args.device,
         memory_budget=args.memory_budget, max_model_len=args.max_model_len, exit=exit_config,
-        early_exit=not args.no_early_exit, compile=args.compile, **({"block_size": args.block_size} if args.block_size is not None else {}),
+        early_exit=not args.no_early_exit, compile=args.compile,
+        **({"block_size": args.block_size} if args.block_size is not None else {}),
     ))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
