@@ -1,6 +1,7 @@
 """Decode throughput of Helios vs Hugging Face transformers on one CPU model, in one run.
 
     python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--quantization int8] [--compile]
+                                 [--no-pack]
                                  [--batches 1 8 32 64]
                                  [--prompt-len 64] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--json OUT] [--profile B ...]
@@ -16,6 +17,8 @@ What it does (see bench/README.md for what each number means):
      the engine's auto picks on this CPU (helios_core/dtypes.py); `--quantization int8` gives Helios
      weight-only int8 matrices (transformers keeps the dtype's weights); `--compile` gives it the
      compiled small-batch decode step (helios_core/runner.py; compiled before the timed runs);
+     `--no-pack` keeps its fp32/bf16 weights in plain layout (EngineConfig.pack_weights=False); the
+     decode-shaped GEMM is timed as the engine's packed layers run it (helios_core/dtypes.py);
   3. checks that Helios and a transformers forward loop emit the same greedy tokens (batch 1; with
      int8 weights the tokens differ, and the table's greedy agreement says by how much);
   4. for each batch size, measures decode tokens/s (prefill excluded) of
@@ -244,7 +247,7 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype,
-                quantization: str | None = None, compile: bool = False) -> LLMEngine:
+                quantization: str | None = None, compile: bool = False, pack: bool = True) -> LLMEngine:
     """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
@@ -257,6 +260,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
             dtype=dtype_name(dtype),
             quantization=quantization,
             compile=compile,
+            pack_weights=pack,
         ))
 
     engine = build(None)
@@ -312,11 +316,12 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
 
 # --- profile ---------------------------------------------------------------------------------------------
 def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
-                   quantization: str | None = None, compile: bool = False, rows: int = 25) -> str:
+                   quantization: str | None = None, compile: bool = False, pack: bool = True,
+                   rows: int = 25) -> str:
     """torch.profiler over Helios' decode steps (prefill excluded) at one batch size."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile)
+    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile, pack)
     prompts = make_prompts(batch, prompt_len, seed=batch, vocab=vocab)
     plain = run_helios(engine, prompts, new_tokens)  # warm-up, and the step time without the profiler
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -397,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default=None, choices=("int8",),
                     help="Helios' weights as weight-only int8 (transformers keeps --dtype's)")
     ap.add_argument("--compile", action="store_true", help="Helios with its compiled small-batch decode step")
+    ap.add_argument("--no-pack", action="store_true", help="Helios with its weights in plain layout, not oneDNN's")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -441,13 +447,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{counts['embedding'] / 1e6:.2f}M embedding) at {path}")
         attn_impl = getattr(hf.config, "_attn_implementation", None)
 
-        # The peak is sampled now and again after every batch size; the best sample is used, so a
+        # Both peaks are sampled now and again after every batch size; the best sample is used, so a
         # slow moment during one sample cannot flatter Helios' fraction of peak.
         peak_samples = [matmul_peak(dtype)]
-        gemm = decode_gemm_peak(dtype, shape["hidden"], shape["intermediate"])
+        gemm_samples = [decode_gemm_peak(dtype, shape["hidden"], shape["intermediate"])]
         log(f"{dtype_name(dtype)} matmul peak (1024^3, {args.threads} threads): {peak_samples[0]:.1f} GFLOP/s "
             f"(1 thread: {peak_1thread:.1f}); decode GEMM ({GEMM_ROWS}x{shape['hidden']} @ "
-            f"{shape['hidden']}x{shape['intermediate']}): {gemm:.1f} GFLOP/s; load average {load_start[0]:.2f}")
+            f"{shape['hidden']}x{shape['intermediate']}): {gemm_samples[0]:.1f} GFLOP/s; "
+            f"load average {load_start[0]:.2f}")
         if args.threads > 1 and peak_samples[0] < 1.2 * peak_1thread:
             log(f"WARNING: {args.threads} threads are barely faster than 1 at a plain matmul: the cores are busy "
                 "with other processes and every multi-threaded op can stall for a scheduler slice. Numbers from "
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for B in args.batches:
             prompts = make_prompts(B, P, seed=B, vocab=shape["vocab"])
-            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile)
+            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile, not args.no_pack)
             raw = {"helios": [], "hf_forward": [], "gen_total_s": [], "gen_prefill_s": []}
             agree = None
             for rep in range(args.repeats):
@@ -511,22 +518,23 @@ def main(argv: list[str] | None = None) -> int:
                 "raw": raw,
             })
             peak_samples.append(matmul_peak(dtype))
+            gemm_samples.append(decode_gemm_peak(dtype, shape["hidden"], shape["intermediate"]))
             log(f"[B={B:>3}] best: helios {helios:.1f}, hf_forward {hf_fwd:.1f}"
                 + (f", hf_generate {gen_tok_s:.1f}" if gen_tok_s is not None else "") + " tok/s "
                 f"(helios {flops_per_token * helios / 1e9:.1f} GFLOP/s; matmul peak now {peak_samples[-1]:.1f})")
 
-        peak = max(peak_samples)
-        for row in results:
-            row["helios_frac_of_peak"] = row["helios_gflops"] / peak
+        peak, gemm = max(peak_samples), max(gemm_samples)
+        for row in results:  # of the faster of the two: oneDNN's decode GEMM may beat the square matmul
+            row["helios_frac_of_peak"] = row["helios_gflops"] / max(peak, gemm)
         meta = {
             "model": {"path": str(args.model) if args.model else None, **shape,
                       "init_std": None if args.model else INIT_STD, "params": counts,
                       "hf_attn_implementation": attn_impl},
             "dtype": dtype_name(dtype), "dtype_asked": args.dtype, "quantization": args.quantization,
-            "compile": args.compile,
+            "compile": args.compile, "pack_weights": not args.no_pack,
             "prompt_len": P, "new_tokens": N, "threads": args.threads, "repeats": args.repeats,
             "matmul_peak_gflops": peak, "matmul_peak_samples": peak_samples, "matmul_peak_1thread": peak_1thread,
-            "decode_gemm_gflops": gemm, "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
+            "decode_gemm_gflops": gemm, "decode_gemm_samples": gemm_samples, "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
             "flops_per_token": flops_per_token, "mean_context": mean_ctx,
             "greedy_check_batch1": check,
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -539,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = []
         for B in args.profile or []:
             log(f"profiling Helios decode at batch {B} ...")
-            text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization, args.compile)
+            text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization, args.compile,
+                                  not args.no_pack)
             profiles.append({"batch": B, "table": text})
             print("\n" + text)
 
@@ -584,7 +593,9 @@ def render(meta: dict, results: list[dict]) -> str:
          f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), MLP {m['intermediate']}, vocab {m['vocab']}, "
          f"{'tied' if c['tied'] else 'untied'}), {meta['dtype']}"
          f"{' (Helios: int8 weights)' if meta['quantization'] else ''}"
-         f"{' (Helios: compiled decode step)' if meta.get('compile') else ''}. Prompt {meta['prompt_len']} tokens, "
+         f"{' (Helios: compiled decode step)' if meta.get('compile') else ''}"
+         f"{' (Helios: weights in plain layout)' if meta.get('pack_weights') is False else ''}. "
+         f"Prompt {meta['prompt_len']} tokens, "
          f"{meta['new_tokens']} new tokens per sequence; decode = the last {meta['new_tokens'] - 1} "
          f"(the first comes from prefill, which is excluded). Best of {meta['repeats']}."),
         (f"CPU: {meta['cpu']} ({meta['cpu_count']} cores; "
@@ -594,14 +605,16 @@ def render(meta: dict, results: list[dict]) -> str:
         (f"Measured {meta['dtype']} matmul peak (1024^3, best sample of {len(meta['matmul_peak_samples'])} taken "
          f"through the run): **{meta['matmul_peak_gflops']:.1f} GFLOP/s** with {meta['threads']} threads "
          f"({meta['matmul_peak_1thread']:.1f} with 1); decode GEMM ({' x '.join(map(str, meta['decode_gemm_shape']))}"
-         f"): {meta['decode_gemm_gflops']:.1f} GFLOP/s. FLOPs per decoded token: {meta['flops_per_token'] / 1e6:.1f} M "
+         f", as the engine's layers run it, best sample): **{meta['decode_gemm_gflops']:.1f} GFLOP/s**; "
+         "% of peak is of the larger of the two. "
+         f"FLOPs per decoded token: {meta['flops_per_token'] / 1e6:.1f} M "
          f"(2 x {c['matmul'] / 1e6:.2f}M weights incl. lm_head + attention at mean context "
          f"{meta['mean_context']:.0f})."),
         check_line,
         "hf_generate decode tok/s = B*(new_tokens-1) / (best generate() time - best prefill forward time).",
         "",
         ("| batch | helios tok/s | hf_forward tok/s | hf_generate tok/s | helios / hf_forward | helios GFLOP/s | "
-         "% of matmul peak | greedy agreement |"),
+         "% of peak | greedy agreement |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:

@@ -6,7 +6,8 @@ replica for its own device), never on another host's behalf:
 
   cuda  bfloat16 where the GPU computes it natively (Ampere and later), else float32;
   cpu   bfloat16 only where the CPU has bf16 matmul units (AMX or AVX512-BF16 in /proc/cpuinfo) and
-        a decode-shaped matmul measures faster in bf16 than in fp32 (once per process); else float32.
+        a decode-shaped matmul, as the engine runs it, measures faster in bf16 than in fp32 (once per
+        process); else float32.
 
 float32 rather than float16 is the fallback: our reference numerics (the transformers oracle) are fp32.
 """
@@ -90,12 +91,17 @@ def cpu_matmul_seconds() -> dict[str, float]:
 
 
 def matmul_seconds(x: torch.Tensor, w: torch.Tensor, repeats: int = 5) -> float:
-    """Best time of x @ w.T (as nn.Linear computes it) over `repeats`, after a warm-up call."""
-    torch.nn.functional.linear(x, w)
+    """Best time of x @ w.T as the engine's linear layers compute it (w packed for oneDNN where the
+    engine packs it, `Linear.pack`) over `repeats`, after a warm-up call."""
+    from .models.transformer import linear, packed, packs_weights  # the models import this module
+
+    if packs_weights(w.dtype, w.device):
+        w = packed(w)
+    linear(x, w)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
+        linear(x, w)
         best = min(best, time.perf_counter() - start)
     return best
 

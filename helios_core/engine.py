@@ -27,7 +27,7 @@ from .detokenizer import TextStream
 from .dtypes import default_device, dtype_name, resolve_dtype
 from .exits import ExitConfig, ExitHeads, load_exit_heads
 from .kv_cache import DecodeKV, KVCache, MemoryPlan, blocks_for, plan_memory
-from .models import ModelConfig, load_layers, load_model, unload_layers
+from .models import ModelConfig, load_layers, load_model, pack_weights, unload_layers
 from .models.quantize import check_quantization
 from .models.transformer import weight_bytes
 from .prompt_limits import check_prompt_size, max_prompt_chars
@@ -59,6 +59,7 @@ class EngineConfig:
     exit: ExitConfig = field(default_factory=ExitConfig)
     early_exit: bool = True  # False: every request runs all loaded layers
     compile: bool = False  # torch.compile the small-batch full-depth decode step (runner.py), at start
+    pack_weights: bool = True  # CPU: fp32/bf16 matrices in oneDNN's layout (loader.pack_weights); not with compile
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
@@ -103,6 +104,8 @@ class LLMEngine:
                                 quantization=config.quantization)
         self.device = self.model.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
+        if config.pack_weights and not config.compile:  # inductor cannot take oneDNN's opaque tensors
+            pack_weights(self.model)  # after the heads: their backbone adapter merges into plain weights
         self.tokenizer = load_tokenizer(config.model)
         self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
         self.eos_token_ids = set(model_config.eos_token_ids)

@@ -214,7 +214,7 @@ def make_head(model: Transformer, proj: bool, lm_head: bool, rank: int | None = 
     if head.up is not None:
         torch.nn.init.zeros_(head.up.weight)
     if head.lm_head is not None:
-        head.lm_head.weight.data.copy_(model.lm_head.weight)
+        head.lm_head.weight.data.copy_(model.lm_head.unpacked_weight())
     return head
 
 

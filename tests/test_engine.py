@@ -275,18 +275,19 @@ def test_release_waiting_hands_back_the_queue_and_the_rest_runs_on(tiny_llama):
 
 
 def _matmul_shapes(fn) -> set[tuple]:
-    """(op, rows, operand shapes) of every matmul `fn()` runs; rows: the input's rows for linear, the
-    leading (batch) dimension for matmul. The engine runs in inference mode, where these reach the
-    dispatcher whole."""
+    """(op, rows, operand shapes) of every matmul `fn()` runs; rows: the input's rows for linear (plain
+    or with a packed weight), the leading (batch) dimension for matmul. The engine runs in inference
+    mode, where these reach the dispatcher whole."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
+    linears = (aten.linear.default, torch.ops.mkldnn._linear_pointwise.default)
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (aten.linear.default, aten.matmul.default):
+            if func in linears or func is aten.matmul.default:
                 x = args[0]
-                rows = x.numel() // x.shape[-1] if func is aten.linear.default else x.shape[0]
+                rows = x.numel() // x.shape[-1] if func in linears else x.shape[0]
                 shapes.add((str(func), rows, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
             return func(*args, **(kwargs or {}))
 
@@ -296,10 +297,11 @@ def _matmul_shapes(fn) -> set[tuple]:
     return shapes
 
 
-def test_bfloat16_on_cpu_runs_a_bounded_set_of_matmul_shapes(tiny_llama):
-    """oneDNN keeps a primitive per bf16 matmul shape, so the engine rounds row counts (batch rows, running
-    rows after exits, prompt tokens) and KV blocks up to `padded_rows`: random batches in bf16 meet only
-    those, and fewer shapes than in fp32, whose matmuls run at the exact sizes."""
+def test_onednn_products_on_cpu_run_a_bounded_set_of_matmul_shapes(tiny_llama):
+    """oneDNN keeps a primitive per matmul shape it runs (bf16, and any product with a packed weight), so
+    the engine rounds row counts (batch rows, running rows after exits, prompt tokens) and, in bf16, KV
+    blocks up to `padded_rows`: random batches meet only those, and fewer shapes than plain fp32
+    weights, whose products run at the exact sizes."""
     from helios_core.models.transformer import padded_rows
 
     rng = random.Random(0)
@@ -307,10 +309,12 @@ def test_bfloat16_on_cpu_runs_a_bounded_set_of_matmul_shapes(tiny_llama):
                for n in rng.sample(range(1, 30), 12)]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     shapes = {}
-    for dtype in ("bfloat16", "float32"):
-        eng = make(tiny_llama, dtype=dtype, exit=ExitConfig(threshold=0.3), block_size=4)
-        shapes[dtype] = _matmul_shapes(lambda: [eng.generate(b, params) for b in batches])
+    for name, kw in (("bfloat16", {"dtype": "bfloat16"}), ("packed", {}), ("plain", {"pack_weights": False})):
+        eng = make(tiny_llama, exit=ExitConfig(threshold=0.3), block_size=4, **kw)
+        shapes[name] = _matmul_shapes(lambda: [eng.generate(b, params) for b in batches])
     rows = {n for _, n, *_ in shapes["bfloat16"]}
     assert all(padded_rows(n) == n for n in rows), sorted(rows)
-    assert any(padded_rows(n) != n for _, n, *_ in shapes["float32"])  # the workload meets other counts
-    assert len(shapes["bfloat16"]) < len(shapes["float32"])
+    packed = {n for op, n, *_ in shapes["packed"] if "_linear_pointwise" in op}
+    assert packed and all(padded_rows(n) == n for n in packed), sorted(packed)
+    assert any(padded_rows(n) != n for _, n, *_ in shapes["plain"])  # the workload meets other counts
+    assert len(shapes["bfloat16"]) < len(shapes["plain"])

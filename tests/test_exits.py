@@ -172,7 +172,7 @@ def test_new_trained_head_starts_as_the_shared_head(exit_model):
     """train-exits starts every head from the model's final norm and LM head (Gemma: a Gemma norm)."""
     from helios_core.train_exits import make_head
 
-    model = engine(exit_model).model
+    model = engine(exit_model, pack_weights=False).model  # as train-exits loads it: the same products
     head = make_head(model, proj=True, lm_head=True)
     assert type(head.norm) is type(model.norm)
     h = torch.randn(3, model.config.hidden_size)

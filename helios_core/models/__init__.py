@@ -2,7 +2,7 @@
 
 from .checkpoint import Checkpoint, CheckpointError
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
-from .loader import load_layers, load_model, resolve_dtype, unload_layers
+from .loader import load_layers, load_model, pack_weights, resolve_dtype, unload_layers
 from .transformer import Transformer
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "UnsupportedModelError",
     "load_layers",
     "load_model",
+    "pack_weights",
     "resolve_dtype",
     "unload_layers",
 ]

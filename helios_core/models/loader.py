@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sourc
 from .config import ModelConfig
 from .low_rank import merge
 from .quantize import check_quantization
-from .transformer import Block, Transformer, quantize_lm_head, quantize_linears
+from .transformer import Block, Transformer, pack_linears, packs_weights, quantize_lm_head, quantize_linears
 
 def load_model(
     path: str | Path,
@@ -51,6 +51,7 @@ def load_model(
     if tie:
         model.lm_head.weight = model.embed.weight
     model.quantization = quantization
+    model.packed = False  # `pack_weights`
     if quantization:
         quantize_lm_head(model, tie)
     model.checkpoint = checkpoint
@@ -77,9 +78,21 @@ def load_layers(model: Transformer, num_layers: int) -> int:
         merge(block, model.backbone_adapter.get(i, {}))
         if model.quantization:
             quantize_linears(block)
+        if model.packed:
+            pack_linears(block)
         blocks.append(block)
     model.layers.extend(blocks)
     return checkpoint.bytes_read - before
+
+
+def pack_weights(model: Transformer) -> None:
+    """Hold the full-precision matrices of the loaded blocks, and of blocks loaded later, in oneDNN's
+    layout where that is faster (`Linear.pack`), and an untied LM head. Inference only; call it once
+    any backbone adapter is merged. A tied LM head stays plain: its table is also the embedding's,
+    and a packed copy beside it would take memory the engine plans for K/V."""
+    if packs_weights(model.dtype, model.device):
+        model.packed = True
+        pack_linears(model, skip=getattr(model.embed, "weight", None))  # int8: no plain table
 
 
 def unload_layers(model: Transformer, num_layers: int) -> None:

@@ -1,0 +1,63 @@
+"""Weights held in oneDNN's layout (`models.loader.pack_weights`): the same products, the same bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import SAMPLE_PROMPT, hf_greedy, make_tiny_checkpoint
+
+from helios_core.engine import EngineConfig, LLMEngine
+from helios_core.models import load_layers, load_model, pack_weights
+from helios_core.models.transformer import Linear, packs_weights
+from helios_core.sampling import SamplingParams
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not packs_weights(torch.float32, CPU), reason="this torch build has no oneDNN")
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # fp32: a different order of the sums
+
+
+def _linears(module: torch.nn.Module) -> list[Linear]:
+    return [m for m in module.modules() if isinstance(m, Linear)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama_gqa", "llama_tied"])
+def test_a_packed_model_computes_the_plain_models_logits_in_the_same_bytes(family, dtype, tmp_path):
+    if not packs_weights(dtype, CPU):
+        pytest.skip(f"oneDNN does not compute {dtype} on this CPU")
+    path = make_tiny_checkpoint(family, tmp_path / family, num_layers=4)
+    plain, packed = (load_model(path, num_layers=3, dtype=dtype, max_len=64) for _ in range(2))
+    pack_weights(packed)
+    assert all(m.weight.is_mkldnn for m in _linears(packed.layers))
+    tied = family == "llama_tied"  # a tied LM head stays plain: its table is the embedding's too
+    assert packed.lm_head.weight.is_mkldnn != tied and (packed.lm_head.weight is packed.embed.weight) == tied
+    assert packed.weight_bytes() == plain.weight_bytes()
+
+    tokens = torch.randint(0, plain.config.vocab_size, (2, 9))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(packed(tokens), plain(tokens), rtol=tol, atol=tol)
+    load_layers(packed, 4)  # a block loaded later is packed as it loads
+    load_layers(plain, 4)
+    assert all(m.weight.is_mkldnn for m in _linears(packed.layers[3]))
+    torch.testing.assert_close(packed(tokens), plain(tokens), rtol=tol, atol=tol)
+
+    # K/V for tokens that exited below a layer: the packed Q/K/V matrix cannot be sliced
+    x = torch.randn(2, 3, plain.config.hidden_size, dtype=dtype)
+    for got, want in zip(packed.layers[1].attn.project_kv(x, None), plain.layers[1].attn.project_kv(x, None)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_the_engine_packs_its_weights_and_decodes_as_transformers(tiny_llama):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_layers=4, early_exit=False))
+    assert all(m.weight.is_mkldnn for m in _linears(engine.model))
+    engine.set_num_layers(6)  # partial loading: the new blocks are packed too
+    assert all(m.weight.is_mkldnn for m in _linears(engine.model))
+    [done] = engine.generate([SAMPLE_PROMPT], params)
+    assert done.token_ids == hf_greedy(tiny_llama, done.prompt_token_ids, 12)
+
+    plain = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", early_exit=False, pack_weights=False))
+    assert not any(m.weight.is_mkldnn for m in _linears(plain.model))
+    assert plain.memory.weight_bytes == engine.memory.weight_bytes
+    [again] = plain.generate([SAMPLE_PROMPT], params)
+    assert again.token_ids == done.token_ids
