@@ -1,7 +1,7 @@
 """Decode throughput of Helios vs Hugging Face transformers on one CPU model, in one run.
 
     python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--quantization int8] [--compile]
-                                 [--no-pack]
+                                 [--no-pack | --pack-tied-lm-head]
                                  [--batches 1 8 32 64]
                                  [--prompt-len 64] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--json OUT] [--profile B ...]
@@ -17,7 +17,8 @@ What it does (see bench/README.md for what each number means):
      the engine's auto picks on this CPU (helios_core/dtypes.py); `--quantization int8` gives Helios
      weight-only int8 matrices (transformers keeps the dtype's weights); `--compile` gives it the
      compiled small-batch decode step (helios_core/runner.py; compiled before the timed runs);
-     `--no-pack` keeps its fp32/bf16 weights in plain layout (EngineConfig.pack_weights=False); the
+     `--no-pack` keeps its fp32/bf16 weights in plain layout (EngineConfig.pack_weights=False),
+     `--pack-tied-lm-head` adds a packed copy of a tied LM head (EngineConfig.pack_tied_lm_head); the
      decode-shaped GEMM is timed as the engine's packed layers run it (helios_core/dtypes.py);
   3. checks that Helios and a transformers forward loop emit the same greedy tokens (batch 1; with
      int8 weights the tokens differ, and the table's greedy agreement says by how much);
@@ -247,7 +248,8 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype,
-                quantization: str | None = None, compile: bool = False, pack: bool = True) -> LLMEngine:
+                quantization: str | None = None, compile: bool = False, pack: bool = True,
+                pack_tied_lm_head: bool = False) -> LLMEngine:
     """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
@@ -261,6 +263,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
             quantization=quantization,
             compile=compile,
             pack_weights=pack,
+            pack_tied_lm_head=pack_tied_lm_head,
         ))
 
     engine = build(None)
@@ -317,11 +320,11 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
 # --- profile ---------------------------------------------------------------------------------------------
 def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
                    quantization: str | None = None, compile: bool = False, pack: bool = True,
-                   rows: int = 25) -> str:
+                   pack_tied_lm_head: bool = False, rows: int = 25) -> str:
     """torch.profiler over Helios' decode steps (prefill excluded) at one batch size."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile, pack)
+    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile, pack, pack_tied_lm_head)
     prompts = make_prompts(batch, prompt_len, seed=batch, vocab=vocab)
     plain = run_helios(engine, prompts, new_tokens)  # warm-up, and the step time without the profiler
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -402,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default=None, choices=("int8",),
                     help="Helios' weights as weight-only int8 (transformers keeps --dtype's)")
     ap.add_argument("--compile", action="store_true", help="Helios with its compiled small-batch decode step")
-    ap.add_argument("--no-pack", action="store_true", help="Helios with its weights in plain layout, not oneDNN's")
+    packing = ap.add_mutually_exclusive_group()
+    packing.add_argument("--no-pack", action="store_true", help="Helios with its weights in plain layout, not oneDNN's")
+    packing.add_argument("--pack-tied-lm-head", action="store_true",
+                         help="Helios with a packed copy of a tied LM head (more memory)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -476,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for B in args.batches:
             prompts = make_prompts(B, P, seed=B, vocab=shape["vocab"])
-            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile, not args.no_pack)
+            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile, not args.no_pack,
+                                 args.pack_tied_lm_head)
             raw = {"helios": [], "hf_forward": [], "gen_total_s": [], "gen_prefill_s": []}
             agree = None
             for rep in range(args.repeats):
@@ -532,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
                       "hf_attn_implementation": attn_impl},
             "dtype": dtype_name(dtype), "dtype_asked": args.dtype, "quantization": args.quantization,
             "compile": args.compile, "pack_weights": not args.no_pack,
+            "pack_tied_lm_head": args.pack_tied_lm_head,
             "prompt_len": P, "new_tokens": N, "threads": args.threads, "repeats": args.repeats,
             "matmul_peak_gflops": peak, "matmul_peak_samples": peak_samples, "matmul_peak_1thread": peak_1thread,
-            "decode_gemm_gflops": gemm, "decode_gemm_samples": gemm_samples, "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
+            "decode_gemm_gflops": gemm, "decode_gemm_samples": gemm_samples,
+            "decode_gemm_shape": [GEMM_ROWS, shape["hidden"], shape["intermediate"]],
             "flops_per_token": flops_per_token, "mean_context": mean_ctx,
             "greedy_check_batch1": check,
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -548,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         for B in args.profile or []:
             log(f"profiling Helios decode at batch {B} ...")
             text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization, args.compile,
-                                  not args.no_pack)
+                                  not args.no_pack, args.pack_tied_lm_head)
             profiles.append({"batch": B, "table": text})
             print("\n" + text)
 
@@ -594,7 +603,8 @@ def render(meta: dict, results: list[dict]) -> str:
          f"{'tied' if c['tied'] else 'untied'}), {meta['dtype']}"
          f"{' (Helios: int8 weights)' if meta['quantization'] else ''}"
          f"{' (Helios: compiled decode step)' if meta.get('compile') else ''}"
-         f"{' (Helios: weights in plain layout)' if meta.get('pack_weights') is False else ''}. "
+         f"{' (Helios: weights in plain layout)' if meta.get('pack_weights') is False else ''}"
+         f"{' (Helios: pack_tied_lm_head)' if meta.get('pack_tied_lm_head') else ''}. "
          f"Prompt {meta['prompt_len']} tokens, "
          f"{meta['new_tokens']} new tokens per sequence; decode = the last {meta['new_tokens'] - 1} "
          f"(the first comes from prefill, which is excluded). Best of {meta['repeats']}."),

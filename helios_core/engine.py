@@ -60,6 +60,7 @@ class EngineConfig:
     early_exit: bool = True  # False: every request runs all loaded layers
     compile: bool = False  # torch.compile the small-batch full-depth decode step (runner.py), at start
     pack_weights: bool = True  # CPU: fp32/bf16 matrices in oneDNN's layout (loader.pack_weights); not with compile
+    pack_tied_lm_head: bool = False  # with pack_weights: a packed copy of a tied LM head (vocab x hidden more bytes)
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
@@ -104,8 +105,10 @@ class LLMEngine:
                                 quantization=config.quantization)
         self.device = self.model.device
         self.heads = load_exit_heads(config.exit.heads_path, self.model) if config.exit.heads_path else ExitHeads(self.model)
-        if config.pack_weights and not config.compile:  # inductor cannot take oneDNN's opaque tensors
-            pack_weights(self.model)  # after the heads: their backbone adapter merges into plain weights
+        # After the heads: a backbone adapter merges into plain weights. Not with compile: inductor
+        # cannot take oneDNN's opaque tensors as inputs.
+        if config.pack_weights and not config.compile:
+            pack_weights(self.model, config.pack_tied_lm_head)
         self.tokenizer = load_tokenizer(config.model)
         self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
         self.eos_token_ids = set(model_config.eos_token_ids)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from tiny_models import SAMPLE_PROMPT, hf_greedy, make_tiny_checkpoint
 
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.models import load_layers, load_model, pack_weights
 from helios_core.models.transformer import Linear, packs_weights
+from helios_core.policy import Registry
 from helios_core.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -22,7 +24,7 @@ def _linears(module: torch.nn.Module) -> list[Linear]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama_gqa", "llama_tied"])
-def test_a_packed_model_computes_the_plain_models_logits_in_the_same_bytes(family, dtype, tmp_path):
+def test_a_packed_model_computes_the_plain_models_logits(family, dtype, tmp_path):
     if not packs_weights(dtype, CPU):
         pytest.skip(f"oneDNN does not compute {dtype} on this CPU")
     path = make_tiny_checkpoint(family, tmp_path / family, num_layers=4)
@@ -47,17 +49,39 @@ def test_a_packed_model_computes_the_plain_models_logits_in_the_same_bytes(famil
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_the_engine_packs_its_weights_and_decodes_as_transformers(tiny_llama):
+def test_a_tied_lm_head_is_packed_as_a_copy_beside_the_embedding(tmp_path):
+    path = make_tiny_checkpoint("llama_tied", tmp_path / "tied", num_layers=2)
+    plain, packed = load_model(path, max_len=64), load_model(path, max_len=64)
+    pack_weights(packed, tied_head=True)
+    assert packed.lm_head.weight.is_mkldnn and not packed.embed.weight.is_mkldnn
+    head = plain.lm_head.weight
+    assert packed.weight_bytes() == plain.weight_bytes() + head.numel() * head.element_size()
+    tokens = torch.randint(0, plain.config.vocab_size, (2, 9))
+    torch.testing.assert_close(packed(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "llama_tied"])
+def test_the_engine_packs_its_weights_decodes_as_transformers_and_plans_its_bytes(family, tmp_path):
+    path = make_tiny_checkpoint(family, tmp_path / family, num_layers=6)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_layers=4, early_exit=False))
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_layers=4, early_exit=False,
+                                    pack_tied_lm_head=True))
     assert all(m.weight.is_mkldnn for m in _linears(engine.model))
     engine.set_num_layers(6)  # partial loading: the new blocks are packed too
     assert all(m.weight.is_mkldnn for m in _linears(engine.model))
     [done] = engine.generate([SAMPLE_PROMPT], params)
-    assert done.token_ids == hf_greedy(tiny_llama, done.prompt_token_ids, 12)
+    assert done.token_ids == hf_greedy(path, done.prompt_token_ids, 12)
 
-    plain = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", early_exit=False, pack_weights=False))
+    # The default packs what costs no memory: the registry's plan is the engine's bytes.
+    default = LLMEngine(EngineConfig(model=str(path), dtype="float32", early_exit=False))
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(path)}]}))
+    assert Registry.load(str(registry), "float32")["m"].weight_bytes(6) == default.memory.weight_bytes
+    copy = engine.model.config.vocab_size * engine.model.config.hidden_size * 4 if family == "llama_tied" else 0
+    assert engine.memory.weight_bytes == default.memory.weight_bytes + copy
+
+    plain = LLMEngine(EngineConfig(model=str(path), dtype="float32", early_exit=False, pack_weights=False))
     assert not any(m.weight.is_mkldnn for m in _linears(plain.model))
-    assert plain.memory.weight_bytes == engine.memory.weight_bytes
+    assert plain.memory.weight_bytes == default.memory.weight_bytes
     [again] = plain.generate([SAMPLE_PROMPT], params)
     assert again.token_ids == done.token_ids

@@ -115,7 +115,8 @@ def quantize_linears(module: nn.Module) -> None:
 
 
 def pack_linears(module: nn.Module, skip: Tensor | None = None) -> None:
-    """`Linear.pack` every full-precision `Linear` in `module`, except one whose weight is `skip`."""
+    """`Linear.pack` every full-precision `Linear` in `module` but one whose weight is `skip` (a tied
+    weight packed is untied)."""
     for m in module.modules():
         if isinstance(m, Linear) and m.scale is None and not m.weight.is_mkldnn and m.weight is not skip:
             m.pack()
