@@ -134,10 +134,9 @@ class ModelReplica:
         # threads: torch's in the engine process. Several replicas share a CPU node, and OpenMP
         # spin-waiting across them costs far more than it gains.
         self.engine = EngineProcess(EngineConfig(
-            model=str(self.entry.path), name=model, dtype=dtype, quantization=self.entry.quantization, device=device,
-            memory_budget=memory_budget,
-            max_model_len=max_model_len, exit=self.entry.exit_config(), **(batching or {})), threads,
-            engine_niceness)
+            model=str(self.entry.path), name=model, device=device, memory_budget=memory_budget,
+            max_model_len=max_model_len, exit=self.entry.exit_config(), **self.entry.engine_options(),
+            **(batching or {})), threads, engine_niceness)
         niceness = os.getpriority(os.PRIO_PROCESS, self.engine.pid)
         if engine_niceness is not None and niceness != engine_niceness:
             logger.warning("%s: the engine process runs at nice %d, not %d (lowering it needs CAP_SYS_NICE)",

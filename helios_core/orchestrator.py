@@ -205,8 +205,7 @@ class Orchestrator:
         entry = self.registry[name]
         started = time.perf_counter()
         engine = LLMEngine(EngineConfig(
-            model=str(entry.path), name=name, num_layers=depth, dtype=entry.dtype, quantization=entry.quantization,
-            device=self.config.device,
+            model=str(entry.path), name=name, num_layers=depth, device=self.config.device, **entry.engine_options(),
             memory_budget=self._budget(), max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs, max_prefill_tokens=self.config.max_prefill_tokens,
             block_size=self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching,

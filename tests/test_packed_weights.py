@@ -10,7 +10,7 @@ from tiny_models import SAMPLE_PROMPT, hf_greedy, make_tiny_checkpoint
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.models import load_layers, load_model, pack_weights
 from helios_core.models.transformer import Linear, packs_weights
-from helios_core.policy import Registry
+from helios_core.policy import Registry, RegistryError
 from helios_core.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -85,3 +85,29 @@ def test_the_engine_packs_its_weights_decodes_as_transformers_and_plans_its_byte
     assert plain.memory.weight_bytes == default.memory.weight_bytes
     [again] = plain.generate([SAMPLE_PROMPT], params)
     assert again.token_ids == done.token_ids
+
+
+def test_a_registry_entry_asks_for_the_tied_head_copy_and_plans_its_bytes(tmp_path):
+    path = make_tiny_checkpoint("llama_tied", tmp_path / "tied", num_layers=3)
+    registry = tmp_path / "registry.yaml"
+    models = [{"name": "copy", "path": str(path), "pack_tied_lm_head": True},
+              {"name": "compiled", "path": str(path), "pack_tied_lm_head": True, "compile": True},
+              {"name": "plain", "path": str(path)}]
+    registry.write_text(yaml.safe_dump({"models": models}))
+    reg = Registry.load(str(registry), "float32")
+    copy, compiled, plain = reg["copy"], reg["compiled"], reg["plain"]
+    assert copy.packed_head_bytes == copy.config.vocab_size * copy.config.hidden_size * 4
+    assert compiled.packed_head_bytes == plain.packed_head_bytes == 0  # a compiled engine packs nothing
+    engine = LLMEngine(EngineConfig(model=str(path), num_layers=2, **copy.engine_options()))
+    assert engine.model.lm_head.weight.is_mkldnn and engine.memory.weight_bytes == copy.weight_bytes(2)
+    assert copy.weight_bytes(2) == plain.weight_bytes(2) + copy.packed_head_bytes
+
+    reg.save(registry)  # the keys are kept; the file's sizes are the checkpoint's, on any host
+    saved = {m["name"]: m for m in yaml.safe_load(registry.read_text())["models"]}
+    assert saved["copy"]["pack_tied_lm_head"] and saved["compiled"]["compile"] and "compile" not in saved["plain"]
+    assert saved["copy"]["weight_bytes_fixed"] == saved["plain"]["weight_bytes_fixed"]
+    assert Registry.load(str(registry), "float32")["copy"].weight_bytes(2) == copy.weight_bytes(2)
+
+    registry.write_text(yaml.safe_dump({"models": [{"name": "bad", "path": str(path), "compile": "yes"}]}))
+    with pytest.raises(RegistryError, match="compile must be true or false"):
+        Registry.load(str(registry), "float32")

@@ -128,8 +128,8 @@ def _build(name: str, cfg: BenchConfig, registry: Registry, budget: int):
             enable_prefix_caching=cfg.prefix_caching, policy=PolicyConfig(**cfg.policy))))
     if name in ("ee_baseline", "full_depth"):
         return engine_system(str(entry.path), cfg.baseline, budget, cfg.max_model_len, entry.exit_config(),
-                             early_exit=name == "ee_baseline", device=cfg.device, dtype=entry.dtype,
-                             quantization=entry.quantization, prefix_caching=cfg.prefix_caching)
+                             early_exit=name == "ee_baseline", device=cfg.device, prefix_caching=cfg.prefix_caching,
+                             **entry.engine_options())
     if name == "hf_generate":
         return HFGenerate(str(entry.path), cfg.b0, cfg.device)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -245,7 +245,7 @@ def _add_rouge(results: dict, runs: dict, registry: Registry, budget: int, cfg: 
         if model not in references:
             entry = registry[model]
             engine = LLMEngine(EngineConfig(model=str(entry.path), early_exit=False, max_model_len=cfg.max_model_len,
-                                            device=cfg.device, dtype=entry.dtype, quantization=entry.quantization))
+                                            device=cfg.device, **entry.engine_options()))
             done = engine.generate([p.prompt for p in prompts.values()], [greedy(p) for p in prompts.values()])
             references[model] = {rid: c.token_ids for rid, c in zip(prompts, done)}
         return references[model]

@@ -69,8 +69,7 @@ def _frontier_points(cfg, registry, budget, oracle, threshold, every, coverages,
     for depth in depths:  # partial loading alone: the baseline model at a fixed depth, same budget
         engine = LLMEngine(EngineConfig(model=str(entry.path), name=cfg.baseline, num_layers=depth,
                                         memory_budget=budget, max_model_len=cfg.max_model_len,
-                                        exit=entry.exit_config(), device=cfg.device, dtype=entry.dtype,
-                                        quantization=entry.quantization))
+                                        exit=entry.exit_config(), device=cfg.device, **entry.engine_options()))
         points.append(_point(EngineSystem(engine), c, oracle, per_model, system="fixed_depth", depth=depth,
                              **knobs))
     return points

@@ -225,10 +225,9 @@ class HFGenerate:
 
 
 def engine_system(model_dir: str, name: str, budget: int, max_model_len: int, exit_config, early_exit: bool,
-                  device: str = "auto", dtype: str = "auto", quantization: str | None = None,
-                  prefix_caching: bool = True) -> EngineSystem:
+                  device: str = "auto", prefix_caching: bool = True, **options) -> EngineSystem:
+    """options: further `EngineConfig` fields (a registry entry's `engine_options`)."""
     return EngineSystem(LLMEngine(EngineConfig(model=model_dir, name=name, memory_budget=budget,
                                                max_model_len=max_model_len, exit=exit_config,
-                                               early_exit=early_exit, device=device, dtype=dtype,
-                                               quantization=quantization,
-                                               enable_prefix_caching=prefix_caching)))
+                                               early_exit=early_exit, device=device,
+                                               enable_prefix_caching=prefix_caching, **options)))

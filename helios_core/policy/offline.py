@@ -22,9 +22,9 @@ from .registry import ModelEntry, OfflineProfile
 
 def profile_model(entry: ModelEntry, prompts: list[Prompt], prompts_name: str, max_tokens: int = 32,
                   max_model_len: int | None = None, device: str = "auto") -> OfflineProfile:
-    engine = LLMEngine(EngineConfig(model=str(entry.path), name=entry.name, dtype=entry.dtype, device=device,
-                                    quantization=entry.quantization, max_model_len=max_model_len, exit=entry.exit_config(),
-                                    max_num_seqs=max(len(prompts), 1)))
+    engine = LLMEngine(EngineConfig(model=str(entry.path), name=entry.name, device=device, max_model_len=max_model_len,
+                                    exit=entry.exit_config(), max_num_seqs=max(len(prompts), 1),
+                                    **entry.engine_options()))
     params = [SamplingParams(max_tokens=p.max_tokens or max_tokens, temperature=0, ignore_eos=True) for p in prompts]
     engine.generate([prompts[0].text], params[0])  # warm-up: first-call allocations are not the model's speed
     engine.drain_steps()

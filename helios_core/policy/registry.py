@@ -11,6 +11,8 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
         measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
         probe_gate: null                   # max_prob/margin: LM head only where exit_heads' probe reaches this
         quantization: null                 # int8: weight-only int8 matrices (models/quantize.py)
+        pack_tied_lm_head: false           # CPU: a packed copy of a tied LM head (more bytes, faster)
+        compile: false                     # torch.compile the small-batch decode step at start (runner.py)
         profile: {...}                     # offline telemetry, written by `helios profile`
 
 Instead of `path`, an entry may name a model of `helios pull`'s catalog: `pull: smollm2-135m-instruct`
@@ -45,7 +47,7 @@ from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.low_rank import PREFIX as BACKBONE
 from ..models.quantize import check_quantization
-from ..models.transformer import Transformer, quantize_lm_head, quantize_linears, weight_bytes
+from ..models.transformer import Transformer, packs_weights, quantize_lm_head, quantize_linears, weight_bytes
 from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
 
@@ -101,6 +103,9 @@ class ModelEntry:
     probe_gate: float | None = None
     pull: str | None = None  # the catalog name when `path` is its pull directory
     quantization: str | None = None  # "int8": weight-only int8 matrices; sizes and profile are measured so
+    pack_tied_lm_head: bool = False  # EngineConfig.pack_tied_lm_head
+    compile: bool = False  # EngineConfig.compile
+    packed_head_bytes: int = 0  # the tied LM head's packed copy on this host (`packed_head_bytes`): not recorded
 
     @property
     def num_layers(self) -> int:
@@ -115,7 +120,12 @@ class ModelEntry:
         return self.config.kv_bytes_per_token_per_layer(self.element_size)
 
     def weight_bytes(self, depth: int) -> int:
-        return self.fixed_weight_bytes + depth * self.layer_weight_bytes
+        return self.fixed_weight_bytes + self.packed_head_bytes + depth * self.layer_weight_bytes
+
+    def engine_options(self) -> dict:
+        """The `EngineConfig` fields an engine serving this entry takes from it, beside its path and exits."""
+        return {"dtype": self.dtype, "quantization": self.quantization, "compile": self.compile,
+                "pack_tied_lm_head": self.pack_tied_lm_head}
 
     def exit_config(self) -> ExitConfig:
         return ExitConfig(threshold=self.threshold, measure=self.measure, exit_layers=self.exit_layers,
@@ -134,7 +144,7 @@ def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Pat
     meta device as the loader builds it (models/loader.py)."""
     with torch.device("meta"):
         model = Transformer(config, num_layers=1).to(resolve_dtype(dtype))
-    tied = config.tie_embeddings or Checkpoint(path).resolve("lm_head.weight") is None
+    tied = _tied(path, config)
     if tied:
         model.lm_head.weight = model.embed.weight
     if quantization:
@@ -147,6 +157,20 @@ def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Pat
             # A backbone adapter is merged into the blocks' weights at load: it holds no memory of its own.
             heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(BACKBONE))
     return weight_bytes(model) - block + heads * resolve_dtype(dtype).itemsize, block
+
+
+def packed_head_bytes(entry: ModelEntry) -> int:
+    """The bytes of the packed copy of a tied LM head that an engine serving `entry` holds on this host
+    (models/loader.pack_weights): the entry asks for it, and the engine packs its weights here."""
+    dtype = resolve_dtype(entry.dtype)
+    if (not entry.pack_tied_lm_head or entry.compile or entry.quantization or not _tied(entry.path, entry.config)
+            or not packs_weights(dtype, default_device())):
+        return 0
+    return entry.config.vocab_size * entry.config.hidden_size * dtype.itemsize
+
+
+def _tied(path: Path, config: ModelConfig) -> bool:
+    return config.tie_embeddings or Checkpoint(path).resolve("lm_head.weight") is None
 
 
 class Registry:
@@ -206,6 +230,8 @@ class Registry:
                 **({"measure": e.measure} if e.measure != "max_prob" else {}),
                 **({"probe_gate": e.probe_gate} if e.probe_gate is not None else {}),
                 **({"quantization": e.quantization} if e.quantization else {}),
+                **({"pack_tied_lm_head": True} if e.pack_tied_lm_head else {}),
+                **({"compile": True} if e.compile else {}),
                 "layers": e.num_layers,
                 "weight_bytes_fixed": e.fixed_weight_bytes,
                 "weight_bytes_per_layer": e.layer_weight_bytes,
@@ -238,7 +264,7 @@ def _relative(p: Path, base: Path) -> str:
 
 KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile",
               "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype",
-              "quantization"}
+              "quantization", "pack_tied_lm_head", "compile"}
 
 
 def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = True) -> ModelEntry:
@@ -271,6 +297,10 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
                              f"{config.num_layers} layers")
         quantization = raw.get("quantization")
         check_quantization(quantization)
+        switches = {key: raw.get(key, False) for key in ("pack_tied_lm_head", "compile")}
+        for key, value in switches.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
         fixed, block = measure_weights(path, config, dtype, heads, quantization)
         recorded_weights = ((fixed, block) if recorded_dtype == dtype
                             else measure_weights(path, config, recorded_dtype, heads, quantization))
@@ -278,7 +308,8 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
                        _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"),
-                       quantization)
+                       quantization, **switches)
+    entry = replace(entry, packed_head_bytes=packed_head_bytes(entry))
     # The sizes as the file's dtype makes them.
     served, at = entry.element_size, resolve_dtype(recorded_dtype).itemsize
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": recorded_weights[0],
