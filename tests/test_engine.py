@@ -302,7 +302,7 @@ def test_onednn_products_on_cpu_run_a_bounded_set_of_matmul_shapes(tiny_llama):
     the engine rounds row counts (batch rows, running rows after exits, prompt tokens) and, in bf16, KV
     blocks up to `padded_rows`: random batches meet only those, and fewer shapes than plain fp32
     weights, whose products run at the exact sizes."""
-    from helios_core.models.transformer import padded_rows
+    from helios_core.models.transformer import packs_weights, padded_rows
 
     rng = random.Random(0)
     batches = [[rng.choice(PROMPTS) + [rng.randrange(300)] * rng.randrange(40) for _ in range(n)]
@@ -315,6 +315,7 @@ def test_onednn_products_on_cpu_run_a_bounded_set_of_matmul_shapes(tiny_llama):
     rows = {n for _, n, *_ in shapes["bfloat16"]}
     assert all(padded_rows(n) == n for n in rows), sorted(rows)
     packed = {n for op, n, *_ in shapes["packed"] if "_linear_pointwise" in op}
-    assert packed and all(padded_rows(n) == n for n in packed), sorted(packed)
+    assert bool(packed) == packs_weights(torch.float32, torch.device("cpu"))  # no oneDNN: plain products
+    assert all(padded_rows(n) == n for n in packed), sorted(packed)
     assert any(padded_rows(n) != n for _, n, *_ in shapes["plain"])  # the workload meets other counts
     assert len(shapes["bfloat16"]) < len(shapes["plain"])
