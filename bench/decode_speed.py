@@ -248,9 +248,9 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype,
-                quantization: str | None = None, compile: bool = False, pack: bool = True,
-                pack_tied_lm_head: bool = False) -> LLMEngine:
-    """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once)."""
+                **options) -> LLMEngine:
+    """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once);
+    options: further EngineConfig fields (quantization, compile, pack_weights, pack_tied_lm_head)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
             model=str(path),
@@ -260,10 +260,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
             max_prefill_tokens=batch * prompt_len,  # the whole batch prefills in the first step
             memory_budget=budget,
             dtype=dtype_name(dtype),
-            quantization=quantization,
-            compile=compile,
-            pack_weights=pack,
-            pack_tied_lm_head=pack_tied_lm_head,
+            **options,
         ))
 
     engine = build(None)
@@ -281,7 +278,7 @@ def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype:
 
 # --- correctness -------------------------------------------------------------------------------------
 def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
-                       compile: bool = False) -> dict:
+                       **options) -> dict:
     """Batch 1: Helios must emit the greedy tokens of the transformers forward loop.
 
     Exact equality is expected. Two correct implementations may still round a near-tie (two
@@ -291,7 +288,7 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
     """
     tol = GREEDY_TOL[dtype]
     prompts = make_prompts(1, prompt_len, seed=12345, vocab=vocab)
-    engine = make_engine(path, 1, prompt_len, new_tokens, dtype, compile=compile)
+    engine = make_engine(path, 1, prompt_len, new_tokens, dtype, **options)
     helios = run_helios(engine, prompts, new_tokens)["tokens"][0]
     ref = run_hf_forward(hf, prompts, new_tokens, keep_margins=True)
     expected = ref["tokens"][0]
@@ -319,12 +316,11 @@ def check_greedy_match(path: Path, hf, prompt_len: int, new_tokens: int, vocab: 
 
 # --- profile ---------------------------------------------------------------------------------------------
 def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int, dtype: torch.dtype,
-                   quantization: str | None = None, compile: bool = False, pack: bool = True,
-                   pack_tied_lm_head: bool = False, rows: int = 25) -> str:
+                   rows: int = 25, **options) -> str:
     """torch.profiler over Helios' decode steps (prefill excluded) at one batch size."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, quantization, compile, pack, pack_tied_lm_head)
+    engine = make_engine(path, batch, prompt_len, new_tokens, dtype, **options)
     prompts = make_prompts(batch, prompt_len, seed=batch, vocab=vocab)
     plain = run_helios(engine, prompts, new_tokens)  # warm-up, and the step time without the profiler
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -466,9 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                 "with other processes and every multi-threaded op can stall for a scheduler slice. Numbers from "
                 "this run reflect that contention; rerun on an idle machine (or with --threads 1).")
 
+        options = {"quantization": args.quantization, "compile": args.compile, "pack_weights": not args.no_pack,
+                   "pack_tied_lm_head": args.pack_tied_lm_head}  # Helios' EngineConfig beyond the dtype
         check = None  # int8 weights round every product: the table's greedy agreement measures the change
         if not args.quantization:
-            check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype, args.compile)
+            check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype, **options)
             log(f"greedy check: Helios {'==' if check['exact'] else '~= (near-tie divergence)'} transformers on "
                 f"{check['tokens']} tokens at batch 1 "
                 f"({check['distinct_tokens']} distinct, min top-2 logit margin {check['min_top2_margin']:.3g})")
@@ -482,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for B in args.batches:
             prompts = make_prompts(B, P, seed=B, vocab=shape["vocab"])
-            engine = make_engine(path, B, P, N, dtype, args.quantization, args.compile, not args.no_pack,
-                                 args.pack_tied_lm_head)
+            engine = make_engine(path, B, P, N, dtype, **options)
             raw = {"helios": [], "hf_forward": [], "gen_total_s": [], "gen_prefill_s": []}
             agree = None
             for rep in range(args.repeats):
@@ -556,8 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles = []
         for B in args.profile or []:
             log(f"profiling Helios decode at batch {B} ...")
-            text = profile_helios(path, B, P, N, shape["vocab"], dtype, args.quantization, args.compile,
-                                  not args.no_pack, args.pack_tied_lm_head)
+            text = profile_helios(path, B, P, N, shape["vocab"], dtype, **options)
             profiles.append({"batch": B, "table": text})
             print("\n" + text)
 

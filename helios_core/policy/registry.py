@@ -29,6 +29,7 @@ one it is served at unless `Registry.load` is given another (a deployment's `dty
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -105,7 +106,6 @@ class ModelEntry:
     quantization: str | None = None  # "int8": weight-only int8 matrices; sizes and profile are measured so
     pack_tied_lm_head: bool = False  # EngineConfig.pack_tied_lm_head
     compile: bool = False  # EngineConfig.compile
-    packed_head_bytes: int = 0  # the tied LM head's packed copy on this host (`packed_head_bytes`): not recorded
 
     @property
     def num_layers(self) -> int:
@@ -118,6 +118,17 @@ class ModelEntry:
     @property
     def kv_bytes_per_token_per_layer(self) -> int:
         return self.config.kv_bytes_per_token_per_layer(self.element_size)
+
+    @functools.cached_property
+    def packed_head_bytes(self) -> int:
+        """The bytes of the packed copy of a tied LM head that an engine serving this entry holds on this
+        host (models/loader.pack_weights), where it asks for one; not recorded in the file, whose sizes
+        are the checkpoint's on every host."""
+        dtype = resolve_dtype(self.dtype)
+        if (not self.pack_tied_lm_head or self.compile or self.quantization or not _tied(self.path, self.config)
+                or not packs_weights(dtype, default_device())):
+            return 0
+        return self.config.vocab_size * self.config.hidden_size * dtype.itemsize
 
     def weight_bytes(self, depth: int) -> int:
         return self.fixed_weight_bytes + self.packed_head_bytes + depth * self.layer_weight_bytes
@@ -157,16 +168,6 @@ def measure_weights(path: Path, config: ModelConfig, dtype: str, exit_heads: Pat
             # A backbone adapter is merged into the blocks' weights at load: it holds no memory of its own.
             heads = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(BACKBONE))
     return weight_bytes(model) - block + heads * resolve_dtype(dtype).itemsize, block
-
-
-def packed_head_bytes(entry: ModelEntry) -> int:
-    """The bytes of the packed copy of a tied LM head that an engine serving `entry` holds on this host
-    (models/loader.pack_weights): the entry asks for it, and the engine packs its weights here."""
-    dtype = resolve_dtype(entry.dtype)
-    if (not entry.pack_tied_lm_head or entry.compile or entry.quantization or not _tied(entry.path, entry.config)
-            or not packs_weights(dtype, default_device())):
-        return 0
-    return entry.config.vocab_size * entry.config.hidden_size * dtype.itemsize
 
 
 def _tied(path: Path, config: ModelConfig) -> bool:
@@ -309,7 +310,6 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
                        _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"),
                        quantization, **switches)
-    entry = replace(entry, packed_head_bytes=packed_head_bytes(entry))
     # The sizes as the file's dtype makes them.
     served, at = entry.element_size, resolve_dtype(recorded_dtype).itemsize
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": recorded_weights[0],
