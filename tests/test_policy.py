@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -31,9 +33,9 @@ def family(tmp_path_factory):
     return registry
 
 
-def summary(model: str, depths: list[int], breaches: int = 0, tpot: float = 0.01) -> RequestSummary:
+def summary(model: str, depths: list[int], breaches: int = 0, tpot: float = 0.01, prompt: int = 4) -> RequestSummary:
     records = [TokenRecord(d, 0.9, False, False, -0.1) for d in depths]
-    s = RequestSummary.from_records("r", model, 4, records, "length", 0.0, 0.0, tpot * (len(depths) - 1))
+    s = RequestSummary.from_records("r", model, prompt, records, "length", 0.0, 0.0, tpot * (len(depths) - 1))
     s.breaches = s.forced = breaches
     return s
 
@@ -245,6 +247,11 @@ def test_estimate_predicts_the_step_at_the_batch_the_objective_assumes(family):
     assert e.token_layer_s == 2e-5  # measured prefill refills new layers' K/V
     # A bigger batch shares the per-layer cost: seconds per token fall, step time rises.
     assert e.objective("throughput", 8, None) < e.objective("throughput", 2, None) < e.step_s(2) < e.step_s(8)
+    # The throughput objective carries the prompts' prefill per output token, through the loaded layers.
+    long_prompts = estimate(entry, row, 3, replace(LIMITS, prompt_per_output=8.0), steps=fit)
+    assert long_prompts.prefill_s == pytest.approx(8.0 * 3 * 2e-5)
+    assert long_prompts.objective("throughput", 16, None) == pytest.approx(e.step_s(n) / n + 8.0 * 3 * 2e-5)
+    assert long_prompts.objective("latency", 2, None) == e.objective("latency", 2, None)  # the step alone
     # Without step samples: the request-based TPOT, scaled by layers run, at any batch.
     old = estimate(entry, row, 3, LIMITS)
     assert old.step is None and old.step_s(8) == old.step_s(1) == pytest.approx(0.05 * 2.2 / 2.8)
@@ -383,8 +390,9 @@ PROFILES = {  # model -> (exit depths of 10 tokens at full depth, TPOT)
 }
 
 
-def serve_profiles(policy: HeliosPolicy, profiles=PROFILES) -> None:
-    """Drive one profiling round: each candidate gets exactly N requests, then the policy holds."""
+def serve_profiles(policy: HeliosPolicy, profiles=PROFILES, prompt: int = 4) -> None:
+    """Drive one profiling round: each candidate gets exactly N requests of `prompt` tokens, then the
+    policy holds."""
     for _ in policy.candidates:
         [(model, target)] = policy.targets.items()
         assert target.profiling and target.depth == policy.registry[model].num_layers
@@ -394,7 +402,7 @@ def serve_profiles(policy: HeliosPolicy, profiles=PROFILES) -> None:
         assert policy.choose() is None  # this candidate has its N requests
         depths, tpot = profiles[model]
         for _ in range(policy.config.profile_requests):
-            policy.observe_request(model, target.depth, summary(model, depths, tpot=tpot))
+            policy.observe_request(model, target.depth, summary(model, depths, tpot=tpot, prompt=prompt))
 
 
 def test_profiling_round_then_serving_the_best_at_partial_depth(family):
@@ -485,6 +493,25 @@ def test_measured_steps_decide_when_request_tpot_cannot_tell_the_models_apart(fa
     policy.observe_tokens("tiny-4l", tokens(60, breach_every=1))
     event = policy.events[-1]
     assert event.kind == "load" and event.model == "tiny-4l" and event.depth > 1, event.reason
+
+
+def test_throughput_prices_prefill_so_long_prompts_pick_the_model_that_prefills_fast(family):
+    """tiny-4l decodes fastest but prefills slowly (as int8 weights do on a CPU); tiny-6l prefills fast. The
+    prompts' length per output token, observed from finished requests, decides between them."""
+    speed = {"tiny-4l": (2e-4, 1e-4, 2e-4), "tiny-6l": (6e-4, 3e-4, 1e-5), "tiny-8l": (2e-3, 1e-3, 1e-3)}
+    profiles = {m: ([n] * 10, 0.02) for m, n in (("tiny-4l", 4), ("tiny-6l", 6), ("tiny-8l", 8))}  # no exits
+    chosen = {}
+    for prompt in (4, 100):  # 0.4 and 10 prompt tokens per output token
+        policy = HeliosPolicy(Registry.load(family, "float32"), LIMITS, PolicyConfig(slo="throughput"))
+        policy.observe_load(4, 4, 0)
+        for model, (a, b, prefill) in speed.items():
+            depth = policy.registry[model].num_layers
+            policy.observe_steps(model, steps(a, b, depth) + [
+                StepRecord(0.0, 0, depth, 0, prefill_tokens=100, prefill_seconds=100 * depth * prefill)])
+        serve_profiles(policy, profiles, prompt=prompt)
+        assert policy.limits.prompt_per_output == pytest.approx(prompt / 10)
+        [chosen[prompt]] = policy.targets
+    assert chosen == {4: "tiny-4l", 100: "tiny-6l"}
 
 
 # --- per-request mode -----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class HeliosPolicy:
         # In per-request mode the models are live together: each plans with its share of the memory.
         share = len(self.candidates) if c.mode == "per-request" else 1
         self.limits = replace(limits, memory_budget=limits.memory_budget // share)
-        self._lengths: deque[int] = deque(maxlen=256)  # prompt + output tokens of recent requests
+        self._lengths: deque[tuple[int, int]] = deque(maxlen=256)  # (prompt, output) tokens of recent requests
         self.pht = PerformanceHistoryTable({e.name: e.profile.check_ratio for e in registry
                                             if e.profile and e.profile.check_ratio is not None},
                                            {e.name: e.config.attention_share for e in registry})
@@ -113,9 +113,12 @@ class HeliosPolicy:
         """A finished request of `model`, served with `depth` layers loaded."""
         c = self.config
         self.requests += 1
-        # Capacity in sequences follows the length requests really have (the KV pool is paged).
-        self._lengths.append(summary.prompt_tokens + summary.output_tokens)
-        self.limits = replace(self.limits, mean_seq_len=sum(self._lengths) / len(self._lengths))
+        # Capacity in sequences follows the length requests really have (the KV pool is paged), and the
+        # throughput objective prices the prompts' prefill per output token.
+        self._lengths.append((summary.prompt_tokens, summary.output_tokens))
+        prompt, output = (sum(column) for column in zip(*self._lengths))
+        self.limits = replace(self.limits, mean_seq_len=(prompt + output) / len(self._lengths),
+                              prompt_per_output=prompt / max(output, 1))
         if c.mode == "per-request":
             row = self.task_rows.setdefault((model, task or DEFAULT_TASK), ProfileRow(model, depth))
             row.num_layers = depth

@@ -31,7 +31,10 @@ then its TPOT), else a FLOPs proxy (2 x parameters run per token); without a his
 assumed to be 1 - d/L.
 
 SLO objectives (lower is better):
-  throughput  seconds per token with n sequences in flight: step(n, d) / n
+  throughput  seconds per token with n sequences in flight: step(n, d) / n + prefill(d), where
+              prefill(d) = prompt tokens per output token (observed) * d * the fit's prefill seconds per
+              token per layer: with long prompts prefill is most of the work, and models differ in it
+              (on a CPU, int8 weights make the decode step cheap and prefill dear)
   latency     step(n, d)
   batch       -capacity(d)
   energy      joules per token = power x the throughput objective, when the device power is known;
@@ -98,6 +101,7 @@ class Limits:
     max_prefill_tokens: int = 256
     block_size: int = 64
     mean_seq_len: float | None = None  # observed prompt + output tokens per request; None = max_model_len
+    prompt_per_output: float = 0.0  # observed prompt tokens per output token: the prefill each token carries
 
     def plan(self, entry: ModelEntry, depth: int) -> MemoryPlan:
         return entry.plan(depth, self.memory_budget, self.max_model_len, self.max_num_seqs,
@@ -124,6 +128,7 @@ class Estimate:
     step: StepFit | None = None  # the measured step-time model; when set it replaces tpot_s
     checks: float = 0.0  # mean exit checks run per token
     exits: tuple[int, ...] | None = None  # the exit points to serve with (None: the registry's)
+    prompt_per_output: float = 0.0  # the workload's prompt tokens per output token (Limits)
 
     def batch(self, demand: int) -> int:
         """The decode batch the objective assumes: as many sequences as are wanted and fit."""
@@ -141,9 +146,15 @@ class Estimate:
             return self.step.prefill_token_layer_s or self.step.per_row_layer_s
         return self.tpot_s / max(self.layers, 1e-9)
 
+    @property
+    def prefill_s(self) -> float:
+        """Prefill seconds per output token: its share of the prompts, through every loaded layer. With the
+        step fit only: the request-based TPOT was measured with the prefills between its tokens."""
+        return self.prompt_per_output * self.depth * self.token_layer_s if self.step else 0.0
+
     def objective(self, slo: str, demand: int, power_watts: float | None) -> float:
         rows = self.batch(demand)
-        per_token = self.step_s(rows) / rows
+        per_token = self.step_s(rows) / rows + self.prefill_s
         if slo == "throughput":
             return per_token
         if slo == "latency":
@@ -238,7 +249,7 @@ def estimate(entry: ModelEntry, row: ProfileRow | None, depth: int, limits: Limi
     breach = 0.0 if depth == L else min(1.0, max(0.0, not_exited) * shift)
     flops = flops_per_token(entry, layers, checks)
     return Estimate(entry.name, depth, breach, layers, tpot, capacity, flops, measured or steps is not None, steps,
-                    checks, exits)
+                    checks, exits, limits.prompt_per_output)
 
 
 def partial_depth(entry: ModelEntry, row: ProfileRow | None, limits: Limits, coverage: float,
