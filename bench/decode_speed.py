@@ -347,10 +347,10 @@ def profile_helios(path: Path, batch: int, prompt_len: int, new_tokens: int, voc
 
 
 def _category(name: str, shapes) -> str:
-    """Where an aten op's self time goes, by name and (for softmax/max) input shape."""
-    n = name.removeprefix("aten::")
+    """Where an aten (or oneDNN) op's self time goes, by name and (for softmax/max) input shape."""
+    n = name.split("::")[-1]
     first = shapes[0] if shapes and isinstance(shapes[0], list) else []
-    if n in ("mm", "addmm", "_weight_int8pack_mm"):
+    if n in ("mm", "addmm", "_weight_int8pack_mm", "_linear_pointwise"):
         return "matmul (linear layers, lm_head)"
     if n in ("bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"):
         return "attention (QK^T, PV)"
@@ -379,7 +379,7 @@ def category_table(events, steps: int) -> str:
             step_total += e.cpu_time_total
             python += us
             continue
-        if not e.key.startswith("aten::"):
+        if not e.key.startswith(("aten::", "mkldnn::")):  # mkldnn: the products of packed weights
             continue
         cat = _category(e.key, e.input_shapes)
         totals[cat] = totals.get(cat, 0.0) + us
