@@ -33,6 +33,8 @@ def test_a_packed_model_computes_the_plain_models_logits(family, dtype, tmp_path
     assert all(m.weight.is_mkldnn for m in _linears(packed.layers))
     tied = family == "llama_tied"  # a tied LM head stays plain: its table is the embedding's too
     assert packed.lm_head.weight.is_mkldnn != tied and (packed.lm_head.weight is packed.embed.weight) == tied
+    # ... and in fp32 oneDNN multiplies it in place (PyTorch's own fp32 product can be far slower)
+    assert packed.lm_head.onednn == (tied and dtype == torch.float32) and not plain.lm_head.onednn
     assert packed.weight_bytes() == plain.weight_bytes()
 
     tokens = torch.randint(0, plain.config.vocab_size, (2, 9))
@@ -79,6 +81,11 @@ def test_the_engine_packs_its_weights_decodes_as_transformers_and_plans_its_byte
     assert Registry.load(str(registry), "float32")["m"].weight_bytes(6) == default.memory.weight_bytes
     copy = engine.model.config.vocab_size * engine.model.config.hidden_size * 4 if family == "llama_tied" else 0
     assert engine.memory.weight_bytes == default.memory.weight_bytes + copy
+
+    # The default holds a tied head plain, multiplied by oneDNN in place: the same greedy tokens.
+    assert default.model.lm_head.onednn == (family == "llama_tied")
+    [by_default] = default.generate([SAMPLE_PROMPT], params)
+    assert by_default.token_ids == done.token_ids
 
     plain = LLMEngine(EngineConfig(model=str(path), dtype="float32", early_exit=False, pack_weights=False))
     assert not any(m.weight.is_mkldnn for m in _linears(plain.model))
