@@ -1,7 +1,7 @@
 """Decode throughput of Helios vs Hugging Face transformers on one CPU model, in one run.
 
     python bench/decode_speed.py [--model DIR] [--dtype float32|bfloat16|auto] [--quantization int8] [--compile]
-                                 [--no-pack | --pack-tied-lm-head]
+                                 [--no-pack]
                                  [--batches 1 8 32 64]
                                  [--prompt-len 64] [--new-tokens 64] [--threads 2] [--repeats 3]
                                  [--json OUT] [--profile B ...]
@@ -17,8 +17,7 @@ What it does (see bench/README.md for what each number means):
      the engine's auto picks on this CPU (helios_core/dtypes.py); `--quantization int8` gives Helios
      weight-only int8 matrices (transformers keeps the dtype's weights); `--compile` gives it the
      compiled small-batch decode step (helios_core/runner.py; compiled before the timed runs);
-     `--no-pack` keeps its fp32/bf16 weights in plain layout (EngineConfig.pack_weights=False),
-     `--pack-tied-lm-head` adds a packed copy of a tied LM head (EngineConfig.pack_tied_lm_head); the
+     `--no-pack` keeps its fp32/bf16 weights in plain layout (EngineConfig.pack_weights=False); the
      decode-shaped GEMM is timed as the engine's packed layers run it (helios_core/dtypes.py);
   3. checks that Helios and a transformers forward loop emit the same greedy tokens (batch 1; with
      int8 weights the tokens differ, and the table's greedy agreement says by how much);
@@ -250,7 +249,7 @@ def run_hf_generate(model, prompts: list[list[int]], new_tokens: int) -> dict:
 def make_engine(path: Path, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype,
                 **options) -> LLMEngine:
     """A Helios engine whose KV pool holds exactly `batch` sequences (so the batch decodes at once);
-    options: further EngineConfig fields (quantization, compile, pack_weights, pack_tied_lm_head)."""
+    options: further EngineConfig fields (quantization, compile, pack_weights)."""
     def build(budget: int | None) -> LLMEngine:
         return LLMEngine(EngineConfig(
             model=str(path),
@@ -401,10 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default=None, choices=("int8",),
                     help="Helios' weights as weight-only int8 (transformers keeps --dtype's)")
     ap.add_argument("--compile", action="store_true", help="Helios with its compiled small-batch decode step")
-    packing = ap.add_mutually_exclusive_group()
-    packing.add_argument("--no-pack", action="store_true", help="Helios with its weights in plain layout, not oneDNN's")
-    packing.add_argument("--pack-tied-lm-head", action="store_true",
-                         help="Helios with a packed copy of a tied LM head (more memory)")
+    ap.add_argument("--no-pack", action="store_true", help="Helios with its weights in plain layout, not oneDNN's")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -462,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 "with other processes and every multi-threaded op can stall for a scheduler slice. Numbers from "
                 "this run reflect that contention; rerun on an idle machine (or with --threads 1).")
 
-        options = {"quantization": args.quantization, "compile": args.compile, "pack_weights": not args.no_pack,
-                   "pack_tied_lm_head": args.pack_tied_lm_head}  # Helios' EngineConfig beyond the dtype
+        options = {"quantization": args.quantization, "compile": args.compile,
+                   "pack_weights": not args.no_pack}  # Helios' EngineConfig beyond the dtype
         check = None  # int8 weights round every product: the table's greedy agreement measures the change
         if not args.quantization:
             check = check_greedy_match(path, hf, P, N, shape["vocab"], dtype, **options)
@@ -536,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
                       "hf_attn_implementation": attn_impl},
             "dtype": dtype_name(dtype), "dtype_asked": args.dtype, "quantization": args.quantization,
             "compile": args.compile, "pack_weights": not args.no_pack,
-            "pack_tied_lm_head": args.pack_tied_lm_head,
             "prompt_len": P, "new_tokens": N, "threads": args.threads, "repeats": args.repeats,
             "matmul_peak_gflops": peak, "matmul_peak_samples": peak_samples, "matmul_peak_1thread": peak_1thread,
             "decode_gemm_gflops": gemm, "decode_gemm_samples": gemm_samples,
@@ -599,8 +594,7 @@ def render(meta: dict, results: list[dict]) -> str:
          f"{'tied' if c['tied'] else 'untied'}), {meta['dtype']}"
          f"{' (Helios: int8 weights)' if meta['quantization'] else ''}"
          f"{' (Helios: compiled decode step)' if meta.get('compile') else ''}"
-         f"{' (Helios: weights in plain layout)' if meta.get('pack_weights') is False else ''}"
-         f"{' (Helios: pack_tied_lm_head)' if meta.get('pack_tied_lm_head') else ''}. "
+         f"{' (Helios: weights in plain layout)' if meta.get('pack_weights') is False else ''}. "
          f"Prompt {meta['prompt_len']} tokens, "
          f"{meta['new_tokens']} new tokens per sequence; decode = the last {meta['new_tokens'] - 1} "
          f"(the first comes from prefill, which is excluded). Best of {meta['repeats']}."),

@@ -47,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the small-batch decode step first (minutes; pays with --quantization int8)")
-    gen.add_argument("--pack-tied-lm-head", action="store_true",
-                     help="CPU: a packed copy of a tied LM head beside the embedding (faster, vocab x hidden more bytes)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV, e.g. 256MiB")
     gen.add_argument("--max-model-len", type=int, default=None)
@@ -181,7 +179,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         model=args.model, num_layers=args.layers, dtype=args.dtype, quantization=args.quantization, device=args.device,
         memory_budget=args.memory_budget, max_model_len=args.max_model_len, exit=exit_config,
-        early_exit=not args.no_early_exit, compile=args.compile, pack_tied_lm_head=args.pack_tied_lm_head,
+        early_exit=not args.no_early_exit, compile=args.compile,
         **({"block_size": args.block_size} if args.block_size is not None else {}),
     ))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

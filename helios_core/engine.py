@@ -60,7 +60,6 @@ class EngineConfig:
     early_exit: bool = True  # False: every request runs all loaded layers
     compile: bool = False  # torch.compile the small-batch full-depth decode step (runner.py), at start
     pack_weights: bool = True  # CPU: fp32/bf16 matrices in oneDNN's layout (loader.pack_weights); not with compile
-    pack_tied_lm_head: bool = False  # with pack_weights: a packed copy of a tied LM head (vocab x hidden more bytes)
 
     def __post_init__(self):
         # num_layers is checked against the model's depth when it loads.
@@ -108,7 +107,7 @@ class LLMEngine:
         # After the heads: a backbone adapter merges into plain weights. Not with compile: inductor
         # cannot take oneDNN's opaque tensors as inputs.
         if config.pack_weights and not config.compile:
-            pack_weights(self.model, config.pack_tied_lm_head)
+            pack_weights(self.model)
         self.tokenizer = load_tokenizer(config.model)
         self.max_prompt_chars = None if self.tokenizer is None else max_prompt_chars(self.tokenizer, self.max_model_len)
         self.eos_token_ids = set(model_config.eos_token_ids)

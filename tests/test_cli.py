@@ -12,7 +12,6 @@ from tiny_models import make_tiny_checkpoint
 from helios_core.cli import main
 from helios_core.engine import EngineConfig, LLMEngine
 from helios_core.exits import ExitConfig
-from helios_core.models.transformer import packs_weights
 from helios_core.sampling import SamplingParams
 
 
@@ -36,22 +35,6 @@ def test_generate_json_matches_the_engine(tiny_llama):
     [ref] = engine.generate(["def main():"], SamplingParams(max_tokens=12, temperature=0))
     assert out["kv_capacity_tokens"] == engine.capacity_tokens
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text and out["exit_layers"] == ref.exit_layers
-
-
-def test_generate_packs_a_tied_lm_head_on_request(tmp_path, capsys):
-    if not packs_weights(torch.float32, torch.device("cpu")):
-        pytest.skip("this torch build has no oneDNN")
-    path = str(make_tiny_checkpoint("llama_tied", tmp_path / "tied", num_layers=2))
-    outs = []
-    for extra in ([], ["--pack-tied-lm-head"]):
-        assert main(["generate", "--model", path, "--prompt", "x = ", "--max-tokens", "6", "--dtype", "float32",
-                     "--no-early-exit", "--json", *extra]) == 0
-        outs.append(json.loads(capsys.readouterr().out))
-    plain, packed = outs
-    engine = LLMEngine(EngineConfig(model=path, dtype="float32"))
-    copy = engine.model.config.vocab_size * engine.model.config.hidden_size * 4  # the fp32 head beside the table
-    assert packed["memory"]["weights"] == plain["memory"]["weights"] + copy
-    assert packed["token_ids"] == plain["token_ids"]
 
 
 def test_generate_streams_text_and_reports_exits(tiny_llama):

@@ -110,7 +110,7 @@ def reference_decode(model, prompt, steps, threshold):
     kv = ListKV(model.config.layer_windows[: model.num_loaded_layers])
     last = model.num_loaded_layers
     tokens, depths = list(prompt), []
-    device = model.embed.weight.device  # the engine picks CUDA when there is one
+    device = model.device  # the engine picks CUDA when there is one
     for pos in range(len(prompt) + steps - 1):
         t = torch.tensor([[tokens[pos]]], device=device)
         p = torch.tensor([[pos]], device=device)

@@ -451,21 +451,3 @@ def test_engine_processes_run_above_the_ray_workers_where_allowed(base_url):
         assert replica > 0  # what Ray gives its workers
 
 
-def test_a_registry_entry_packs_its_tied_lm_head_in_the_serve_replica(serve_cluster, tmp_path):
-    """The registry's `pack_tied_lm_head` reaches the replica's engine process, which holds the bytes the
-    registry plans for it (the copy beside the embedding included)."""
-    registry = tmp_path / "registry.yaml"
-    registry.write_text(yaml.safe_dump({"models": [{"name": CODE, "path": str(ROOT / "models" / CODE),
-                                                    "pack_tied_lm_head": True}]}))
-    entry = Registry.load(str(registry), "float32")[CODE]
-    if not entry.packed_head_bytes:
-        pytest.skip("this torch build does not pack weights for oneDNN")
-    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "dtype": "float32"}), name="packed",
-              route_prefix="/packed")
-    try:
-        stats = serve.get_deployment_handle(f"model-{CODE}", "packed").stats.remote().result()
-        assert stats["weight_bytes"] == entry.weight_bytes(stats["loaded_layers"])
-        assert stats["weight_bytes"] - entry.packed_head_bytes == Registry.load(str(REGISTRY), "float32")[
-            CODE].weight_bytes(stats["loaded_layers"])
-    finally:
-        serve.delete("packed")

@@ -11,6 +11,7 @@ from several tensors (fused Q/K/V, fused gate/up) lists them in order and they a
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 from .config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAPPABLE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors dtype names
 # Prefixes that different exports put before the same names ("model.layers.0..." vs "layers.0...").
 _PREFIXES = ("model.decoder.", "model.", "decoder.", "transformer.", "")
 
@@ -82,6 +84,29 @@ class Checkpoint:
         tensor = self._handles[file].get_tensor(key)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def mapped(self, name: str) -> Tensor | None:
+        """Tensor `name` as a view of its file, memory-mapped copy-on-write: its pages are the page
+        cache's, read as they are touched and shared with every process that maps the file, not this
+        process's memory. None where the file's layout does not allow a view (an offset not a multiple
+        of the element size, a dtype other than fp32/bf16/fp16)."""
+        key = self.resolve(name)
+        if key is None:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
+        file = self._file_of[key]
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(header_len))[key]
+        dtype = _MAPPABLE.get(entry["dtype"])
+        start, end = (8 + header_len + offset for offset in entry["data_offsets"])
+        size = file.stat().st_size
+        if dtype is None or start % dtype.itemsize or not start <= end <= size:
+            return None
+        shape = tuple(entry["shape"])
+        if (end - start) != dtype.itemsize * (torch.Size(shape).numel()):
+            raise CheckpointError(f"{file.name}: tensor {key!r} has {end - start} bytes for shape {shape}")
+        storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=size)  # mapped, not read
+        return torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
 
 
 # --- key tables: our parameter name -> (checkpoint names to concatenate, transpose?) -----------------

@@ -15,7 +15,8 @@ from .checkpoint import Checkpoint, CheckpointError, global_sources, layer_sourc
 from .config import ModelConfig
 from .low_rank import merge
 from .quantize import check_quantization
-from .transformer import Block, Transformer, pack_linears, packs_weights, quantize_lm_head, quantize_linears
+from .transformer import (Block, MappedEmbedding, Transformer, pack_linears, packs_weights, quantize_lm_head,
+                          quantize_linears)
 
 def load_model(
     path: str | Path,
@@ -85,15 +86,24 @@ def load_layers(model: Transformer, num_layers: int) -> int:
     return checkpoint.bytes_read - before
 
 
-def pack_weights(model: Transformer, tied_head: bool = False) -> None:
-    """Hold the full-precision matrices of the loaded blocks, of blocks loaded later and of an untied LM
-    head in oneDNN's layout where that is faster (`Linear.pack`): the same bytes. Inference only; call
-    it once any backbone adapter is merged. A tied LM head's table is the embedding's too, so packing
-    it means a copy (`tied_head`): vocab x hidden more bytes, counted by `weight_bytes`, for the
-    fastest LM head (SmolLM2 in fp32 at batch 32: 15.7 ms of a 60 ms step plain)."""
-    if packs_weights(model.dtype, model.device):
-        model.packed = True
-        pack_linears(model, skip=None if tied_head else getattr(model.embed, "weight", None))  # int8: no table
+def pack_weights(model: Transformer) -> None:
+    """Hold the full-precision matrices of the loaded blocks, of blocks loaded later and of the LM head
+    in oneDNN's layout where that is faster (`Linear.pack`): the same bytes. Inference only; call it
+    once any backbone adapter is merged. A tied LM head's table is the embedding's too, and a packed
+    tensor cannot be indexed: the embedding is then read from the checkpoint's mapped file
+    (`MappedEmbedding`), so packing the head costs no memory. Where the file cannot be mapped, the
+    head stays plain (`pack_linears`)."""
+    if not packs_weights(model.dtype, model.device):
+        return
+    model.packed = True
+    table = getattr(model.embed, "weight", None)  # int8: no table (the embedding reads the int8 head)
+    if table is not None and model.lm_head.weight is table:
+        (name,), _ = global_sources(model.config, has_lm_head=False)["embed.weight"]
+        mapped = model.checkpoint.mapped(name)
+        if mapped is not None and mapped.shape == table.shape:
+            model.embed = MappedEmbedding(mapped, model.dtype)
+            table = None
+    pack_linears(model, skip=table)
 
 
 def unload_layers(model: Transformer, num_layers: int) -> None:

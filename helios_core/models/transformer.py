@@ -132,6 +132,21 @@ def pack_linears(module: nn.Module, skip: Tensor | None = None) -> None:
             m.onednn = m.weight.dtype == torch.float32
 
 
+class MappedEmbedding(nn.Module):
+    """The embedding table of a model whose tied LM head is held packed (`loader.pack_weights`), read
+    from the checkpoint's memory-mapped file (`Checkpoint.mapped`) in the file's dtype and converted
+    row by row as tokens are looked up: a packed head cannot be indexed, and a second table in memory
+    would cost vocab x hidden bytes."""
+
+    def __init__(self, table: Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.table = table  # not a parameter: the file's pages, not the model's memory
+        self.dtype = dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.table).to(self.dtype)
+
+
 class TiedInt8Embedding(nn.Module):
     """The embedding of a model whose LM head is tied to it, read from the int8 LM head (a row per
     token, dequantized as it is looked up): the full-precision table is not kept beside it."""

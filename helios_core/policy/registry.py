@@ -11,7 +11,6 @@ A registry is a YAML file (`models/registry.yaml` for the demo family):
         measure: max_prob                  # exit confidence measure (default max_prob; probe needs exit_heads)
         probe_gate: null                   # max_prob/margin: LM head only where exit_heads' probe reaches this
         quantization: null                 # int8: weight-only int8 matrices (models/quantize.py)
-        pack_tied_lm_head: false           # CPU: a packed copy of a tied LM head (more bytes, faster)
         compile: false                     # torch.compile the small-batch decode step at start (runner.py)
         profile: {...}                     # offline telemetry, written by `helios profile`
 
@@ -29,7 +28,6 @@ one it is served at unless `Registry.load` is given another (a deployment's `dty
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +46,7 @@ from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..models.low_rank import PREFIX as BACKBONE
 from ..models.quantize import check_quantization
-from ..models.transformer import Transformer, packs_weights, quantize_lm_head, quantize_linears, weight_bytes
+from ..models.transformer import Transformer, quantize_lm_head, quantize_linears, weight_bytes
 from ..pull import CATALOG, is_pulled, model_dir
 from .pht import StepFit
 
@@ -104,7 +102,6 @@ class ModelEntry:
     probe_gate: float | None = None
     pull: str | None = None  # the catalog name when `path` is its pull directory
     quantization: str | None = None  # "int8": weight-only int8 matrices; sizes and profile are measured so
-    pack_tied_lm_head: bool = False  # EngineConfig.pack_tied_lm_head
     compile: bool = False  # EngineConfig.compile
 
     @property
@@ -119,24 +116,12 @@ class ModelEntry:
     def kv_bytes_per_token_per_layer(self) -> int:
         return self.config.kv_bytes_per_token_per_layer(self.element_size)
 
-    @functools.cached_property
-    def packed_head_bytes(self) -> int:
-        """The bytes of the packed copy of a tied LM head that an engine serving this entry holds on this
-        host (models/loader.pack_weights), where it asks for one; not recorded in the file, whose sizes
-        are the checkpoint's on every host."""
-        dtype = resolve_dtype(self.dtype)
-        if (not self.pack_tied_lm_head or self.compile or self.quantization or not _tied(self.path, self.config)
-                or not packs_weights(dtype, default_device())):
-            return 0
-        return self.config.vocab_size * self.config.hidden_size * dtype.itemsize
-
     def weight_bytes(self, depth: int) -> int:
-        return self.fixed_weight_bytes + self.packed_head_bytes + depth * self.layer_weight_bytes
+        return self.fixed_weight_bytes + depth * self.layer_weight_bytes
 
     def engine_options(self) -> dict:
         """The `EngineConfig` fields an engine serving this entry takes from it, beside its path and exits."""
-        return {"dtype": self.dtype, "quantization": self.quantization, "compile": self.compile,
-                "pack_tied_lm_head": self.pack_tied_lm_head}
+        return {"dtype": self.dtype, "quantization": self.quantization, "compile": self.compile}
 
     def exit_config(self) -> ExitConfig:
         return ExitConfig(threshold=self.threshold, measure=self.measure, exit_layers=self.exit_layers,
@@ -231,7 +216,6 @@ class Registry:
                 **({"measure": e.measure} if e.measure != "max_prob" else {}),
                 **({"probe_gate": e.probe_gate} if e.probe_gate is not None else {}),
                 **({"quantization": e.quantization} if e.quantization else {}),
-                **({"pack_tied_lm_head": True} if e.pack_tied_lm_head else {}),
                 **({"compile": True} if e.compile else {}),
                 "layers": e.num_layers,
                 "weight_bytes_fixed": e.fixed_weight_bytes,
@@ -265,7 +249,7 @@ def _relative(p: Path, base: Path) -> str:
 
 KNOWN_KEYS = {"name", "path", "pull", "threshold", "exit_layers", "exit_heads", "measure", "probe_gate", "profile",
               "layers", "weight_bytes_fixed", "weight_bytes_per_layer", "kv_bytes_per_token_per_layer", "dtype",
-              "quantization", "pack_tied_lm_head", "compile"}
+              "quantization", "compile"}
 
 
 def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = True) -> ModelEntry:
@@ -298,10 +282,9 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
                              f"{config.num_layers} layers")
         quantization = raw.get("quantization")
         check_quantization(quantization)
-        switches = {key: raw.get(key, False) for key in ("pack_tied_lm_head", "compile")}
-        for key, value in switches.items():
-            if not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false, got {value!r}")
+        compile = raw.get("compile", False)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         fixed, block = measure_weights(path, config, dtype, heads, quantization)
         recorded_weights = ((fixed, block) if recorded_dtype == dtype
                             else measure_weights(path, config, recorded_dtype, heads, quantization))
@@ -309,7 +292,7 @@ def _entry(file: Path, index: int, raw, dtype: str | None, check_sizes: bool = T
         raise RegistryError(f"{where}: {err}") from None
     entry = ModelEntry(raw["name"], path, config, exit_cfg.threshold, exit_cfg.exit_layers, heads, dtype, fixed, block,
                        _profile(where, raw.get("profile")), exit_cfg.measure, exit_cfg.probe_gate, raw.get("pull"),
-                       quantization, **switches)
+                       quantization, compile)
     # The sizes as the file's dtype makes them.
     served, at = entry.element_size, resolve_dtype(recorded_dtype).itemsize
     recorded = {"layers": entry.num_layers, "weight_bytes_fixed": recorded_weights[0],
