@@ -451,3 +451,18 @@ def test_engine_processes_run_above_the_ray_workers_where_allowed(base_url):
         assert replica > 0  # what Ray gives its workers
 
 
+
+
+def test_a_replica_holds_the_bytes_the_registry_plans_with_its_tied_lm_head_packed(serve_cluster, tmp_path):
+    """The demo model's LM head is tied: the replica's engine process packs it and maps the embedding
+    from the checkpoint, and holds exactly the bytes the registry plans."""
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": [{"name": CODE, "path": str(ROOT / "models" / CODE)}]}))
+    entry = Registry.load(str(registry), "float32")[CODE]
+    serve.run(build_app({"registry": str(registry), "memory_budget": "64MiB", "dtype": "float32"}), name="packed",
+              route_prefix="/packed")
+    try:
+        stats = serve.get_deployment_handle(f"model-{CODE}", "packed").stats.remote().result()
+        assert stats["weight_bytes"] == entry.weight_bytes(stats["loaded_layers"])
+    finally:
+        serve.delete("packed")
