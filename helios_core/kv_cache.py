@@ -195,7 +195,7 @@ class DecodeKV:
         self.positions = torch.tensor(positions, device=device)
         block, offset = _token_slots(tables, positions, [p + 1 for p in positions], bs, device)
         # Row r's new K/V for head h lands in row (block * KV + h) * bs + offset of the pool seen as (-1, D):
-        # one index_copy_, several times faster than indexing the pool by (block, :, offset).
+        # one index_copy_, about half the time a call of indexing the pool by (block, :, offset) took.
         heads = torch.arange(cache.config.num_kv_heads, device=device)
         self.write_rows = ((block[:, None] * len(heads) + heads) * bs + offset[:, None]).flatten()
 
